@@ -1,0 +1,49 @@
+"""jobq: a durable job queue whose broker is PostgreSQL itself. The tasks table is the queue.
+
+The public API is the names below; everything else is internal and may change.
+"""
+
+from .context import Context
+from .errors import (
+    Cancelled,
+    DatabaseUnavailable,
+    Fail,
+    InvalidPayload,
+    JobqError,
+    Snooze,
+    TaskNotFound,
+    UnknownTaskType,
+)
+from .models import Task
+from .producer import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
+from .aproducer import AsyncClient
+from .registry import task
+from .settings import Settings, get_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "Context",
+    "DatabaseUnavailable",
+    "Fail",
+    "InvalidPayload",
+    "JobqError",
+    "Snooze",
+    "Task",
+    "TaskNotFound",
+    "TaskSpec",
+    "UnknownTaskType",
+    "Settings",
+    "__version__",
+    "cancel",
+    "enqueue",
+    "enqueue_many",
+    "get",
+    "get_settings",
+    "list_tasks",
+    "retry",
+    "task",
+]

@@ -1,0 +1,96 @@
+"""Which database jobq talks to, and how it connects.
+
+``JOBQ_DATABASE_URL`` names a real server; without it jobq uses (and starts if needed) the
+embedded server under ``JOBQ_HOME``. Connection errors become :class:`DatabaseUnavailable` with the
+password removed from the URL, so a URL never leaks into a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from . import embedded
+from .errors import ConfigurationError, DatabaseUnavailable, SchemaMissing
+from .settings import Settings, get_settings
+
+_DRIVER = re.compile(r"^postgres(?:ql)?(\+\w+)?://")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_text(text: str) -> str:
+    """Remove passwords from any postgres URL inside an arbitrary message."""
+    return re.sub(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+def normalize(url: str) -> str:
+    """A libpq URL (no SQLAlchemy driver suffix), validated enough to give a clear error."""
+    m = _DRIVER.match(url)
+    if not m:
+        raise ConfigurationError(
+            f"not a PostgreSQL URL: {redact(url)!r} (expected postgresql://user:password@host:port/dbname)"
+        )
+    return "postgresql://" + url[m.end():]
+
+
+def sqlalchemy_url(url: str) -> str:
+    return "postgresql+psycopg://" + normalize(url)[len("postgresql://"):]
+
+
+def resolve_url(settings: Settings | None = None) -> str:
+    """The libpq URL of the queue's database, starting the embedded server when none is set."""
+    settings = settings or get_settings()
+    if settings.database_url:
+        return normalize(settings.database_url)
+    return embedded.ensure_running(settings.home).url()
+
+
+def is_embedded(settings: Settings | None = None) -> bool:
+    return not (settings or get_settings()).database_url
+
+
+def connect(url: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A psycopg connection with errors turned into one readable line."""
+    url = url or resolve_url()
+    try:
+        return psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"bad database URL {redact(url)}: {_first_line(exc)}") from None
+
+
+async def aconnect(url: str | None = None, **kwargs: Any) -> Any:
+    """An asyncpg connection with the same error mapping as :func:`connect`."""
+    import asyncpg
+
+    url = url or resolve_url()
+    try:
+        return await asyncpg.connect(url, **kwargs)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return redact_text(text[0] if text else type(exc).__name__)
+
+
+def check_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".tasks',)).fetchone()
+    if row is None or row[0] is None:
+        raise SchemaMissing(f'jobq\'s tables are not in schema "{schema}": run `jobq migrate` first')

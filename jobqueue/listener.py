@@ -1,0 +1,113 @@
+"""The LISTEN connection: one dedicated asyncpg connection, never from the pool.
+
+A pool may sit behind PgBouncer in transaction mode, where LISTEN does not work; this connection
+goes straight to PostgreSQL. NOTIFY is a hint, never the only path: when the connection dies
+(database restart, pg_terminate_backend, network cut) it reconnects with backoff, and every
+(re)connect triggers a catch-up claim, so a notification lost in between costs nothing. A periodic
+ping finds a connection that died silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from .database import redact_text
+
+log = logging.getLogger("jobq.listener")
+
+
+class Listener:
+    def __init__(
+        self,
+        url: str,
+        channels: Sequence[str],
+        on_notify: Callable[[str, str], None],
+        on_connect: Callable[[], None],
+        *,
+        ping_seconds: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.channels = list(channels)
+        self.on_notify = on_notify
+        self.on_connect = on_connect
+        self.ping_seconds = ping_seconds
+        self.max_backoff = max_backoff
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+        self._stopping = False
+
+    def _callback(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        self.on_notify(channel, payload)
+
+    def _terminated(self, _conn: Any) -> None:
+        self.connected.clear()
+        self._lost.set()
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self.url, statement_cache_size=0, timeout=10)
+        conn.add_termination_listener(self._terminated)
+        for ch in self.channels:
+            await conn.add_listener(ch, self._callback)
+        self._conn = conn
+        self._lost.clear()
+        self.connected.set()
+
+    async def run(self) -> None:
+        backoff = 0.05
+        first = True
+        while not self._stopping:
+            try:
+                await self._connect()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("LISTEN connection failed (%s); retrying in %.2fs", redact_text(str(exc)), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
+                continue
+            if not first:
+                self.reconnects += 1
+                log.info("LISTEN connection re-established")
+            first = False
+            backoff = 0.05
+            self.on_connect()
+            await self._watch()
+            await self._close()
+
+    async def _watch(self) -> None:
+        """Return when the connection is gone (terminated, or failing its ping)."""
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._lost.wait(), timeout=self.ping_seconds)
+                return
+            except TimeoutError:
+                pass
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self.ping_seconds)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                log.warning("LISTEN connection failed its ping; reconnecting")
+                return
+
+    async def _close(self) -> None:
+        self.connected.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2)
+            if not conn.is_closed():
+                conn.terminate()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._lost.set()
+        await self._close()

@@ -1,0 +1,45 @@
+"""Run alembic programmatically, to head, safely from many processes at once (see migrations/env.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from .database import normalize, redact_text, resolve_url
+from .errors import DatabaseUnavailable
+from .settings import get_settings
+
+
+def alembic_config(url: str | None = None, schema: str | None = None) -> Config:
+    from . import migrations  # the repository's migrations/ folder, packaged as jobqueue.migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.attributes["url"] = normalize(url) if url else resolve_url()
+    cfg.attributes["schema"] = schema or get_settings().schema_name
+    return cfg
+
+
+def migrate(url: str | None = None, schema: str | None = None, revision: str = "head") -> None:
+    import sqlalchemy.exc
+
+    try:
+        command.upgrade(alembic_config(url, schema), revision)
+    except sqlalchemy.exc.OperationalError as exc:
+        raise DatabaseUnavailable(redact_text(str(exc.orig).strip().splitlines()[0])) from None
+
+
+def current(url: str | None = None, schema: str | None = None) -> str | None:
+    import psycopg
+
+    cfg = alembic_config(url, schema)
+    with psycopg.connect(cfg.attributes["url"]) as conn:
+        row = conn.execute(
+            "SELECT CASE WHEN to_regclass(%s) IS NULL THEN NULL ELSE 1 END", (f'"{cfg.attributes["schema"]}".alembic_version',)
+        ).fetchone()
+        if not row or row[0] is None:
+            return None
+        ver = conn.execute(f'SELECT version_num FROM "{cfg.attributes["schema"]}".alembic_version').fetchone()
+        return str(ver[0]) if ver else None

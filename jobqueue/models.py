@@ -1,0 +1,43 @@
+"""The task row as Python sees it (read side of the API; the columns are documented in README.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    type: str
+    priority: int
+    status: str
+    payload: Any
+    run_at: datetime
+    doc_id: int | None = None
+    batch_id: int | None = None
+    from_page: int | None = None
+    to_page: int | None = None
+    owner: str | None = None
+    labels: list[str] = []
+    dedupe_key: str | None = None
+    digest: str | None = None
+    depends_on: list[int] | None = None
+    pending_deps: int = 0
+    progress: float
+    progress_msg: str
+    retry_count: int
+    max_retries: int
+    result: Any = None
+    last_error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    process_duration: float | None = None
+    worker_id: str | None = None
+    attempt: int
+    lease_expires_at: datetime | None = None
+    cancel_requested_at: datetime | None = None

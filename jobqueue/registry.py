@@ -1,0 +1,115 @@
+"""Task types: the handler, its payload model and its per-type settings.
+
+Types register in-process with :func:`task`, and installed packages register through the entry
+point group ``jobq.tasks`` (each entry point names a module whose import registers its types), so
+a producer knows every type a worker could run and refuses the others at enqueue time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from .errors import ConfigurationError, UnknownTaskType
+
+ENTRY_POINT_GROUP = "jobq.tasks"
+Isolation = Literal["thread", "process"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    handler: Callable[..., Any]
+    payload: type[BaseModel] | None = None
+    max_retries: int | None = None
+    # Soft timeout: the handler is told (its `cancelled` flag is set and async handlers get
+    # TimeoutError); hard timeout: the attempt is abandoned and counted as a failure.
+    timeout: float | None = None
+    hard_timeout: float | None = None
+    # Worker-local limit of concurrently running tasks of this type (RAGFlow's semaphores).
+    concurrency: int | None = None
+    priority: int = 0
+    backoff_base: float | None = None
+    backoff_max: float | None = None
+    isolation: Isolation = "thread"
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+
+_registry: dict[str, TaskType] = {}
+_entry_points_loaded = False
+
+
+def task(
+    name: str,
+    *,
+    payload: type[BaseModel] | None = None,
+    max_retries: int | None = None,
+    timeout: float | None = None,
+    hard_timeout: float | None = None,
+    concurrency: int | None = None,
+    priority: int = 0,
+    backoff_base: float | None = None,
+    backoff_max: float | None = None,
+    isolation: Isolation = "thread",
+) -> Callable[[F], F]:
+    """Register a handler for task type `name`.
+
+    The handler is ``async def h(ctx, payload)`` or a plain ``def h(ctx, payload)`` (run in a thread,
+    or a child process with ``isolation="process"``); its return value is stored as the result.
+    """
+    if not name or len(name) > 48:
+        raise ConfigurationError(f"task type name must be 1-48 characters: {name!r}")
+
+    def register(fn: F) -> F:
+        if isolation == "process" and asyncio.iscoroutinefunction(fn):
+            raise ConfigurationError(f"task {name!r}: process isolation is for plain (sync) handlers")
+        _registry[name] = TaskType(
+            name=name, handler=fn, payload=payload, max_retries=max_retries, timeout=timeout,
+            hard_timeout=hard_timeout, concurrency=concurrency, priority=priority,
+            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation,
+        )
+        return fn
+
+    return register
+
+
+def load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken plug-in must not take the others down
+            raise ConfigurationError(f"cannot load task type {ep.name!r} from {ep.value}: {exc}") from None
+
+
+def get_type(name: str) -> TaskType:
+    if name not in _registry:
+        load_entry_points()
+    try:
+        return _registry[name]
+    except KeyError:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise UnknownTaskType(f"unknown task type {name!r} (known: {known})") from None
+
+
+def known_types() -> list[str]:
+    load_entry_points()
+    return sorted(_registry)
+
+
+def unregister(name: str) -> None:
+    """Forget a type (tests and plug-in reloads)."""
+    _registry.pop(name, None)

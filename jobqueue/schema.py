@@ -1,0 +1,59 @@
+"""Names and the state machine shared by the migrations, the SQL and the docs.
+
+A task moves through these states (Oban-style: every transition is one guarded UPDATE)::
+
+    waiting ──(last parent done)──► queued ──(claim)──► running ──► done
+       │                              ▲  │                 │  ├──► failed     (retries exhausted / non-retryable)
+       │                              │  │                 │  └──► cancelled  (cancel requested while running)
+       │                              │  └──(cancel)──► cancelled
+       └──(a parent failed/cancelled)─┼──────────────► cancelled
+                                      └─(retry with backoff, lease expired, released on shutdown, snoozed)
+
+``done``, ``failed`` and ``cancelled`` are terminal; ``jobq retry`` moves a failed or cancelled task
+back to ``queued`` as a new life (retry_count reset).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    WAITING = "waiting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+
+# pg_advisory_lock keys: arbitrary constants, namespaced by a fixed prefix so they are unlikely
+# to collide with an application's own advisory locks.
+MIGRATION_LOCK_KEY = 0x6A6F6271_0001  # "jobq" + 1
+RESCUER_LOCK_KEY = 0x6A6F6271_0002
+PRUNER_LOCK_KEY = 0x6A6F6271_0003
+
+
+def type_channel(schema: str, task_type: str) -> str:
+    """The NOTIFY channel that wakes workers of one task type."""
+    return f"{schema}.{task_type}"
+
+
+def cancel_channel(schema: str) -> str:
+    return f"{schema}.cancel"
+
+
+def progress_channel(schema: str) -> str:
+    return f"{schema}.progress"
+
+
+def migration_schema() -> str:
+    """The target schema inside a running alembic migration (set by migrations/env.py)."""
+    from alembic import context
+
+    schema = context.config.attributes.get("schema")
+    if not isinstance(schema, str):
+        raise RuntimeError("jobq migrations must run through migrations/env.py")
+    return schema

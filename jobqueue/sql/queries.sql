@@ -1,0 +1,330 @@
+-- Every query jobq runs on the hot path, in one file, to be read and reviewed as SQL.
+--
+-- Conventions:
+--   * `jobq.` is the schema; the loader (jobqueue/sql/__init__.py) rewrites it when JOBQ_SCHEMA differs.
+--   * Parameters are PostgreSQL's own $1, $2 ... (asyncpg, and psycopg's RawCursor).
+--   * Every write made on behalf of a claim is guarded by (id, attempt, status = 'running'): `attempt`
+--     is the fencing token, so a worker whose lease was rescued can no longer touch the task.
+--   * Whatever turns rows into `queued` notifies the type's channel `jobq.<type>` with the earliest
+--     run_at (epoch seconds) in the same transaction, so idle workers wake at once or set a timer.
+
+-- name: enqueue
+-- One task; a live task with the same dedupe_key wins and its id is returned with created = false.
+WITH ins AS (
+    INSERT INTO jobq.tasks (type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                            from_page, to_page, owner, labels, digest, status, depends_on, pending_deps,
+                            progress_msg, finished_at, progress)
+    VALUES ($1, $2, $3::jsonb, COALESCE($4::timestamptz, now()), $5, $6, $7, $8, $9, $10, $11,
+            COALESCE($12::text[], '{}'), $13, $14, $15, $16, COALESCE($17, ''),
+            CASE WHEN $14 IN ('done', 'cancelled') THEN now() END,
+            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END)
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
+    DO NOTHING
+    RETURNING id
+)
+SELECT id, true AS created FROM ins
+UNION ALL
+SELECT id, false FROM jobq.tasks
+WHERE $6::text IS NOT NULL AND dedupe_key = $6 AND status IN ('waiting', 'queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM ins);
+
+-- name: enqueue_many
+-- Many tasks in one statement (used when the batch has dedupe keys; plain batches use COPY).
+-- Returns one row per input, in input order: the new id, or the live task's id on a dedupe conflict
+-- (including a duplicate key earlier in the same batch).
+WITH input AS (
+    SELECT i.*, nextval('jobq.tasks_id_seq') AS new_id
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
+                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[])
+        WITH ORDINALITY AS i(type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                             from_page, to_page, owner, digest, ord)
+), ins AS (
+    INSERT INTO jobq.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                            from_page, to_page, owner, digest, labels)
+    OVERRIDING SYSTEM VALUE
+    SELECT new_id, type, priority, payload::jsonb, COALESCE(run_at, now()), max_retries, dedupe_key, doc_id,
+           batch_id, from_page, to_page, owner, digest, COALESCE($13::text[], '{}')
+    FROM input ORDER BY ord
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
+    DO NOTHING
+    RETURNING id, dedupe_key
+)
+SELECT i.ord, COALESCE(mine.id, same.id, live.id) AS id, mine.id IS NOT NULL AS created
+FROM input i
+LEFT JOIN ins mine ON mine.id = i.new_id
+LEFT JOIN ins same ON mine.id IS NULL AND same.dedupe_key = i.dedupe_key
+LEFT JOIN jobq.tasks live ON mine.id IS NULL AND same.id IS NULL AND live.dedupe_key = i.dedupe_key
+     AND live.status IN ('waiting', 'queued', 'running')
+ORDER BY i.ord;
+
+-- name: lock_parents
+-- Marks the parents of a new dependent task. The row lock this takes orders the insert against a
+-- parent's completion, so a child can never miss its parent's release.
+UPDATE jobq.tasks SET has_dependents = true
+WHERE id = ANY($1::bigint[])
+RETURNING id, status;
+
+-- name: claim
+-- Claims up to $3 tasks for one worker: per type at most the type's free local slots ($2), in
+-- priority order, skipping rows other workers hold, honouring paused queues.
+WITH wanted AS (
+    SELECT w.type, w.n
+    FROM unnest($1::text[], $2::int[]) AS w(type, n)
+    WHERE w.n > 0
+      AND NOT EXISTS (SELECT 1 FROM jobq.queues q WHERE q.type = w.type AND q.paused)
+), candidates AS (
+    SELECT c.id, c.priority, c.run_at
+    FROM wanted, LATERAL (
+        SELECT t.id, t.priority, t.run_at
+        FROM jobq.tasks t
+        WHERE t.status = 'queued' AND t.type = wanted.type AND t.run_at <= now()
+        ORDER BY t.priority DESC, t.run_at, t.id
+        LIMIT wanted.n
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.priority DESC, c.run_at, c.id
+    LIMIT $3
+)
+UPDATE jobq.tasks t
+SET status = 'running', worker_id = $4, attempt = t.attempt + 1, started_at = now(),
+    lease_expires_at = now() + make_interval(secs => $5)
+FROM candidates c
+WHERE t.id = c.id
+RETURNING t.id, t.type, t.priority, t.payload::text AS payload, t.attempt, t.retry_count, t.max_retries,
+          t.created_at, t.run_at, t.doc_id, t.batch_id, t.from_page, t.to_page, t.owner, t.labels,
+          t.digest, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: running_count
+-- Cluster-wide running tasks of types that have a max_running cap (claims of capped types take a
+-- per-type advisory lock first, then read this, so the cap holds across workers).
+SELECT q.type, q.max_running, (SELECT count(*) FROM jobq.tasks t
+                               WHERE t.status = 'running' AND t.type = q.type) AS running
+FROM jobq.queues q
+WHERE q.type = ANY($1::text[]) AND q.max_running IS NOT NULL;
+
+-- name: capped_types
+SELECT type FROM jobq.queues WHERE type = ANY($1::text[]) AND max_running IS NOT NULL;
+
+-- name: next_run_at
+-- When the earliest scheduled (or backed-off) task of these types becomes runnable.
+SELECT min(run_at) FROM jobq.tasks WHERE status = 'queued' AND type = ANY($1::text[]);
+
+-- name: complete_many
+-- Batched success: done, progress 1, result, duration and the worker's counter, in one statement.
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[]) AS d(id, attempt, result, line)
+), done AS (
+    UPDATE jobq.tasks t
+    SET status = 'done', progress = 1, result = d.result::jsonb, finished_at = now(),
+        process_duration = extract(epoch FROM now() - t.started_at), lease_expires_at = NULL,
+        progress_msg = jobq.append_log(t.progress_msg, d.line, $5)
+    FROM d
+    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running'
+    RETURNING t.id, t.has_dependents
+), counted AS (
+    UPDATE jobq.workers SET done = done + (SELECT count(*) FROM done), last_seen = now()
+    WHERE id = $6
+)
+SELECT id, has_dependents FROM done;
+
+-- name: release_dependents
+-- Parents $1 finished as done: count them off their waiting children; a child whose last parent is
+-- done becomes queued (and wakes its type) in the parent's transaction. Must run as its own
+-- statement after the parents' update, so its snapshot sees children enqueued concurrently.
+WITH parents AS (
+    SELECT unnest($1::bigint[]) AS id
+), child AS (
+    SELECT c.id, (SELECT count(*) FROM parents p WHERE p.id = ANY (c.depends_on)) AS k
+    FROM jobq.tasks c
+    WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
+), released AS (
+    UPDATE jobq.tasks t
+    SET pending_deps = t.pending_deps - child.k,
+        status = CASE WHEN t.pending_deps - child.k <= 0 THEN 'queued' ELSE 'waiting' END,
+        run_at = CASE WHEN t.pending_deps - child.k <= 0 THEN greatest(t.run_at, now()) ELSE t.run_at END
+    FROM child
+    WHERE t.id = child.id AND t.status = 'waiting'
+    RETURNING t.id, t.type, t.status, t.run_at
+)
+SELECT r.type, pg_notify('jobq.' || r.type, extract(epoch FROM min(r.run_at))::text)
+FROM released r WHERE r.status = 'queued' GROUP BY r.type;
+
+-- name: cancel_dependents
+-- Parents $1 failed or were cancelled: their waiting descendants are cancelled, with the reason.
+WITH RECURSIVE doomed AS (
+    SELECT c.id FROM jobq.tasks c WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
+    UNION
+    SELECT c.id FROM jobq.tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
+)
+UPDATE jobq.tasks t
+SET status = 'cancelled', finished_at = now(), progress_msg = jobq.append_log(t.progress_msg, $2, $3)
+FROM doomed
+WHERE t.id = doomed.id AND t.status = 'waiting'
+RETURNING t.id;
+
+-- name: fail
+-- A failed attempt: back to queued after a backoff while retries remain ($3 = false), else failed.
+-- $3 = true fails at once (non-retryable). The backoff is base * 2^retry_count capped at $5, with
+-- jitter in [0.5, 1.0] so a burst of failures does not come back as a burst.
+WITH f AS (
+    UPDATE jobq.tasks t
+    SET retry_count = t.retry_count + 1,
+        status = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN 'queued' ELSE 'failed' END,
+        run_at = CASE WHEN NOT $3 AND t.retry_count < t.max_retries
+                      THEN now() + make_interval(secs => least($4 * power(2, t.retry_count), $5)
+                                                        * (0.5 + random() * 0.5))
+                      ELSE t.run_at END,
+        progress = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN t.progress ELSE -1 END,
+        finished_at = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN NULL ELSE now() END,
+        process_duration = extract(epoch FROM now() - t.started_at),
+        last_error = $6, worker_id = CASE WHEN NOT $3 AND t.retry_count < t.max_retries
+                                          THEN NULL ELSE t.worker_id END,
+        lease_expires_at = NULL,
+        progress_msg = jobq.append_log(t.progress_msg,
+            $7 || CASE WHEN NOT $3 AND t.retry_count < t.max_retries
+                       THEN ' (retry ' || (t.retry_count + 1) || ' of ' || t.max_retries || ')'
+                       ELSE '' END, $8)
+    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
+    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents, t.worker_id
+), counted AS (
+    UPDATE jobq.workers SET failed = failed + 1 WHERE id = $9 AND EXISTS (SELECT 1 FROM f WHERE f.status = 'failed')
+)
+SELECT f.status, f.run_at, f.has_dependents,
+       CASE WHEN f.status = 'queued' THEN pg_notify('jobq.' || f.type, extract(epoch FROM f.run_at)::text) END
+FROM f;
+
+-- name: snooze
+-- Run again after $3 seconds without counting a retry (the attempt still counts as a claim).
+WITH s AS (
+    UPDATE jobq.tasks t
+    SET status = 'queued', run_at = now() + make_interval(secs => $3), worker_id = NULL,
+        lease_expires_at = NULL, progress_msg = jobq.append_log(t.progress_msg, $4, $5)
+    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
+    RETURNING t.type, t.run_at
+)
+SELECT pg_notify('jobq.' || s.type, extract(epoch FROM s.run_at)::text) FROM s;
+
+-- name: mark_cancelled
+-- The worker stopped a running task because a cancel was requested.
+UPDATE jobq.tasks t
+SET status = 'cancelled', finished_at = now(), process_duration = extract(epoch FROM now() - t.started_at),
+    lease_expires_at = NULL, progress_msg = jobq.append_log(t.progress_msg, $3, $4)
+WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
+RETURNING t.has_dependents;
+
+-- name: progress_many
+-- Coalesced progress for many tasks in one statement. Progress never goes backwards except to -1,
+-- and -1 sticks unless a value >= 1 arrives. Returns, per task still ours, whether a cancel was
+-- requested; a task missing from the result is no longer ours (lease lost).
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
+), u AS (
+    UPDATE jobq.tasks t
+    SET progress = CASE WHEN d.progress IS NULL THEN t.progress
+                        WHEN d.progress < 0 THEN -1
+                        WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
+                        ELSE greatest(t.progress, least(d.progress, 1)) END,
+        progress_msg = jobq.append_log(t.progress_msg, d.lines, $5)
+    FROM d
+    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running'
+    RETURNING t.id, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
+)
+SELECT u.id, u.cancel_requested,
+       pg_notify('jobq.progress', u.id || ',' || COALESCE(u.doc_id, 0) || ',' || u.progress)
+FROM u;
+
+-- name: heartbeat
+-- Registers the worker and renews the leases of all its running tasks in one statement; returns the
+-- tasks still ours with their cancel flag (the fallback when a cancel NOTIFY was missed).
+WITH w AS (
+    INSERT INTO jobq.workers (id, host, pid, types, concurrency, version)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (id) DO UPDATE SET last_seen = now(), stopped_at = NULL
+    RETURNING id
+), l AS (
+    UPDATE jobq.tasks
+    SET lease_expires_at = now() + make_interval(secs => $7)
+    WHERE id = ANY($8::bigint[]) AND worker_id = $1 AND status = 'running'
+    RETURNING id, cancel_requested_at IS NOT NULL AS cancel_requested
+)
+SELECT l.id, l.cancel_requested FROM l, w;
+
+-- name: worker_stopped
+UPDATE jobq.workers SET stopped_at = now(), last_seen = now() WHERE id = $1;
+
+-- name: rescue
+-- Expired leases (their worker died or hung): back to queued with a retry counted, failed when
+-- retries are exhausted, cancelled when a cancel had been requested. One rescuer at a time.
+WITH gate AS (
+    SELECT pg_try_advisory_xact_lock($1) AS ok
+), expired AS (
+    SELECT t.id FROM jobq.tasks t, gate
+    WHERE gate.ok AND t.status = 'running' AND t.lease_expires_at < now()
+    ORDER BY t.lease_expires_at
+    LIMIT 1000
+    FOR UPDATE OF t SKIP LOCKED
+), r AS (
+    UPDATE jobq.tasks t
+    SET status = CASE WHEN t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN t.retry_count < t.max_retries THEN 'queued' ELSE 'failed' END,
+        retry_count = t.retry_count + CASE WHEN t.cancel_requested_at IS NULL THEN 1 ELSE 0 END,
+        progress = CASE WHEN t.cancel_requested_at IS NULL AND t.retry_count >= t.max_retries
+                        THEN -1 ELSE t.progress END,
+        run_at = now(),
+        finished_at = CASE WHEN t.cancel_requested_at IS NOT NULL OR t.retry_count >= t.max_retries
+                           THEN now() END,
+        last_error = CASE WHEN t.cancel_requested_at IS NULL
+                          THEN 'worker ' || COALESCE(t.worker_id, '?') || ' lost (lease expired)'
+                          ELSE t.last_error END,
+        progress_msg = jobq.append_log(t.progress_msg, to_char(now(), 'HH24:MI:SS') || ' [WARN] worker '
+                       || COALESCE(t.worker_id, '?') || ' lost; task rescued', $2),
+        worker_id = NULL, lease_expires_at = NULL
+    FROM expired
+    WHERE t.id = expired.id
+    RETURNING t.id, t.type, t.status, t.has_dependents
+)
+SELECT r.id, r.type, r.status, r.has_dependents,
+       CASE WHEN r.status = 'queued' THEN pg_notify('jobq.' || r.type, extract(epoch FROM now())::text) END
+FROM r;
+
+-- name: release
+-- Graceful shutdown: give running tasks back without spending a retry.
+WITH r AS (
+    UPDATE jobq.tasks t
+    SET status = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+        progress_msg = jobq.append_log(t.progress_msg, $3, $4)
+    WHERE t.id = ANY($1::bigint[]) AND t.worker_id = $2 AND t.status = 'running'
+    RETURNING t.id, t.type
+)
+SELECT r.id, pg_notify('jobq.' || r.type, extract(epoch FROM now())::text) FROM r;
+
+-- name: cancel
+-- Cancel tasks by id or by document: queued and waiting ones at once; running ones get
+-- cancel_requested_at and a NOTIFY on jobq.cancel that reaches the worker holding them.
+WITH c AS (
+    UPDATE jobq.tasks t
+    SET status = CASE WHEN t.status = 'running' THEN 'running' ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
+        cancel_requested_at = COALESCE(t.cancel_requested_at, now()),
+        progress_msg = jobq.append_log(t.progress_msg, $3, $4)
+    WHERE (t.id = ANY($1::bigint[]) OR t.doc_id = $2) AND t.status IN ('waiting', 'queued', 'running')
+    RETURNING t.id, t.status, t.attempt, t.has_dependents
+)
+SELECT c.id, c.status, c.has_dependents,
+       CASE WHEN c.status = 'running' THEN pg_notify('jobq.cancel', c.id || ':' || c.attempt) END
+FROM c;
+
+-- name: retry
+-- A user's retry of a finished task: a new life in the queue (retry_count reset).
+WITH r AS (
+    UPDATE jobq.tasks t
+    SET status = 'queued', retry_count = 0, run_at = now(), finished_at = NULL, progress = 0,
+        result = NULL, cancel_requested_at = NULL, worker_id = NULL, lease_expires_at = NULL,
+        progress_msg = jobq.append_log(t.progress_msg, $2, $3)
+    WHERE t.id = $1 AND t.status IN ('failed', 'cancelled')
+    RETURNING t.id, t.type
+)
+SELECT r.id, pg_notify('jobq.' || r.type, extract(epoch FROM now())::text) FROM r;
+
+-- name: get
+SELECT * FROM jobq.tasks WHERE id = $1;

@@ -1,0 +1,671 @@
+"""The worker runtime: claim, dispatch, complete, heartbeat, rescue, cancel, shut down.
+
+One asyncio loop per process. The moving parts, each a coroutine:
+
+- the claimer takes up to the free slots in one statement (priority order, SKIP LOCKED), woken by
+  NOTIFY, by a timer for the next scheduled task, by a freed slot while a backlog remains, or by the
+  fallback poll;
+- each claimed task runs as an asyncio task (async handlers) or in a thread (sync handlers);
+- the completer writes finished tasks in batches (one statement for all that finished meanwhile),
+  and releases their dependents in the same transaction;
+- the progress writer flushes every running task's coalesced progress in one statement;
+- the heartbeat renews all our leases in one statement, learns of cancels it may have missed, and
+  runs the maintenance services (rescuer, pruner) when it wins their advisory lock;
+- the listener keeps the LISTEN connection alive.
+
+Every write about a task is guarded by its fencing token (id, attempt): a worker that lost a task to
+the rescuer can no longer complete, fail or report progress on it, and its handler is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from . import __version__, metrics, registry
+from .context import ClaimedTask, Context
+from .database import redact_text, resolve_url
+from .errors import Cancelled, Fail, LeaseLost, Snooze
+from .maintenance import pruner, rescuer
+from .schema import cancel_channel, type_channel
+from .settings import Settings, get_settings
+from .sql import queries
+
+log = logging.getLogger("jobq.worker")
+
+DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+             asyncpg.AdminShutdownError, TimeoutError, asyncpg.ConnectionDoesNotExistError)
+
+
+@dataclass
+class _Running:
+    ctx: Context
+    spec: registry.TaskType
+    started: float
+    future: asyncio.Future[Any] | None = None
+    abandoned: bool = False
+
+
+@dataclass
+class _Done:
+    id: int
+    attempt: int
+    result: str | None
+    line: str
+    type: str
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    cancelled: int = 0
+    rescued: int = 0
+    claims: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+def _json_result(value: Any) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _short_traceback(exc: BaseException, frames: int = 6) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
+    text = "".join(tb)
+    return text[-4000:]
+
+
+class Worker:
+    """Runs the handlers of `types` until stopped (or, with `burst`, until nothing is runnable)."""
+
+    def __init__(
+        self,
+        types: Sequence[str],
+        *,
+        concurrency: int | None = None,
+        name: str | None = None,
+        burst: bool = False,
+        url: str | None = None,
+        settings: Settings | None = None,
+        poll_seconds: float | None = None,
+        lease_seconds: float | None = None,
+        heartbeat_seconds: float | None = None,
+        grace_seconds: float | None = None,
+        maintenance: bool = True,
+    ) -> None:
+        self.settings = s = settings or get_settings()
+        self.types = list(dict.fromkeys(types))
+        self.specs = {t: registry.get_type(t) for t in self.types}  # unknown types fail here, at start
+        self.concurrency = concurrency or s.concurrency
+        self.burst = burst
+        self.url = url or resolve_url(s)
+        self.q = queries(s.schema_name)
+        self.poll = poll_seconds if poll_seconds is not None else s.poll_seconds
+        self.lease = lease_seconds if lease_seconds is not None else s.lease_seconds
+        self.heartbeat_every = heartbeat_seconds if heartbeat_seconds is not None else s.heartbeat_seconds
+        self.grace = grace_seconds if grace_seconds is not None else s.grace_seconds
+        self.maintenance = maintenance
+        self.host = socket.gethostname()
+        self.id = name or f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.limits = {t: min(self.specs[t].concurrency or self.concurrency, self.concurrency) for t in self.types}
+        self.stats = WorkerStats()
+        self.log_chars = s.progress_log_chars
+
+        self._running: dict[int, _Running] = {}
+        self._running_by_type = dict.fromkeys(self.types, 0)
+        self._done: list[_Done] = []
+        self._done_event = asyncio.Event()
+        self._dirty: set[int] = set()
+        self._wake = asyncio.Event()
+        self._backlog = True
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._capped: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._signals = 0
+        from .listener import Listener
+
+        channels = [type_channel(s.schema_name, t) for t in self.types] + [cancel_channel(s.schema_name)]
+        self.listener = Listener(self.url, channels, self._on_notify, self._on_listen_connect,
+                                 ping_seconds=max(self.poll, 1.0))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._pool = await self._create_pool()
+        self._install_signals()
+        await self._heartbeat_once()
+        metrics.worker_info(self.id, self.types)
+        self._tasks = [
+            asyncio.create_task(self.listener.run(), name="jobq-listener"),
+            asyncio.create_task(self._completer(), name="jobq-completer"),
+            asyncio.create_task(self._progress_writer(), name="jobq-progress"),
+            asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
+        ]
+        log.info("worker %s started: types=%s concurrency=%d", self.id, ",".join(self.types), self.concurrency)
+        try:
+            await self._claim_loop()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        delay = 0.1
+        while True:
+            try:
+                pool: asyncpg.Pool = await asyncpg.create_pool(
+                    self.url, min_size=2, max_size=4, timeout=10,
+                    statement_cache_size=100 if self.settings.prepared_statements else 0,
+                )
+                return pool
+            except DB_ERRORS as exc:
+                if self.burst:
+                    raise
+                log.warning("database unavailable (%s); retrying in %.1fs", redact_text(str(exc)), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now; leases expire and the rescuer requeues our tasks")
+            os._exit(1)
+        log.info("signal %s: draining (grace %.0fs); send it again to exit at once", sig, self.grace)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop claiming; running tasks get the grace period, then are released back to the queue."""
+        self._stopping = True
+        self._wake.set()
+
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + (self.grace if not self.burst else 0)
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftover = list(self._running.values())
+        if leftover:
+            for r in leftover:
+                r.ctx.request_cancel("shutdown")
+                if r.future is not None and not r.future.done() and r.spec.is_async:
+                    r.future.cancel()
+            await self._db(self._release, [r.ctx for r in leftover])
+            log.info("released %d running task(s) back to the queue", len(leftover))
+        await self._flush_done()
+        await self._flush_progress()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.listener.stop()
+        if self._pool is not None:
+            with contextlib.suppress(*DB_ERRORS, asyncpg.PostgresError):
+                async with self._pool.acquire() as conn:
+                    await conn.execute(self.q.worker_stopped, self.id)
+            await self._pool.close()
+        self._stopped.set()
+
+    async def _db(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(conn, *args)` until it succeeds: a database restart delays writes, never drops them."""
+        assert self._pool is not None
+        delay = 0.05
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    return await fn(conn, *args)
+            except DB_ERRORS as exc:
+                log.warning("database error (%s); retrying in %.2fs", redact_text(str(exc)), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # ------------------------------------------------------------------ wake-up
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == cancel_channel(self.settings.schema_name):
+            task_id, _, attempt = payload.partition(":")
+            with contextlib.suppress(ValueError):
+                r = self._running.get(int(task_id))
+                if r is not None and (not attempt or int(attempt) == r.ctx.attempt):
+                    self._cancel(r, "user")
+            return
+        with contextlib.suppress(ValueError):
+            when = float(payload)
+            delay = when - time.time()
+            if delay > 0.001:
+                self._schedule_wake(delay)
+                return
+        self._backlog = True
+        self._wake.set()
+
+    def _on_listen_connect(self) -> None:
+        metrics.LISTEN_RECONNECTS.inc() if self.listener.reconnects else None
+        self._backlog = True
+        self._wake.set()
+
+    def _schedule_wake(self, delay: float) -> None:
+        """Wake when a scheduled task becomes runnable, keeping only the earliest timer."""
+        assert self._loop is not None
+        when = self._loop.time() + delay
+        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+
+        def fire() -> None:
+            self._timer = None
+            self._backlog = True
+            self._wake.set()
+
+        self._timer = self._loop.call_at(when, fire)
+
+    # ------------------------------------------------------------------ claiming
+
+    def _free(self) -> dict[str, int]:
+        total = self.concurrency - len(self._running)
+        return {t: max(0, min(total, self.limits[t] - self._running_by_type[t])) for t in self.types}
+
+    async def _claim_loop(self) -> None:
+        idle_claims = 0
+        while not self._stopping:
+            free = self._free()
+            want = min(sum(free.values()), self.concurrency - len(self._running))
+            if want <= 0 or not self._backlog:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll)
+                except TimeoutError:
+                    self._backlog = True
+                self._wake.clear()
+                continue
+            try:
+                rows = await self._claim(free, want)
+            except DB_ERRORS as exc:
+                log.warning("claim failed (%s); retrying", redact_text(str(exc)))
+                await asyncio.sleep(0.2)
+                continue
+            for row in rows:
+                self._dispatch(row)
+            if len(rows) < want:
+                self._backlog = False
+                await self._arm_timer()
+                if self.burst and not rows:
+                    idle_claims += 1
+                    if await self._burst_finished(idle_claims):
+                        return
+                    continue
+            idle_claims = 0
+
+    async def _burst_finished(self, idle_claims: int) -> bool:
+        """Burst mode ends when nothing runs, nothing waits to be written and a claim found nothing."""
+        if self._running or self._done:
+            await asyncio.sleep(0.005)
+            self._backlog = True
+            return False
+        await self._flush_done()
+        if idle_claims < 2:  # one more claim after the last flush (it may have released dependents)
+            self._backlog = True
+            return False
+        return True
+
+    async def _claim(self, free: dict[str, int], want: int) -> list[asyncpg.Record]:
+        assert self._pool is not None
+        started = time.perf_counter()
+        types = [t for t in self.types if free[t] > 0]
+        counts = [free[t] for t in types]
+        async with self._pool.acquire() as conn:
+            capped = [t for t in types if t in self._capped]
+            if capped:
+                async with conn.transaction():
+                    for t in sorted(capped):
+                        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"jobq.cap.{t}")
+                    for r in await conn.fetch(self.q.running_count, capped):
+                        i = types.index(r["type"])
+                        counts[i] = max(0, min(counts[i], r["max_running"] - r["running"]))
+                    rows: list[asyncpg.Record] = await conn.fetch(
+                        self.q.claim, types, counts, want, self.id, self.lease)
+            else:
+                rows = await conn.fetch(self.q.claim, types, counts, want, self.id, self.lease)
+        self.stats.claims += 1
+        metrics.observe_claim(len(rows), time.perf_counter() - started)
+        return rows
+
+    async def _arm_timer(self) -> None:
+        """After an incomplete claim: set a timer for the earliest task scheduled later."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn:
+                when = await conn.fetchval(self.q.next_run_at, self.types)
+        except DB_ERRORS:
+            return
+        if when is not None:
+            self._schedule_wake(max(0.0, when.timestamp() - time.time()))
+
+    # ------------------------------------------------------------------ running handlers
+
+    def _dispatch(self, row: asyncpg.Record) -> None:
+        spec = self.specs[row["type"]]
+        task = ClaimedTask(
+            id=row["id"], type=row["type"], priority=row["priority"], payload=json.loads(row["payload"]),
+            attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
+            created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
+            from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
+            digest=row["digest"],
+        )
+        ctx = Context(task, log=log, transaction=self._complete_tx, on_progress=self._progress_dirty)
+        running = _Running(ctx=ctx, spec=spec, started=time.monotonic())
+        self._running[task.id] = running
+        self._running_by_type[task.type] += 1
+        self.stats.claimed += 1
+        metrics.started(task.type, task.run_at)
+        if row["cancel_requested"]:
+            ctx.request_cancel("user")
+        asyncio.create_task(self._execute(running), name=f"jobq-task-{task.id}")
+
+    def _progress_dirty(self, ctx: Context) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running_loop = asyncio.get_running_loop()
+        except RuntimeError:
+            running_loop = None
+        if running_loop is loop:
+            self._dirty.add(ctx.id)
+        else:
+            loop.call_soon_threadsafe(self._dirty.add, ctx.id)
+
+    def _cancel(self, r: _Running, reason: str) -> None:
+        r.ctx.request_cancel(reason)
+        if r.spec.is_async and r.future is not None and not r.future.done():
+            r.future.cancel()
+
+    async def _execute(self, r: _Running) -> None:
+        ctx, spec = r.ctx, r.spec
+        try:
+            outcome, value = await self._invoke(r)
+        finally:
+            self._running.pop(ctx.id, None)
+            self._running_by_type[ctx.task.type] -= 1
+            if self._backlog or not self._stopping:
+                self._wake.set()
+        if ctx.cancel_reason == "shutdown" or ctx.cancel_reason == "lost":
+            return  # released by the shutdown, or no longer ours: nothing to write
+        duration = time.monotonic() - r.started
+        metrics.finished(ctx.task.type, outcome, duration)
+        if outcome == "done":
+            if ctx.completed_in_transaction:
+                self.stats.done += 1
+                return
+            try:
+                result = _json_result(value if value is not None else ctx.result)
+            except (TypeError, ValueError) as exc:
+                await self._db(self._fail, ctx, Fail(f"result is not JSON-serialisable: {exc}"), True)
+                return
+            _, lines = ctx.take_pending()
+            self._done.append(_Done(ctx.id, ctx.attempt, result, "\n".join(filter(None, [lines, ctx.line(
+                f"Done in {duration:.2f}s.")])), ctx.task.type))
+            self._done_event.set()
+        elif outcome == "cancelled":
+            await self._db(self._mark_cancelled, ctx)
+        elif outcome == "snooze":
+            await self._db(self._snooze, ctx, value)
+        else:
+            await self._db(self._fail, ctx, value, outcome == "fail")
+        del spec
+
+    async def _invoke(self, r: _Running) -> tuple[str, Any]:
+        """Run the handler with its timeouts; returns (outcome, value or exception)."""
+        ctx, spec = r.ctx, r.spec
+        payload: Any = ctx.payload
+        if spec.payload is not None:
+            try:
+                payload = spec.payload.model_validate(payload)
+            except ValidationError as exc:
+                return "fail", Fail(f"malformed payload: {exc.errors()[0]['msg']} at "
+                                    f"{'.'.join(map(str, exc.errors()[0]['loc']))}")
+        if ctx.cancelled.is_set():
+            return "cancelled", None
+        loop = asyncio.get_running_loop()
+        if spec.is_async:
+            fut: asyncio.Future[Any] = asyncio.ensure_future(spec.handler(ctx, payload))
+        elif spec.isolation == "process":
+            from .isolation import run_in_process
+
+            fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
+        else:
+            fut = asyncio.ensure_future(loop.run_in_executor(None, spec.handler, ctx, payload))
+        r.future = fut
+        try:
+            value = await self._await_with_timeouts(r, fut)
+        except Snooze as exc:
+            return "snooze", exc
+        except Fail as exc:
+            return "fail", exc
+        except (Cancelled, asyncio.CancelledError) as exc:
+            if ctx.cancel_reason == "timeout":
+                return "retry", TimeoutError(f"soft timeout of {spec.timeout}s exceeded")
+            if ctx.cancel_reason in ("user", "shutdown", "lost"):
+                return "cancelled", None
+            return "retry", exc if isinstance(exc, Exception) else RuntimeError("handler was cancelled")
+        except LeaseLost:
+            ctx.request_cancel("lost")
+            return "cancelled", None
+        except Exception as exc:
+            return "retry", exc
+        if ctx.cancelled.is_set() and ctx.cancel_reason in ("lost", "shutdown"):
+            return "cancelled", None
+        return "done", value
+
+    async def _await_with_timeouts(self, r: _Running, fut: asyncio.Future[Any]) -> Any:
+        spec = r.spec
+        soft, hard = spec.timeout, spec.hard_timeout
+        if soft is None and hard is None:
+            return await fut
+        first = soft if soft is not None else hard
+        assert first is not None
+        done, _ = await asyncio.wait({fut}, timeout=first)
+        if done:
+            return fut.result()
+        if soft is not None:
+            r.ctx.request_cancel("timeout")
+            if spec.is_async:
+                fut.cancel()
+            remaining = (hard - soft) if hard is not None else None
+            done, _ = await asyncio.wait({fut}, timeout=remaining)
+            if done:
+                return fut.result()
+        # Hard timeout: abandon the attempt. A thread cannot be killed; its late result is dropped.
+        r.abandoned = True
+        fut.cancel()
+        raise TimeoutError(f"hard timeout of {hard}s exceeded; attempt abandoned")
+
+    # ------------------------------------------------------------------ writes
+
+    @contextlib.asynccontextmanager
+    async def _complete_tx(self, ctx: Context) -> AsyncIterator[asyncpg.Connection]:
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+            if ctx.cancelled.is_set() and ctx.cancel_reason in ("user", "lost", "shutdown"):
+                raise asyncio.CancelledError()
+            _, lines = ctx.take_pending()
+            rows = await conn.fetch(
+                self.q.complete_many, [ctx.id], [ctx.attempt], [_json_result(ctx.result)],
+                ["\n".join(filter(None, [lines, ctx.line("Done.")]))], self.log_chars, self.id)
+            if not rows:
+                raise LeaseLost(f"task {ctx.id} attempt {ctx.attempt} is no longer ours")
+            if rows[0]["has_dependents"]:
+                await conn.fetch(self.q.release_dependents, [ctx.id])
+        ctx.completed_in_transaction = True
+
+    async def _completer(self) -> None:
+        while True:
+            await self._done_event.wait()
+            self._done_event.clear()
+            await self._flush_done()
+
+    async def _flush_done(self) -> None:
+        while self._done:
+            batch, self._done = self._done[:2000], self._done[2000:]
+            await self._db(self._complete_batch, batch)
+
+    async def _complete_batch(self, conn: asyncpg.Connection, batch: list[_Done]) -> None:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                self.q.complete_many, [d.id for d in batch], [d.attempt for d in batch],
+                [d.result for d in batch], [d.line for d in batch], self.log_chars, self.id)
+            parents = [r["id"] for r in rows if r["has_dependents"]]
+            if parents:
+                await conn.fetch(self.q.release_dependents, parents)
+        self.stats.done += len(rows)
+        if len(rows) < len(batch):
+            log.warning("%d completion(s) rejected: lease lost to the rescuer", len(batch) - len(rows))
+
+    async def _fail(self, conn: asyncpg.Connection, ctx: Context, exc: BaseException, final: bool) -> None:
+        spec = self.specs[ctx.task.type]
+        base = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
+        cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
+        summary = f"{type(exc).__name__}: {exc}"
+        _, lines = ctx.take_pending()
+        line = "\n".join(filter(None, [lines, ctx.line(f"[ERROR] {redact_text(summary)[:500]}")]))
+        error = redact_text(summary if isinstance(exc, Fail) else _short_traceback(exc))
+        async with conn.transaction():
+            row = await conn.fetchrow(self.q.fail, ctx.id, ctx.attempt, final, base, cap, error, line,
+                                      self.log_chars, self.id)
+            if row is None:
+                return
+            if row["status"] == "failed":
+                self.stats.failed += 1
+                if row["has_dependents"]:
+                    await conn.fetch(self.q.cancel_dependents, [ctx.id],
+                                     ctx.line(f"[Canceled] parent task {ctx.id} failed"), self.log_chars)
+            else:
+                self.stats.retried += 1
+                self._schedule_wake(max(0.0, row["run_at"].timestamp() - time.time()))
+
+    async def _mark_cancelled(self, conn: asyncpg.Connection, ctx: Context) -> None:
+        _, lines = ctx.take_pending()
+        line = "\n".join(filter(None, [lines, ctx.line("[Canceled] Task has been canceled.")]))
+        async with conn.transaction():
+            row = await conn.fetchrow(self.q.mark_cancelled, ctx.id, ctx.attempt, line, self.log_chars)
+            if row is not None:
+                self.stats.cancelled += 1
+                if row["has_dependents"]:
+                    await conn.fetch(self.q.cancel_dependents, [ctx.id],
+                                     ctx.line(f"[Canceled] parent task {ctx.id} was cancelled"), self.log_chars)
+
+    async def _snooze(self, conn: asyncpg.Connection, ctx: Context, exc: Snooze) -> None:
+        _, lines = ctx.take_pending()
+        line = "\n".join(filter(None, [lines, ctx.line(f"[SNOOZE] {exc}")]))
+        await conn.fetch(self.q.snooze, ctx.id, ctx.attempt, float(exc.seconds), line, self.log_chars)
+        self._schedule_wake(max(0.0, exc.seconds))
+
+    async def _release(self, conn: asyncpg.Connection, ctxs: list[Context]) -> None:
+        await conn.fetch(self.q.release, [c.id for c in ctxs], self.id,
+                         ctxs[0].line("[INFO] released by worker shutdown"), self.log_chars)
+
+    async def _progress_writer(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.progress_interval)
+            if self._dirty:
+                await self._flush_progress()
+
+    async def _flush_progress(self) -> None:
+        ids, self._dirty = self._dirty, set()
+        batch = [(r.ctx, *r.ctx.take_pending()) for i in ids if (r := self._running.get(i)) is not None]
+        if not batch:
+            return
+
+        async def write(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                self.q.progress_many, [c.id for c, _, _ in batch], [c.attempt for c, _, _ in batch],
+                [p for _, p, _ in batch], [lines for _, _, lines in batch], self.log_chars)
+            return rows
+
+        rows = await self._db(write)
+        metrics.PROGRESS_WRITES.inc()
+        self._apply_flags(rows, [c.id for c, _, _ in batch])
+
+    def _apply_flags(self, rows: list[asyncpg.Record], asked: list[int]) -> None:
+        """Cancel handlers whose task was cancelled, or was rescued from us (the zombie case)."""
+        ours = {r["id"] for r in rows}
+        for r in rows:
+            if r["cancel_requested"] and (run := self._running.get(r["id"])) is not None:
+                self._cancel(run, "user")
+        for task_id in asked:
+            if task_id not in ours and (run := self._running.get(task_id)) is not None:
+                log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
+                self._cancel(run, "lost")
+
+    # ------------------------------------------------------------------ heartbeat and maintenance
+
+    async def _heartbeat_once(self) -> None:
+        ids = list(self._running)
+
+        async def beat(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                self.q.heartbeat, self.id, self.host, os.getpid(), self.types, self.concurrency, __version__,
+                self.lease, ids)
+            self._capped = {r["type"] for r in await conn.fetch(self.q.capped_types, self.types)}
+            return rows
+
+        rows = await self._db(beat)
+        self._apply_flags(rows, ids)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_every * random.uniform(0.9, 1.0))
+            await self._heartbeat_once()
+            if self.maintenance:
+                await self._maintain()
+
+    async def _maintain(self) -> None:
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn:
+                rescued = await rescuer.rescue(conn, self.q, log_chars=self.log_chars)
+                if rescued.requeued or rescued.failed or rescued.cancelled:
+                    n = rescued.requeued + rescued.failed + rescued.cancelled
+                    self.stats.rescued += n
+                    metrics.RESCUED.inc(n)
+                    log.warning("rescued %d task(s) with expired leases (%d requeued, %d failed, %d cancelled)",
+                                n, rescued.requeued, rescued.failed, rescued.cancelled)
+                await pruner.maybe_prune(conn, self.settings)
+        except (*DB_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("maintenance skipped: %s", redact_text(str(exc)))
+
+
+def run_worker(types: Sequence[str], **kwargs: Any) -> int:
+    """Run a worker in this process until it stops; returns the process exit code."""
+    worker = Worker(types, **kwargs)
+    return asyncio.run(worker.run())
