@@ -303,6 +303,18 @@ def db_url() -> None:
     print(redact(resolve_url()))
 
 
+# ---------------------------------------------------------------- command groups in their own modules
+
+def _register_extensions() -> None:
+    from . import cli_documents, cli_observe, cli_roles
+
+    for module in (cli_documents, cli_observe, cli_roles):
+        module.register(app)
+
+
+_register_extensions()
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     import psycopg
 
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=argv, standalone_mode=True, prog_name="jobq")
     except JobqError as exc:
         err.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -1,0 +1,9 @@
+"""Document commands: watch, docs (filled by the documents work)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `jobq` app."""

@@ -1,0 +1,9 @@
+"""Observation commands: top, stats, exporter, prune."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `jobq` app."""
