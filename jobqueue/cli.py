@@ -239,10 +239,13 @@ def worker(
     grace: Annotated[float | None, typer.Option(help="Seconds running tasks get after SIGTERM.")] = None,
     poll: Annotated[float | None, typer.Option(help="Fallback poll interval in seconds.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    imports: Annotated[list[str] | None, typer.Option(
+        "--import", "-i", help="Module that registers task types (repeatable; also JOBQ_IMPORTS).")] = None,
 ) -> None:
     """Run task handlers: `jobq worker --types dataflow,raptor`."""
     from .worker import run_worker
 
+    registry.import_modules([*(imports or []), *get_settings().imports])
     wanted = [t.strip() for t in types.split(",") if t.strip()]
     if not wanted:
         fail("--types needs at least one task type")

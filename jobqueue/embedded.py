@@ -78,8 +78,13 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def _run_as() -> str | None:
-    return SYSTEM_USER if _is_root() else None
+def _run_as() -> dict[str, object]:
+    """subprocess arguments that drop root: the user, and its group only (a leftover root group
+    would make group permission bits apply instead of the traversal bits we set for others)."""
+    if not _is_root():
+        return {}
+    user = _ensure_system_user()
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
 
 def _process_cmdline(pid: int) -> str | None:
@@ -168,10 +173,10 @@ def _pg(cmd: str, args: list[str], *, timeout: float = 120) -> subprocess.Comple
             capture_output=True,
             text=True,
             env=env,
-            user=_run_as(),
             timeout=timeout,
             start_new_session=True,
             cwd="/",
+            **_run_as(),  # type: ignore[call-overload]
         )
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or exc.stdout or "").strip().splitlines()

@@ -47,6 +47,7 @@ class TaskType:
 
 _registry: dict[str, TaskType] = {}
 _entry_points_loaded = False
+_load_errors: dict[str, str] = {}
 
 
 def task(
@@ -92,7 +93,18 @@ def load_entry_points() -> None:
         try:
             ep.load()
         except Exception as exc:  # a broken plug-in must not take the others down
-            raise ConfigurationError(f"cannot load task type {ep.name!r} from {ep.value}: {exc}") from None
+            _load_errors[ep.name] = f"cannot load task type {ep.name!r} from {ep.value}: {exc}"
+
+
+def import_modules(modules: list[str]) -> None:
+    """Import modules that register task types with @task (the worker's --import)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {name!r}: {exc}") from None
 
 
 def get_type(name: str) -> TaskType:
@@ -101,6 +113,8 @@ def get_type(name: str) -> TaskType:
     try:
         return _registry[name]
     except KeyError:
+        if name in _load_errors:
+            raise ConfigurationError(_load_errors[name]) from None
         known = ", ".join(sorted(_registry)) or "none"
         raise UnknownTaskType(f"unknown task type {name!r} (known: {known})") from None
 

@@ -10,9 +10,10 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
     # jobq's own PostgreSQL schema, so its tables never collide with an application's.
     schema_name: str = Field(default="jobq", alias="JOBQ_SCHEMA")
 
+    # Modules imported by `jobq worker` to register task types (comma-separated in the environment).
+    imports: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # Worker defaults (overridable per type with @task and per process on the CLI).
     concurrency: int = 16
     # A lease is how long a task stays ours without a heartbeat; a crashed worker's task runs
@@ -64,6 +68,11 @@ class Settings(BaseSettings):
     keep_done_days: float = 7.0
     keep_failed_days: float = 30.0
 
+    @field_validator("imports", mode="before")
+    @classmethod
+    def _split_imports(cls, v: object) -> object:
+        return [m.strip() for m in v.split(",") if m.strip()] if isinstance(v, str) else v
+
     @field_validator("schema_name")
     @classmethod
     def _valid_schema(cls, v: str) -> str:
@@ -74,4 +83,17 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; a bad JOBQ_* value is a ConfigurationError with one readable line."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from .errors import ConfigurationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        field = str(e["loc"][0]) if e["loc"] else "?"
+        raise ConfigurationError(f"bad setting JOBQ_{field.upper().removeprefix('JOBQ_')}: {e['msg']}") from None
+    except SettingsError as exc:
+        raise ConfigurationError(f"bad setting: {exc}") from None

@@ -1,0 +1,80 @@
+"""Migrations: up from empty, idempotent, safe under concurrent `jobq migrate`, plain alembic works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+
+from conftest import REPO, create_database, drop_database, jobq_cli
+from jobqueue.migrate import current, migrate
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    from jobqueue.migrate import alembic_config
+
+    return str(ScriptDirectory.from_config(alembic_config("postgresql://x@/y")).get_current_head())
+
+
+def test_up_from_empty_and_idempotent(server_url: str) -> None:
+    url = create_database(server_url)
+    try:
+        assert current(url) is None
+        migrate(url)
+        assert current(url) == _head()
+        migrate(url)  # a second run is a no-op
+        assert current(url) == _head()
+        with psycopg.connect(url) as conn:
+            tables = {r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'jobq'")}
+        assert {"tasks", "workers", "queues", "alembic_version"} <= tables
+    finally:
+        drop_database(server_url, url)
+
+
+def test_four_concurrent_migrate_processes(server_url: str) -> None:
+    url = create_database(server_url)
+    try:
+        env = {**os.environ, "JOBQ_DATABASE_URL": url}
+
+        def run(_: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "jobqueue", "migrate"], env=env, capture_output=True,
+                                  text=True, timeout=120, cwd=REPO)
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(run, range(4)))
+        for r in results:
+            assert r.returncode == 0, r.stderr
+        assert current(url) == _head()
+    finally:
+        drop_database(server_url, url)
+
+
+def test_plain_alembic_upgrade_head(server_url: str) -> None:
+    url = create_database(server_url)
+    try:
+        env = {**os.environ, "JOBQ_DATABASE_URL": url}
+        r = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], env=env, capture_output=True,
+                           text=True, timeout=120, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        assert current(url) == _head()
+    finally:
+        drop_database(server_url, url)
+
+
+def test_custom_schema(server_url: str) -> None:
+    url = create_database(server_url)
+    try:
+        migrate(url, schema="myq")
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT to_regclass('myq.tasks')").fetchone() == ("myq.tasks",)
+            assert conn.execute("SELECT to_regclass('jobq.tasks')").fetchone() == (None,)
+        r = jobq_cli("migrate", env={"JOBQ_DATABASE_URL": url, "JOBQ_SCHEMA": "myq"})
+        assert r.returncode == 0, r.stderr
+    finally:
+        drop_database(server_url, url)

@@ -1,0 +1,275 @@
+"""The producer API: enqueue, transactional enqueue on three connection kinds, dedupe, COPY batches,
+NOTIFY once per statement on commit only, validation that writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from pydantic import BaseModel
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from jobqueue import AsyncClient, Client, InvalidPayload, TaskSpec, UnknownTaskType, task
+from jobqueue.errors import InvalidTransition, TaskNotFound
+
+
+class Page(BaseModel):
+    doc: str
+    page: int
+
+
+@task("t_plain")
+async def t_plain(ctx: Any, payload: Any) -> None:
+    return None
+
+
+@task("t_typed", payload=Page)
+async def t_typed(ctx: Any, payload: Page) -> None:
+    return None
+
+
+def count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_enqueue_and_get(client: Client, clean: None) -> None:
+    tid = client.enqueue("t_plain", {"a": 1}, priority=5, owner="alice", labels=["x", "y"])
+    t = client.get(tid)
+    assert (t.type, t.status, t.priority, t.payload, t.owner, t.labels) == (
+        "t_plain", "queued", 5, {"a": 1}, "alice", ["x", "y"])
+    assert t.attempt == 0 and t.retry_count == 0 and t.max_retries == 3
+
+
+def test_delay_and_run_at(client: Client, clean: None) -> None:
+    t1 = client.get(client.enqueue("t_plain", {}, delay=60))
+    assert t1.run_at > datetime.now(UTC) + timedelta(seconds=50)
+    when = datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert client.get(client.enqueue("t_plain", {}, run_at=when)).run_at == when
+
+
+def test_dedupe_returns_live_task(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    a = client.enqueue("t_plain", {"n": 1}, dedupe_key="doc-1")
+    b = client.enqueue("t_plain", {"n": 2}, dedupe_key="doc-1")
+    assert a == b and count(conn) == 1
+    conn.execute("UPDATE jobq.tasks SET status = 'done' WHERE id = %s", (a,))
+    c = client.enqueue("t_plain", {"n": 3}, dedupe_key="doc-1")  # a finished task frees its key
+    assert c != a and count(conn) == 2
+
+
+def test_enqueue_many_with_dedupe_keys(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    first = client.enqueue("t_plain", {}, dedupe_key="k0")
+    ids = client.enqueue_many("t_plain", [TaskSpec(payload={"i": i}, dedupe_key=f"k{i % 3}") for i in range(6)])
+    assert ids[0] == first
+    assert ids[0] == ids[3] and ids[1] == ids[4] and ids[2] == ids[5]
+    assert count(conn) == 3
+
+
+def test_copy_batch_of_50000(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    ids = client.enqueue_many("t_plain", ({"i": i} for i in range(50_000)))
+    assert len(ids) == len(set(ids)) == 50_000
+    assert count(conn) == 50_000
+    row = conn.execute("SELECT payload FROM jobq.tasks WHERE id = %s", (ids[12345],)).fetchone()
+    assert row == ({"i": 12345},)
+
+
+def test_async_enqueue_many_copy(db_url: str, conn: psycopg.Connection[Any], clean: None) -> None:
+    async def go() -> list[int]:
+        async with AsyncClient(db_url) as ac:
+            return await ac.enqueue_many("t_plain", [{"i": i} for i in range(1000)])
+
+    ids = asyncio.run(go())
+    assert len(ids) == 1000 and count(conn) == 1000
+
+
+def _listen(db_url: str, channel: str) -> psycopg.Connection[Any]:
+    listener = psycopg.connect(db_url, autocommit=True)
+    listener.execute(f'LISTEN "{channel}"')
+    return listener
+
+
+def _drain_notifies(listener: psycopg.Connection[Any], wait: float = 0.3) -> list[str]:
+    got: list[str] = []
+    select.select([listener.pgconn.socket], [], [], wait)
+    for n in listener.notifies(timeout=wait, stop_after=None):
+        got.append(n.payload)
+        if len(got) > 100_000:
+            break
+    return got
+
+
+def test_notify_once_per_statement_on_commit_only(db_url: str, client: Client, clean: None) -> None:
+    listener = _listen(db_url, "jobq.t_plain")
+    try:
+        with psycopg.connect(db_url) as tx:
+            client.enqueue_many("t_plain", [{"i": i} for i in range(10_000)], connection=tx)
+            assert _drain_notifies(listener, 0.2) == []  # nothing before commit
+            tx.commit()
+        assert len(_drain_notifies(listener)) == 1
+        # plain SQL inserts wake workers too
+        with psycopg.connect(db_url, autocommit=True) as c:
+            c.execute("INSERT INTO jobq.tasks (type) SELECT 't_plain' FROM generate_series(1, 500)")
+        assert len(_drain_notifies(listener)) == 1
+    finally:
+        listener.close()
+
+
+def test_transactional_enqueue_psycopg(db_url: str, client: Client, conn: psycopg.Connection[Any],
+                                       clean: None) -> None:
+    with psycopg.connect(db_url) as tx:
+        client.enqueue("t_plain", {"n": 1}, connection=tx)
+        assert count(conn) == 0  # invisible until the caller commits
+        tx.rollback()
+    assert count(conn) == 0
+    with psycopg.connect(db_url) as tx:
+        tid = client.enqueue("t_plain", {"n": 2}, connection=tx)
+        tx.commit()
+    assert client.get(tid).payload == {"n": 2}
+
+
+def test_transactional_enqueue_sqlalchemy(db_url: str, client: Client, conn: psycopg.Connection[Any],
+                                          clean: None) -> None:
+    engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with Session(engine) as session:
+            client.enqueue("t_plain", {"via": "session"}, connection=session)
+            session.rollback()
+        assert count(conn) == 0
+        with engine.begin() as sa_conn:
+            client.enqueue("t_plain", {"via": "connection"}, connection=sa_conn)
+        with Session(engine) as session:
+            client.enqueue("t_plain", {"via": "session"}, connection=session)
+            session.commit()
+        assert count(conn) == 2
+    finally:
+        engine.dispose()
+
+
+def test_transactional_enqueue_asyncpg(db_url: str, conn: psycopg.Connection[Any], clean: None) -> None:
+    async def go() -> int:
+        ac = AsyncClient(db_url)
+        c = await asyncpg.connect(db_url)
+        try:
+            tx = c.transaction()
+            await tx.start()
+            await ac.enqueue("t_plain", {"n": 1}, connection=c)
+            await tx.rollback()
+            async with c.transaction():
+                tid = await ac.enqueue("t_plain", {"n": 2}, connection=c)
+            return tid
+        finally:
+            await c.close()
+            await ac.close()
+
+    tid = asyncio.run(go())
+    assert count(conn) == 1
+    row = conn.execute("SELECT payload FROM jobq.tasks WHERE id = %s", (tid,)).fetchone()
+    assert row == ({"n": 2},)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"payload": {"doc": "a"}}, "page"),
+        ({"payload": {"doc": "a", "page": "x"}}, "page"),
+        ({"payload": {"bad": "\x00"}, "type": "t_plain"}, "NUL"),
+        ({"payload": {"x": float("nan")}, "type": "t_plain"}, "JSON"),
+        ({"payload": {}, "type": "t_plain", "priority": 2**40}, "32 bits"),
+        ({"payload": {}, "type": "t_plain", "dedupe_key": "a\x00b"}, "NUL"),
+        ({"payload": {"s": "\ud800"}, "type": "t_plain"}, "Unicode"),
+    ],
+)
+def test_invalid_input_writes_nothing(client: Client, conn: psycopg.Connection[Any], clean: None,
+                                      kwargs: dict[str, Any], message: str) -> None:
+    kwargs = dict(kwargs)
+    ttype = kwargs.pop("type", "t_typed")
+    payload = kwargs.pop("payload")
+    with pytest.raises(InvalidPayload, match=message):
+        client.enqueue(ttype, payload, **kwargs)
+    assert count(conn) == 0
+
+
+def test_payload_model_validates_and_normalises(client: Client) -> None:
+    tid = client.enqueue("t_typed", {"doc": "a", "page": "3"})
+    assert client.get(tid).payload == {"doc": "a", "page": 3}
+
+
+def test_deep_and_huge_payloads(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    deep: Any = 1
+    for _ in range(100):
+        deep = [deep]
+    with pytest.raises(InvalidPayload, match="nested"):
+        client.enqueue("t_plain", deep)
+    with pytest.raises(InvalidPayload, match="limit"):
+        client.enqueue("t_plain", {"blob": "x" * 2_000_000})
+    assert count(conn) == 0
+    shaped = {"a": [1, 2.5, None, True, {"b": "é\u2028🙂"}], "s": "'; DROP TABLE jobq.tasks; --"}
+    assert client.get(client.enqueue("t_plain", shaped)).payload == shaped
+
+
+def test_database_limit_holds_for_plain_sql(conn: psycopg.Connection[Any]) -> None:
+    big = json.dumps({"blob": "y" * 3_000_000})
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO jobq.tasks (type, payload) VALUES ('t_plain', %s::jsonb)", (big,))
+
+
+def test_unknown_type(client: Client) -> None:
+    with pytest.raises(UnknownTaskType, match="no_such_type"):
+        client.enqueue("no_such_type", {})
+
+
+def test_cancel_and_retry(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    tid = client.enqueue("t_plain", {})
+    assert client.cancel(tid) == {tid: "cancelled"}
+    t = client.get(tid)
+    assert t.status == "cancelled" and "[Canceled]" in t.progress_msg and t.finished_at is not None
+    assert client.cancel(tid) == {tid: "cancelled"}  # idempotent
+    client.retry(tid)
+    assert client.get(tid).status == "queued"
+    with pytest.raises(InvalidTransition):
+        client.retry(tid)
+    with pytest.raises(TaskNotFound):
+        client.retry(999_999_999)
+    with pytest.raises(TaskNotFound):
+        client.get(999_999_999)
+
+
+def test_list_filters(client: Client, clean: None) -> None:
+    a = client.enqueue("t_plain", {}, owner="alice", labels=["red"])
+    b = client.enqueue("t_plain", {}, owner="bob")
+    client.cancel(b)
+    assert [t.id for t in client.list(owner="alice")] == [a]
+    assert [t.id for t in client.list(status="cancelled")] == [b]
+    assert [t.id for t in client.list(label="red")] == [a]
+    assert [t.id for t in client.list(type="t_plain", limit=1)] == [b]
+
+
+def test_depends_on_unknown_parent(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:
+    with pytest.raises(TaskNotFound):
+        client.enqueue("t_plain", {}, depends_on=[123456789])
+    assert count(conn) == 0
+
+
+def test_dependency_on_cancelled_parent_is_cancelled(client: Client, clean: None) -> None:
+    parent = client.enqueue("t_plain", {})
+    client.cancel(parent)
+    child = client.get(client.enqueue("t_plain", {}, depends_on=[parent]))
+    assert child.status == "cancelled" and f"parent task {parent}" in child.progress_msg
+
+
+def test_cancel_parent_cancels_waiting_child(client: Client, clean: None) -> None:
+    parent = client.enqueue("t_plain", {})
+    child = client.enqueue("t_plain", {}, depends_on=[parent])
+    grandchild = client.enqueue("t_plain", {}, depends_on=[child])
+    assert client.get(child).status == "waiting"
+    client.cancel(parent)
+    assert client.get(child).status == "cancelled"
+    assert client.get(grandchild).status == "cancelled"
