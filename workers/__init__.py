@@ -1,0 +1,1 @@
+"""Worker task implementations for jobq, installed as the ``jobq_workers`` package."""
