@@ -1,9 +1,67 @@
-"""Document commands: watch, docs (filled by the documents work)."""
+"""Document commands: `jobq watch` (live progress) and `jobq docs` (the documents and their state)."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `jobq` app."""
+    app.command()(watch)
+    app.command()(docs)
+
+
+def watch(
+    targets: Annotated[list[str], typer.Argument(help="doc:N, task:N, batch:N, or a document id.",
+                                                 show_default=False)],
+) -> None:
+    """Show live progress bars until everything watched has finished (exit 1 if anything failed)."""
+    from .cli import ensure_schema, out
+    from .watch import parse_target
+    from .watch import watch as run
+
+    parsed = [parse_target(t) for t in targets]
+    ensure_schema()
+    raise typer.Exit(run(parsed, console=out))
+
+
+def docs(
+    batch: Annotated[int | None, typer.Option(help="Only this batch's documents.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner's documents.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only documents in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
+) -> None:
+    """List documents, newest first, with their status, progress and chunk counts."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .cli import _age, ensure_schema, fail, out
+    from .database import connect
+    from .settings import get_settings
+    from .watch import COLORS
+
+    if status is not None and status not in COLORS:
+        fail(f"unknown status {status!r} (one of: {', '.join(COLORS)})")
+    ensure_schema()
+    s = get_settings().schema_name
+    with connect() as conn:
+        rows = conn.execute(
+            f"""SELECT doc_id, name, parser, pages, status, progress, tasks, done, chunks, tokens, summaries,
+                       batch_id, created_at, duration
+                FROM {s}.document_progress
+                WHERE (%(b)s::bigint IS NULL OR batch_id = %(b)s) AND (%(o)s::text IS NULL OR owner = %(o)s)
+                  AND (%(st)s::text IS NULL OR status = %(st)s)
+                ORDER BY doc_id DESC LIMIT %(n)s""",
+            {"b": batch, "o": owner, "st": status, "n": limit}).fetchall()
+    table = Table(title=f"{len(rows)} document(s)")
+    for col in ("id", "name", "parser", "pages", "status", "progress", "tasks", "chunks", "tokens", "summaries",
+                "batch", "age", "took"):
+        table.add_column(col, overflow="ellipsis", no_wrap=col != "name")
+    for (doc_id, name, parser, pages, st, progress, tasks, done, chunks, tokens, summaries, batch_id, created,
+         took) in rows:
+        table.add_row(str(doc_id), Text(name), parser, str(pages), Text(st, style=COLORS.get(st, "white")),
+                      f"{max(progress, 0):.0%}", f"{done}/{tasks}", str(chunks), str(tokens), str(summaries),
+                      str(batch_id or ""), _age(created), f"{took:.1f}s" if took is not None else "")
+    out.print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ class Context:
     ) -> None:
         self.task = task
         self.payload: Any = task.payload
-        self.log = logging.LoggerAdapter(log, {"task_id": task.id, "task_type": task.type})
-        self.cancelled = threading.Event()
+        self._logger = log
+        self._cancelled: threading.Event | None = None
+        self.is_cancelled = False
         self.cancel_reason: str | None = None
         self.result: Any = None
         self.completed_in_transaction = False
@@ -73,6 +75,20 @@ class Context:
         self._pending_progress: float | None = None
         self._pending_lines: deque[str] = deque(maxlen=MAX_PENDING_LINES)
         self.dirty = False
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        return logging.LoggerAdapter(self._logger, {"task_id": self.task.id, "task_type": self.task.type})
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set once the task's cancellation (or soft timeout) was requested; created on first use,
+        because most handlers never look at it and the worker creates thousands of contexts a second."""
+        if self._cancelled is None:
+            self._cancelled = threading.Event()
+            if self.is_cancelled:
+                self._cancelled.set()
+        return self._cancelled
 
     @property
     def id(self) -> int:
@@ -89,7 +105,7 @@ class Context:
         return ""
 
     def line(self, message: str) -> str:
-        return f"{datetime.now().strftime('%H:%M:%S')} {self.prefix()}{message}"
+        return f"{clock()} {self.prefix()}{message}"
 
     def progress(self, fraction: float | None = None, message: str | None = None) -> None:
         """Report progress (0..1, or -1 for an error) and/or a message line; raises Cancelled once the
@@ -106,7 +122,7 @@ class Context:
             self._on_progress(self)
 
     def raise_if_cancelled(self) -> None:
-        if self.cancelled.is_set():
+        if self.is_cancelled:
             if self.cancel_reason == "timeout":
                 raise TimeoutError(f"task {self.id} exceeded its soft timeout")
             raise Cancelled(f"task {self.id} was cancelled ({self.cancel_reason or 'requested'})")
@@ -121,9 +137,11 @@ class Context:
         return value, lines
 
     def request_cancel(self, reason: str) -> None:
-        if not self.cancelled.is_set():
+        if not self.is_cancelled:
             self.cancel_reason = reason
-            self.cancelled.set()
+            self.is_cancelled = True
+            if self._cancelled is not None:
+                self._cancelled.set()
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -138,6 +156,19 @@ class Context:
             raise RuntimeError("this context has no database (process-isolated handlers cannot use transaction())")
         async with self._transaction(self) as conn:
             yield conn
+
+
+_clock_cache: tuple[int, str] = (0, "")
+
+
+def clock() -> str:
+    """HH:MM:SS of now, formatted once per second (log lines are written per task)."""
+    global _clock_cache
+    now = time.time()
+    sec = int(now)
+    if _clock_cache[0] != sec:
+        _clock_cache = (sec, datetime.fromtimestamp(now).strftime("%H:%M:%S"))
+    return _clock_cache[1]
 
 
 AsyncHandler = Callable[[Context, Any], Coroutine[Any, Any, Any]]

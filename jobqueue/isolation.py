@@ -78,7 +78,7 @@ async def run_in_process(spec: TaskType, ctx: Context, payload: Any) -> Any:
             try:
                 msg = await asyncio.wait_for(messages.get(), timeout=0.05)
             except TimeoutError:
-                if ctx.cancelled.is_set():
+                if ctx.is_cancelled:
                     raise Cancelled(f"task {ctx.id} cancelled ({ctx.cancel_reason}); child killed") from None
                 continue
             kind = msg[0]

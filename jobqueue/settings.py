@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     imports: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Worker defaults (overridable per type with @task and per process on the CLI).
-    concurrency: int = 16
+    concurrency: int = 100
     # A lease is how long a task stays ours without a heartbeat; a crashed worker's task runs
     # again elsewhere within lease + one heartbeat. 30 s rides out GC pauses and slow disks.
     lease_seconds: float = 30.0

@@ -98,7 +98,7 @@ def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
 @pytest.fixture
 def clean(conn: psycopg.Connection[Any]) -> None:
     """Start the test with an empty queue."""
-    conn.execute("TRUNCATE jobq.tasks, jobq.workers, jobq.queues RESTART IDENTITY")
+    conn.execute("TRUNCATE jobq.tasks, jobq.workers, jobq.queues RESTART IDENTITY CASCADE")
 
 
 @pytest.fixture

@@ -18,13 +18,15 @@ CREATE TABLE IF NOT EXISTS public.test_effects (task_id bigint NOT NULL, attempt
 """
 
 _pools: dict[int, asyncpg.Pool] = {}
+_locks: dict[int, asyncio.Lock] = {}
 
 
 async def _pool() -> asyncpg.Pool:
     loop_id = id(asyncio.get_running_loop())
-    if loop_id not in _pools:
-        url = os.environ.get("JOBQ_DATABASE_URL") or get_settings().database_url
-        _pools[loop_id] = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    async with _locks.setdefault(loop_id, asyncio.Lock()):
+        if loop_id not in _pools:
+            url = os.environ.get("JOBQ_DATABASE_URL") or get_settings().database_url
+            _pools[loop_id] = await asyncpg.create_pool(url, min_size=1, max_size=4)
     return _pools[loop_id]
 
 

@@ -30,7 +30,7 @@ def _tables(db_url: str) -> None:
 @pytest.fixture
 def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute("TRUNCATE jobq.tasks, jobq.workers, jobq.queues, public.test_runs, public.test_effects "
-                 "RESTART IDENTITY")
+                 "RESTART IDENTITY CASCADE")
 
 
 def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:

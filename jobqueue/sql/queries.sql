@@ -67,9 +67,13 @@ RETURNING id, status;
 -- name: claim
 -- Claims up to $3 tasks for one worker: per type at most the type's free local slots ($2), in
 -- priority order, skipping rows other workers hold, honouring paused queues.
+-- The claim commits without waiting for the WAL flush (synchronous_commit off for this transaction
+-- only): a claim lost in a server crash is the same as a worker that crashed right after claiming,
+-- which leases, rescue and the fencing token already handle; the completion stays fully durable.
 WITH wanted AS (
     SELECT w.type, w.n
-    FROM unnest($1::text[], $2::int[]) AS w(type, n)
+    FROM unnest($1::text[], $2::int[]) AS w(type, n),
+         (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
     WHERE w.n > 0
       AND NOT EXISTS (SELECT 1 FROM jobq.queues q WHERE q.type = w.type AND q.paused)
 ), candidates AS (

@@ -64,8 +64,11 @@ CREATE TABLE "{s}".tasks (
 
 -- The claim: only queued rows are in it, in claim order, so its size follows the backlog, not history.
 CREATE INDEX tasks_claim_idx ON "{s}".tasks (type, priority DESC, run_at, id) WHERE status = 'queued';
--- The rescuer's scan of expired leases.
-CREATE INDEX tasks_lease_idx ON "{s}".tasks (lease_expires_at) WHERE status = 'running';
+-- The rescuer's scan of expired leases (only running tasks hold one). Deliberately not predicated on
+-- status = 'running': with that predicate the planner, whose statistics often date from a moment with
+-- no running task, picks this index for the completion's `status = 'running'` filter and scans every
+-- running row per completed task.
+CREATE INDEX tasks_lease_idx ON "{s}".tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- Dedupe holds while a task is live; a finished task frees its key.
 CREATE UNIQUE INDEX tasks_dedupe_idx ON "{s}".tasks (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running');
