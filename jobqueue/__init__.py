@@ -3,6 +3,7 @@
 The public API is the names below; everything else is internal and may change.
 """
 
+from .aproducer import AsyncClient
 from .context import Context
 from .errors import (
     Cancelled,
@@ -16,7 +17,6 @@ from .errors import (
 )
 from .models import Task
 from .producer import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
-from .aproducer import AsyncClient
 from .registry import task
 from .settings import Settings, get_settings
 
@@ -31,12 +31,12 @@ __all__ = [
     "Fail",
     "InvalidPayload",
     "JobqError",
+    "Settings",
     "Snooze",
     "Task",
     "TaskNotFound",
     "TaskSpec",
     "UnknownTaskType",
-    "Settings",
     "__version__",
     "cancel",
     "enqueue",

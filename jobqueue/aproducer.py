@@ -19,8 +19,10 @@ from .producer import TaskSpec, _labels, _plan_dependencies, _row, _stamp
 from .settings import Settings, get_settings
 from .sql import Queries, queries
 
+AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
 
-async def asyncpg_connection(conn: Any) -> asyncpg.Connection | None:
+
+async def asyncpg_connection(conn: Any) -> AnyConnection | None:
     if isinstance(conn, asyncpg.Connection | asyncpg.pool.PoolConnectionProxy):
         return conn
     try:
@@ -87,7 +89,7 @@ class AsyncClient:
         lab = _labels(labels)
         deps = sorted(set(depends_on)) if depends_on else None
 
-        async def go(conn: asyncpg.Connection) -> int:
+        async def go(conn: AnyConnection) -> int:
             status, pending, line = "queued", 0, ""
             if deps:
                 parents = await conn.fetch(self.q.lock_parents, deps)
@@ -107,7 +109,7 @@ class AsyncClient:
             return []
         schema = self.settings.schema_name
 
-        async def go(conn: asyncpg.Connection) -> list[int]:
+        async def go(conn: AnyConnection) -> list[int]:
             if any(r[5] is not None for r in rows):
                 cols = [list(c) for c in zip(*rows, strict=True)]
                 return [int(r[1]) for r in await conn.fetch(self.q.enqueue_many, *cols, lab)]
@@ -126,7 +128,7 @@ class AsyncClient:
         return result
 
     async def get(self, task_id: int, *, connection: Any = None) -> Task:
-        async def go(conn: asyncpg.Connection) -> Task:
+        async def go(conn: AnyConnection) -> Task:
             row = await conn.fetchrow(self.q.get, task_id)
             if row is None:
                 raise TaskNotFound(f"no task with id {task_id}")
@@ -140,7 +142,7 @@ class AsyncClient:
         ids = [task_id] if isinstance(task_id, int) else list(task_id or [])
         n = self.settings.progress_log_chars
 
-        async def go(conn: asyncpg.Connection) -> dict[int, str]:
+        async def go(conn: AnyConnection) -> dict[int, str]:
             rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n)
             done = [r[0] for r in rows if r[1] == "cancelled" and r[2]]
             if done:
@@ -151,7 +153,7 @@ class AsyncClient:
         return result
 
     async def retry(self, task_id: int, *, connection: Any = None) -> None:
-        async def go(conn: asyncpg.Connection) -> None:
+        async def go(conn: AnyConnection) -> None:
             if not await conn.fetch(self.q.retry, task_id, _stamp("[RETRY] requeued by user"),
                                     self.settings.progress_log_chars):
                 row = await conn.fetchrow(self.q.get, task_id)

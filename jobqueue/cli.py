@@ -108,7 +108,8 @@ def _parse_payload(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidPayload(f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        raise InvalidPayload(
+            f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
 
 
 @app.command()

@@ -58,7 +58,7 @@ class Context:
         task: ClaimedTask,
         *,
         log: logging.Logger,
-        transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[asyncpg.Connection]] | None = None,
+        transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         on_progress: Callable[[Context], None] | None = None,
     ) -> None:
         self.task = task

@@ -167,7 +167,7 @@ def _pg(cmd: str, args: list[str], *, timeout: float = 120) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "PG"))}
     env.update(LANG="C", LC_ALL="C")
     try:
-        return subprocess.run(
+        result: subprocess.CompletedProcess[str] = subprocess.run(
             [str(bin_dir() / cmd), *args],
             check=True,
             capture_output=True,
@@ -178,6 +178,7 @@ def _pg(cmd: str, args: list[str], *, timeout: float = 120) -> subprocess.Comple
             cwd="/",
             **_run_as(),  # type: ignore[call-overload]
         )
+        return result
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or exc.stdout or "").strip().splitlines()
         raise EmbeddedServerError(f"{cmd} failed: {detail[-1] if detail else exc}") from None

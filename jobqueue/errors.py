@@ -46,18 +46,18 @@ class DocumentError(JobqError):
 # --- raised by handlers to steer the runtime ---
 
 
-class Cancelled(Exception):  # noqa: N818 - reads as a state at the raise site
+class Cancelled(Exception):
     """Raised inside a handler once its task's cancellation was requested.
 
     Deliberately not a JobqError: handlers that catch JobqError should not swallow it.
     """
 
 
-class Fail(Exception):  # noqa: N818
+class Fail(Exception):
     """Fail the task now, without spending the remaining retries (a non-retryable error)."""
 
 
-class Snooze(Exception):  # noqa: N818
+class Snooze(Exception):
     """Put the task back in the queue to run again after `seconds`, without counting a retry."""
 
     def __init__(self, seconds: float, reason: str = "") -> None:
@@ -65,5 +65,5 @@ class Snooze(Exception):  # noqa: N818
         self.seconds = seconds
 
 
-class LeaseLost(Exception):  # noqa: N818
+class LeaseLost(Exception):
     """The worker no longer owns the task (its lease expired and it was rescued elsewhere)."""

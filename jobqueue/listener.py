@@ -45,8 +45,8 @@ class Listener:
         self._lost = asyncio.Event()
         self._stopping = False
 
-    def _callback(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        self.on_notify(channel, payload)
+    def _callback(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
+        self.on_notify(channel, str(payload))
 
     def _terminated(self, _conn: Any) -> None:
         self.connected.clear()

@@ -13,10 +13,12 @@ from .settings import get_settings
 
 
 def alembic_config(url: str | None = None, schema: str | None = None) -> Config:
-    from . import migrations  # the repository's migrations/ folder, packaged as jobqueue.migrations
+    import importlib
 
+    # The repository's migrations/ folder, packaged as jobqueue.migrations.
+    migrations = importlib.import_module("jobqueue.migrations")
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(Path(str(migrations.__file__)).parent))
     cfg.attributes["url"] = normalize(url) if url else resolve_url()
     cfg.attributes["schema"] = schema or get_settings().schema_name
     return cfg
@@ -36,10 +38,9 @@ def current(url: str | None = None, schema: str | None = None) -> str | None:
 
     cfg = alembic_config(url, schema)
     with psycopg.connect(cfg.attributes["url"]) as conn:
-        row = conn.execute(
-            "SELECT CASE WHEN to_regclass(%s) IS NULL THEN NULL ELSE 1 END", (f'"{cfg.attributes["schema"]}".alembic_version',)
-        ).fetchone()
+        table = f'"{cfg.attributes["schema"]}".alembic_version'
+        row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
         if not row or row[0] is None:
             return None
-        ver = conn.execute(f'SELECT version_num FROM "{cfg.attributes["schema"]}".alembic_version').fetchone()
+        ver = conn.execute(f"SELECT version_num FROM {table}").fetchone()
         return str(ver[0]) if ver else None

@@ -8,6 +8,7 @@ Everything a user can get wrong is checked before the first write, so a bad call
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import threading
@@ -249,7 +250,7 @@ class Client:
             raise JobqError(f"unsupported connection type {type(connection).__name__} for the sync API")
         return conn, False
 
-    def _fetch(self, connection: Any, name: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _fetch(self, connection: Any, name: str, params: Sequence[Any]) -> builtins.list[tuple[Any, ...]]:
         conn, own = self._conn(connection)
         try:
             if own:
@@ -297,8 +298,8 @@ class Client:
                 return self._enqueue_in(conn, row, lab, deps)
         return self._enqueue_in(conn, row, lab, deps)
 
-    def _enqueue_in(self, conn: psycopg.Connection[Any], row: tuple[Any, ...], labels: list[str] | None,
-                    deps: list[int] | None) -> int:
+    def _enqueue_in(self, conn: psycopg.Connection[Any], row: tuple[Any, ...], labels: builtins.list[str] | None,
+                    deps: builtins.list[int] | None) -> int:
         status, pending, line = "queued", 0, ""
         if deps:
             parents = self._fetch(conn, "lock_parents", (deps,))
@@ -316,7 +317,7 @@ class Client:
         *,
         labels: Sequence[str] | None = None,
         connection: Any = None,
-    ) -> list[int]:
+    ) -> builtins.list[int]:
         """Enqueue many tasks of one type in one round trip and return their ids in order.
 
         Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY.
@@ -332,8 +333,8 @@ class Client:
                 return self._many_in(conn, rows, lab)
         return self._many_in(conn, rows, lab)
 
-    def _many_in(self, conn: psycopg.Connection[Any], rows: list[tuple[Any, ...]],
-                 labels: list[str] | None) -> list[int]:
+    def _many_in(self, conn: psycopg.Connection[Any], rows: builtins.list[tuple[Any, ...]],
+                 labels: builtins.list[str] | None) -> builtins.list[int]:
         if any(r[5] is not None for r in rows):
             cols = list(zip(*rows, strict=True))
             out = self._fetch(conn, "enqueue_many", (*[list(c) for c in cols], labels))
@@ -376,7 +377,7 @@ class Client:
         label: str | None = None,
         limit: int = 50,
         connection: Any = None,
-    ) -> list[Task]:
+    ) -> builtins.list[Task]:
         """Newest first, filtered; every filter is optional."""
         where, params = _filters(status, type, owner, doc_id, label)
         conn, _ = self._conn(connection)
@@ -398,7 +399,7 @@ class Client:
                 return self._cancel_in(conn, ids, doc_id, reason)
         return self._cancel_in(conn, ids, doc_id, reason)
 
-    def _cancel_in(self, conn: psycopg.Connection[Any], ids: list[int], doc_id: int | None,
+    def _cancel_in(self, conn: psycopg.Connection[Any], ids: builtins.list[int], doc_id: int | None,
                    reason: str) -> dict[int, str]:
         line = _stamp(f"[Canceled] {reason}")
         rows = self._fetch(conn, "cancel", (ids, doc_id, line, self.settings.progress_log_chars))

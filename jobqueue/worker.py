@@ -147,6 +147,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: asyncpg.Pool | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._handles: set[asyncio.Task[Any]] = set()
         self._signals = 0
         from .listener import Listener
 
@@ -397,7 +398,10 @@ class Worker:
         metrics.started(task.type, task.run_at)
         if row["cancel_requested"]:
             ctx.request_cancel("user")
-        asyncio.create_task(self._execute(running), name=f"jobq-task-{task.id}")
+        # The running map holds the task's record; the set keeps the asyncio task itself alive.
+        handle = asyncio.create_task(self._execute(running), name=f"jobq-task-{task.id}")
+        self._handles.add(handle)
+        handle.add_done_callback(self._handles.discard)
 
     def _progress_dirty(self, ctx: Context) -> None:
         loop = self._loop
@@ -530,7 +534,7 @@ class Worker:
     # ------------------------------------------------------------------ writes
 
     @contextlib.asynccontextmanager
-    async def _complete_tx(self, ctx: Context) -> AsyncIterator[asyncpg.Connection]:
+    async def _complete_tx(self, ctx: Context) -> AsyncIterator[Any]:
         assert self._pool is not None
         async with self._pool.acquire() as conn, conn.transaction():
             yield conn
