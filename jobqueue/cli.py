@@ -240,6 +240,9 @@ def worker(
     grace: Annotated[float | None, typer.Option(help="Seconds running tasks get after SIGTERM.")] = None,
     poll: Annotated[float | None, typer.Option(help="Fallback poll interval in seconds.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
+    isolation: Annotated[str, typer.Option(
+        help="thread: sync handlers in threads (unless @task says process); process: every sync handler "
+             "in a child process that a cancel or timeout kills (one task per child).")] = "thread",
     imports: Annotated[list[str] | None, typer.Option(
         "--import", "-i", help="Module that registers task types (repeatable; also JOBQ_IMPORTS).")] = None,
 ) -> None:
@@ -252,6 +255,8 @@ def worker(
         fail("--types needs at least one task type")
     for t in wanted:
         registry.get_type(t)
+    if isolation not in ("thread", "process"):
+        fail("--isolation must be thread or process")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency must be at least 1")
     ensure_schema()
@@ -260,7 +265,7 @@ def worker(
 
         serve(metrics_port)
     raise typer.Exit(run_worker(wanted, concurrency=concurrency, burst=burst, name=name, grace_seconds=grace,
-                                poll_seconds=poll))
+                                poll_seconds=poll, isolation=isolation))
 
 
 # ---------------------------------------------------------------- embedded server

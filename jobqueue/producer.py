@@ -251,12 +251,10 @@ class Client:
         return conn, False
 
     def _fetch(self, connection: Any, name: str, params: Sequence[Any]) -> builtins.list[tuple[Any, ...]]:
-        conn, own = self._conn(connection)
+        conn, _ = self._conn(connection)
         try:
-            if own:
-                with conn.transaction(), psycopg.RawCursor(conn) as cur:
-                    cur.execute(self.q[name], params)
-                    return cur.fetchall() if cur.description else []
+            # Our own connection is in autocommit: one statement is its own transaction (no BEGIN/COMMIT
+            # round trips); callers that need several statements wrap them in conn.transaction().
             with psycopg.RawCursor(conn) as cur:
                 cur.execute(self.q[name], params)
                 return cur.fetchall() if cur.description else []
@@ -293,7 +291,7 @@ class Client:
         lab = _labels(labels)
         deps = sorted(set(depends_on)) if depends_on else None
         conn, own = self._conn(connection)
-        if own:
+        if own and deps:
             with conn.transaction():
                 return self._enqueue_in(conn, row, lab, deps)
         return self._enqueue_in(conn, row, lab, deps)

@@ -20,6 +20,7 @@ the rescuer can no longer complete, fail or report progress on it, and its handl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -113,6 +114,7 @@ class Worker:
         heartbeat_seconds: float | None = None,
         grace_seconds: float | None = None,
         maintenance: bool = True,
+        isolation: str | None = None,
     ) -> None:
         self.settings = s = settings or get_settings()
         self.types = list(dict.fromkeys(types))
@@ -126,6 +128,10 @@ class Worker:
         self.heartbeat_every = heartbeat_seconds if heartbeat_seconds is not None else s.heartbeat_seconds
         self.grace = grace_seconds if grace_seconds is not None else s.grace_seconds
         self.maintenance = maintenance
+        # "process" runs every sync handler in a killable child process, whatever its @task says.
+        self.isolation = isolation
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="jobq-handler")
         self.host = socket.gethostname()
         self.id = name or f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.limits = {t: min(self.specs[t].concurrency or self.concurrency, self.concurrency) for t in self.types}
@@ -231,6 +237,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.listener.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
         if self._pool is not None:
             with contextlib.suppress(*DB_ERRORS, asyncpg.PostgresError):
                 async with self._pool.acquire() as conn:
@@ -475,12 +482,12 @@ class Worker:
             fut: asyncio.Future[Any] | None = None
         elif spec.is_async:
             fut = asyncio.ensure_future(spec.handler(ctx, payload))
-        elif spec.isolation == "process":
+        elif spec.isolation == "process" or self.isolation == "process":
             from .isolation import run_in_process
 
             fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
         else:
-            fut = asyncio.ensure_future(loop.run_in_executor(None, spec.handler, ctx, payload))
+            fut = asyncio.ensure_future(loop.run_in_executor(self._executor, spec.handler, ctx, payload))
         try:
             if fut is None:
                 value = await spec.handler(ctx, payload)

@@ -7,7 +7,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from conftest import jobq_cli
 
 

@@ -8,8 +8,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
-
 from conftest import REPO, create_database, drop_database, jobq_cli
+
 from jobqueue.migrate import current, migrate
 
 

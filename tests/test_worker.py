@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import handlers
 import psycopg
 import pytest
-
-import handlers
 from conftest import REPO, BackgroundWorker, wait_for
+
 from jobqueue import Client, metrics
 
 TESTS = str(REPO / "tests")
