@@ -79,6 +79,8 @@ class AsyncClient:
             pool = await self._get_pool()
             async with pool.acquire() as conn, conn.transaction():
                 return await fn(conn)
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise InvalidPayload(f"rejected by the database: {exc.detail or str(exc).splitlines()[0]}") from None
         except (asyncpg.DataError, asyncpg.CheckViolationError, asyncpg.ProgramLimitExceededError) as exc:
             raise InvalidPayload(f"rejected by the database: {str(exc).splitlines()[0]}") from None
 

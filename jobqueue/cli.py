@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import registry
@@ -37,8 +38,13 @@ out = Console()
 err = Console(stderr=True)
 
 
+def error_line(message: str) -> None:
+    """The one line every user error ends in; the message is text, never rich markup."""
+    err.print(f"[bold red]error:[/] {escape(redact_text(message))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    error_line(message)
     raise typer.Exit(code)
 
 
@@ -259,7 +265,7 @@ def worker(
         fail("--isolation must be thread or process")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency must be at least 1")
-    ensure_schema()
+    ensure_schema()  # an unreachable database at start is one error line, not a retry loop
     if metrics_port is not None:
         from .metrics import serve
 
@@ -334,16 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True, prog_name="jobq")
     except JobqError as exc:
-        err.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False, soft_wrap=True)
+        error_line(str(exc))
         sys.exit(1)
     except psycopg.Error as exc:
-        err.print(f"[bold red]error:[/] database: {redact_text(str(exc).strip().splitlines()[0])}",
-                  highlight=False, soft_wrap=True)
+        error_line(f"database: {str(exc).strip().splitlines()[0]}")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:
-        err.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False, soft_wrap=True)
+        error_line(str(exc))
         sys.exit(1)
 
 

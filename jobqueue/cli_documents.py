@@ -37,7 +37,7 @@ def docs(
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import _age, ensure_schema, fail, out
+    from .cli import ensure_schema, fail, out
     from .database import connect
     from .settings import get_settings
     from .watch import COLORS
@@ -48,20 +48,20 @@ def docs(
     s = get_settings().schema_name
     with connect() as conn:
         rows = conn.execute(
-            f"""SELECT doc_id, name, parser, pages, status, progress, tasks, done, chunks, tokens, summaries,
-                       batch_id, created_at, duration
+            f"""SELECT doc_id, name, pages, status, progress, tasks, done, chunks, summaries, batch_id,
+                       duration
                 FROM {s}.document_progress
                 WHERE (%(b)s::bigint IS NULL OR batch_id = %(b)s) AND (%(o)s::text IS NULL OR owner = %(o)s)
                   AND (%(st)s::text IS NULL OR status = %(st)s)
                 ORDER BY doc_id DESC LIMIT %(n)s""",
             {"b": batch, "o": owner, "st": status, "n": limit}).fetchall()
     table = Table(title=f"{len(rows)} document(s)")
-    for col in ("id", "name", "parser", "pages", "status", "progress", "tasks", "chunks", "tokens", "summaries",
-                "batch", "age", "took"):
-        table.add_column(col, overflow="ellipsis", no_wrap=col != "name")
-    for (doc_id, name, parser, pages, st, progress, tasks, done, chunks, tokens, summaries, batch_id, created,
-         took) in rows:
-        table.add_row(str(doc_id), Text(name), parser, str(pages), Text(st, style=COLORS.get(st, "white")),
-                      f"{max(progress, 0):.0%}", f"{done}/{tasks}", str(chunks), str(tokens), str(summaries),
-                      str(batch_id or ""), _age(created), f"{took:.1f}s" if took is not None else "")
+    for col in ("id", "name", "pages", "status", "progress", "tasks", "chunks", "summaries", "batch", "took"):
+        table.add_column(col, overflow="fold" if col == "name" else "ellipsis", no_wrap=col != "name",
+                         min_width=16 if col == "name" else None,
+                         justify="left" if col in ("name", "status") else "right")
+    for doc_id, name, pages, st, progress, tasks, done, chunks, summaries, batch_id, took in rows:
+        table.add_row(str(doc_id), Text(name), str(pages), Text(st, style=COLORS.get(st, "white")),
+                      f"{max(progress, 0):.0%}", f"{done}/{tasks}", str(chunks), str(summaries),
+                      str(batch_id or ""), f"{took:.1f}s" if took is not None else "")
     out.print(table)

@@ -26,11 +26,10 @@ from rich.text import Text
 from . import registry, splitter
 from .database import connect, resolve_url
 from .errors import DocumentError, JobqError
-from .producer import Client, TaskSpec
+from .producer import LIVE, Client, TaskSpec
 from .settings import Settings, get_settings
 
 DATAFLOW = "dataflow"
-LIVE = ("waiting", "queued", "running")
 
 
 @dataclass(frozen=True)
@@ -336,8 +335,12 @@ def enqueue_files_cli(
     errors: Console,
 ) -> int:
     """`jobq enqueue FILE...`: one line per file; exit 1 if any file was refused or (with --wait) failed."""
+    import logging
+
     from .cli import ensure_schema
 
+    # pypdf logs its repairs of damaged files as warnings; the refusal line already says what is wrong.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     ensure_schema()
     result = enqueue_files(files, parser=parser, page_size=page_size, pages=pages, priority=priority, then=then,
                            owner=owner, by_reference=by_reference, force=force)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .sql import Queries, queries
 
 INT32 = 2**31 - 1
 MAX_DEPTH = 64
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 LIVE = ("waiting", "queued", "running")
 
 
@@ -68,6 +70,11 @@ def _depth(value: Any, limit: int = MAX_DEPTH) -> None:
         if isinstance(v, dict | list):
             if d > limit:
                 raise InvalidPayload(f"payload is nested deeper than {limit} levels")
+            if isinstance(v, dict) and not all(isinstance(k, str) for k in v):
+                # json.dumps would turn 1, 1.5, True, None into "1", "1.5", "true", "null": get() would
+                # return a different object than the one enqueued.
+                bad = next(k for k in v if not isinstance(k, str))
+                raise InvalidPayload(f"payload object keys must be strings, got {type(bad).__name__} {bad!r}")
             stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
 
 
@@ -91,7 +98,7 @@ def encode_payload(task_type: str, payload: Any, settings: Settings) -> str:
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(f"payload is not JSON-serialisable: {exc}") from None
-    if "\\u0000" in text:
+    if _JSON_NUL.search(text):  # an escaped NUL, not a literal backslash followed by "u0000"
         raise InvalidPayload("payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")
     try:
         size = len(text.encode("utf-8"))
@@ -115,6 +122,11 @@ def _run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetim
             raise InvalidPayload(f"delay of {seconds:g}s is out of range") from None
     if run_at is not None and run_at.tzinfo is None:
         return run_at.replace(tzinfo=UTC)  # naive times are taken as UTC
+    if run_at is not None:
+        try:  # 0001-01-01 00:00+05 is year 0 in UTC: PostgreSQL stores it, but no client can read it back
+            return run_at.astimezone(UTC)
+        except OverflowError:
+            raise InvalidPayload(f"run_at {run_at.isoformat()} is outside years 1-9999 in UTC") from None
     return run_at
 
 
@@ -259,8 +271,8 @@ class Client:
                 cur.execute(self.q[name], params)
                 return cur.fetchall() if cur.description else []
         except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded,
-                psycopg.errors.CheckViolation) as exc:
-            raise InvalidPayload(f"rejected by the database: {str(exc).splitlines()[0]}") from None
+                psycopg.errors.CheckViolation, psycopg.errors.ForeignKeyViolation) as exc:
+            raise _rejected(exc) from None
 
     # -- enqueue
 
@@ -350,8 +362,9 @@ class Client:
             with conn.cursor() as cur, cur.copy(copy_sql) as copy:
                 for i, r in zip(ids, rows, strict=True):
                     copy.write_row((i, r[0], r[1], r[2], r[3] or now, *r[4:], labels or []))
-        except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
-            raise InvalidPayload(f"rejected by the database: {str(exc).splitlines()[0]}") from None
+        except (psycopg.errors.DataError, psycopg.errors.CheckViolation,
+                psycopg.errors.ForeignKeyViolation) as exc:
+            raise _rejected(exc) from None
         return [int(i) for i in ids]
 
     # -- read
@@ -426,6 +439,15 @@ class Client:
         if not rows:
             status = self._state_of(conn, task_id)
             raise InvalidTransition(f"task {task_id} is {status}; only failed or cancelled tasks can be retried")
+
+
+def _rejected(exc: psycopg.Error) -> InvalidPayload:
+    """One line saying what the database refused; a foreign key names the missing row (e.g. a doc_id
+    with no document), other details are left out because they may echo a whole payload."""
+    msg = f"rejected by the database: {str(exc).splitlines()[0]}"
+    if isinstance(exc, psycopg.errors.ForeignKeyViolation) and exc.diag.message_detail:
+        msg += f" ({exc.diag.message_detail})"
+    return InvalidPayload(msg)
 
 
 def _filters(status: str | Sequence[str] | None, type: str | Sequence[str] | None, owner: str | None,

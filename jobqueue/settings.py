@@ -36,6 +36,9 @@ class Settings(BaseSettings):
 
     # Where the queue lives. None means: the embedded server under `home`.
     database_url: str | None = None
+    # A direct URL for the worker's LISTEN connection when database_url goes through a pooler
+    # (PgBouncer in transaction mode cannot LISTEN). None: LISTEN uses database_url.
+    listen_url: str | None = None
     home: Path = Field(default_factory=default_home)
     # jobq's own PostgreSQL schema, so its tables never collide with an application's.
     schema_name: str = Field(default="jobq", alias="JOBQ_SCHEMA")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -127,27 +127,38 @@ def _status(r: Row) -> Text:
     return Text(label, style=COLORS.get(r.status, "white"))
 
 
-def render(rows: Sequence[Row]) -> Table:
-    table = Table(expand=False, show_edge=False, pad_edge=False)
-    for col in ("target", "name", "progress", "", "status", "chunks", "latest"):
-        table.add_column(col, overflow="fold" if col == "latest" else "ellipsis", no_wrap=col != "latest")
+def render(rows: Sequence[Row]) -> Group:
+    """Two lines per target: the bar and state, then the newest progress message (cut to one line).
+
+    Fixed column widths keep the bars aligned although every target is its own grid."""
+    parts: list[Table | Text] = []
     for r in rows:
         frac = max(r.progress, 0.0)
-        table.add_row(r.key, Text(r.name), ProgressBar(total=1.0, completed=frac, width=24),
-                      f"{frac:4.0%}", _status(r), f"{r.chunks}" + (f"+{r.summaries}" if r.summaries else ""),
-                      Text(r.message[:160]))
-    return table
+        line = Table.grid(padding=(0, 1))
+        for width in (8, 18, 16, 4):
+            line.add_column(width=width, no_wrap=True)
+        line.add_column(min_width=9, no_wrap=True)
+        line.add_column(no_wrap=True, overflow="ellipsis")
+        chunks = f"{r.chunks} chunks" + (f" +{r.summaries} sum." if r.summaries else "")
+        line.add_row(r.key, Text(r.name, overflow="ellipsis"), ProgressBar(total=1.0, completed=frac, width=16),
+                     f"{frac:4.0%}", _status(r), chunks)
+        parts.append(line)
+        if r.message:
+            parts.append(Text("          " + r.message, overflow="ellipsis", no_wrap=True, style="dim"))
+    return Group(*parts)
 
 
 def _wait(conn: psycopg.Connection[Any], source: _Source, timeout: float) -> None:
-    """Return after a relevant NOTIFY (plus a short pause to coalesce a burst) or after `timeout`."""
+    """Return after a relevant NOTIFY (plus a short pause to coalesce a burst) or after `timeout`.
+
+    Each notifies() generator is run to its end before the next starts: a suspended one holds the
+    connection's lock."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
-        for n in conn.notifies(timeout=left, stop_after=1):
-            if source.relevant(n.payload):
-                for _ in conn.notifies(timeout=0.1):
-                    pass
-                return
+        batch = list(conn.notifies(timeout=left, stop_after=1))
+        if any(source.relevant(n.payload) for n in batch):
+            list(conn.notifies(timeout=0.1))
+            return
 
 
 def _summary(rows: Sequence[Row]) -> Text:
@@ -176,6 +187,8 @@ def watch(targets: Sequence[Target], *, console: Console, url: str | None = None
         except KeyboardInterrupt:
             console.print("stopped watching; the tasks go on")
             return 130
+    if not console.is_terminal:
+        console.line()
     failures = [r for r in rows if r.status != "done"]
     for r in failures:
         reason = (r.error or r.message or "").strip().splitlines()

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from . import __version__, metrics, registry
 from .context import ClaimedTask, Context
-from .database import redact_text, resolve_url
+from .database import normalize, redact_text, resolve_url
 from .errors import Cancelled, Fail, LeaseLost, Snooze
 from .maintenance import pruner, rescuer
 from .schema import cancel_channel, type_channel
@@ -50,7 +50,10 @@ from .sql import queries
 log = logging.getLogger("jobq.worker")
 
 DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-             asyncpg.AdminShutdownError, TimeoutError, asyncpg.ConnectionDoesNotExistError)
+             asyncpg.AdminShutdownError, TimeoutError, asyncpg.ConnectionDoesNotExistError,
+             # a connection left mid-operation by a server restart ("cannot switch to state 12; another
+             # operation is in progress"): the pool drops it on release; retry on another one
+             asyncpg.InternalClientError)
 
 
 @dataclass
@@ -89,6 +92,13 @@ def _json_result(value: Any) -> str | None:
     if hasattr(value, "model_dump"):
         value = value.model_dump(mode="json")
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _take_pending(ctx: Context) -> tuple[float | None, str]:
+    """The task's pending progress and message lines, with any password in a postgres URL removed:
+    a handler's messages end up in progress_msg, which every dashboard shows."""
+    value, lines = ctx.take_pending()
+    return value, redact_text(lines) if lines else lines
 
 
 def _short_traceback(exc: BaseException, frames: int = 6) -> str:
@@ -158,7 +168,8 @@ class Worker:
         from .listener import Listener
 
         channels = [type_channel(s.schema_name, t) for t in self.types] + [cancel_channel(s.schema_name)]
-        self.listener = Listener(self.url, channels, self._on_notify, self._on_listen_connect,
+        listen_url = normalize(s.listen_url) if s.listen_url else self.url
+        self.listener = Listener(listen_url, channels, self._on_notify, self._on_listen_connect,
                                  ping_seconds=max(self.poll, 1.0))
 
     # ------------------------------------------------------------------ lifecycle
@@ -451,7 +462,7 @@ class Worker:
             except (TypeError, ValueError) as exc:
                 await self._db(self._fail, ctx, Fail(f"result is not JSON-serialisable: {exc}"), True)
                 return
-            _, lines = ctx.take_pending()
+            _, lines = _take_pending(ctx)
             self._done.append(_Done(ctx.id, ctx.attempt, result, "\n".join(filter(None, [lines, ctx.line(
                 f"Done in {duration:.2f}s.")])), ctx.task.type))
             self._done_event.set()
@@ -547,7 +558,7 @@ class Worker:
             yield conn
             if ctx.is_cancelled and ctx.cancel_reason in ("user", "lost", "shutdown"):
                 raise asyncio.CancelledError()
-            _, lines = ctx.take_pending()
+            _, lines = _take_pending(ctx)
             rows = await conn.fetch(
                 self.q.complete_many, [ctx.id], [ctx.attempt], [_json_result(ctx.result)],
                 ["\n".join(filter(None, [lines, ctx.line("Done.")]))], self.log_chars, self.id)
@@ -588,7 +599,7 @@ class Worker:
         base = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
         cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
         summary = f"{type(exc).__name__}: {exc}"
-        _, lines = ctx.take_pending()
+        _, lines = _take_pending(ctx)
         line = "\n".join(filter(None, [lines, ctx.line(f"[ERROR] {redact_text(summary)[:500]}")]))
         error = redact_text(summary if isinstance(exc, Fail) else _short_traceback(exc))
         async with conn.transaction():
@@ -606,7 +617,7 @@ class Worker:
                 self._schedule_wake(max(0.0, row["run_at"].timestamp() - time.time()))
 
     async def _mark_cancelled(self, conn: asyncpg.Connection, ctx: Context) -> None:
-        _, lines = ctx.take_pending()
+        _, lines = _take_pending(ctx)
         line = "\n".join(filter(None, [lines, ctx.line("[Canceled] Task has been canceled.")]))
         async with conn.transaction():
             row = await conn.fetchrow(self.q.mark_cancelled, ctx.id, ctx.attempt, line, self.log_chars)
@@ -617,7 +628,7 @@ class Worker:
                                      ctx.line(f"[Canceled] parent task {ctx.id} was cancelled"), self.log_chars)
 
     async def _snooze(self, conn: asyncpg.Connection, ctx: Context, exc: Snooze) -> None:
-        _, lines = ctx.take_pending()
+        _, lines = _take_pending(ctx)
         line = "\n".join(filter(None, [lines, ctx.line(f"[SNOOZE] {exc}")]))
         await conn.fetch(self.q.snooze, ctx.id, ctx.attempt, float(exc.seconds), line, self.log_chars)
         self._schedule_wake(max(0.0, exc.seconds))
@@ -634,7 +645,7 @@ class Worker:
 
     async def _flush_progress(self) -> None:
         ids, self._dirty = self._dirty, set()
-        batch = [(r.ctx, *r.ctx.take_pending()) for i in ids if (r := self._running.get(i)) is not None]
+        batch = [(r.ctx, *_take_pending(r.ctx)) for i in ids if (r := self._running.get(i)) is not None]
         if not batch:
             return
 
@@ -697,7 +708,22 @@ class Worker:
             log.warning("maintenance skipped: %s", redact_text(str(exc)))
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (it is a dependency on Linux and macOS): the worker's hot loop spends
+    much of its time in the event loop itself, and uvloop roughly halves that cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def run_worker(types: Sequence[str], **kwargs: Any) -> int:
     """Run a worker in this process until it stops; returns the process exit code."""
-    worker = Worker(types, **kwargs)
-    return asyncio.run(worker.run())
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        worker = Worker(types, **kwargs)
+        return loop.run_until_complete(worker.run())
+    finally:
+        loop.close()

@@ -262,15 +262,15 @@ def test_cancel_queued_task_never_runs(client: Client, conn: psycopg.Connection[
 
 
 def test_cancel_whole_document(client: Client, conn: psycopg.Connection[Any], reset: None) -> None:
-    running = client.enqueue("t_sleep", {"s": 20}, doc_id=None)
-    conn.execute("UPDATE jobq.tasks SET doc_id = 77 WHERE id = %s", (running,))
-    queued = [client.enqueue("t_sleep", {"s": 20}) for _ in range(3)]
-    conn.execute("UPDATE jobq.tasks SET doc_id = 77 WHERE id = ANY(%s)", (queued,))
+    doc = one(conn, "INSERT INTO jobq.documents (name, size, format, kind, parser, pages, content_digest, uri) "
+                    "VALUES ('a.pdf', 1, 'pdf', 'pdf', 'general', 4, 'x', '/nowhere/a.pdf') RETURNING id")
+    ids = [client.enqueue("t_sleep", {"s": 20}, doc_id=doc) for _ in range(4)]
     with BackgroundWorker(["t_sleep"], concurrency=1):
-        wait_for(lambda: status(conn, running) == "running" or any(status(conn, q) == "running" for q in queued))
-        client.cancel(doc_id=77)
-        wait_for(lambda: one(conn, "SELECT count(*) FROM jobq.tasks WHERE doc_id = 77 AND status = 'cancelled'") == 4,
-                 timeout=5)
+        wait_for(lambda: any(status(conn, i) == "running" for i in ids))
+        result = client.cancel(doc_id=doc)
+        assert sorted(result.values()) == ["cancelled", "cancelled", "cancelled", "running"]
+        wait_for(lambda: one(conn, "SELECT count(*) FROM jobq.tasks WHERE doc_id = %s AND status = 'cancelled'",
+                             doc) == 4, timeout=5)
 
 
 def test_process_isolation_survives_segfault(client: Client, reset: None) -> None:

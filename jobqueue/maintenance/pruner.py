@@ -104,6 +104,7 @@ async def prune(
     max_batches: int | None = None,
     budget_seconds: float | None = None,
     workers_older_than: float | None = None,
+    exclusive: bool = False,
 ) -> PruneResult:
     """Delete (or, with dry_run, count) what the plans select, one short transaction per batch.
 
@@ -131,6 +132,11 @@ async def prune(
                 more = True
                 break
             async with conn.transaction():
+                # One pruner per cluster: a transaction-scoped lock per batch (a session lock would
+                # leak behind PgBouncer in transaction mode, where its unlock may land elsewhere).
+                if exclusive and not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNER_LOCK_KEY):
+                    more = False
+                    break
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 n = _affected(
                     await conn.execute(
@@ -156,18 +162,14 @@ async def maybe_prune(conn: Any, settings: Settings, *, force: bool = False, bat
     if not force and not _state.backlog and now - _state.last_run < PRUNE_EVERY_SECONDS:
         return 0
     _state.last_run = now
-    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRUNER_LOCK_KEY):
-        return 0
-    try:
-        result = await prune(
-            conn,
-            settings.schema_name,
-            default_plans(settings),
-            batch=batch,
-            budget_seconds=max(0.2, min(2.0, settings.heartbeat_seconds * 0.4)),
-            workers_older_than=settings.keep_done_days * 86400,
-        )
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", PRUNER_LOCK_KEY)
+    result = await prune(
+        conn,
+        settings.schema_name,
+        default_plans(settings),
+        batch=batch,
+        budget_seconds=max(0.2, min(2.0, settings.heartbeat_seconds * 0.4)),
+        workers_older_than=settings.keep_done_days * 86400,
+        exclusive=True,
+    )
     _state.backlog = result.more
     return result.rows

@@ -123,7 +123,9 @@ WITH d AS (
         process_duration = extract(epoch FROM now() - t.started_at), lease_expires_at = NULL,
         progress_msg = jobq.append_log(t.progress_msg, d.line, $5)
     FROM d
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running'
+    -- The worker id joins the fencing check: a claim lost in a server crash (claims commit
+    -- asynchronously) could hand the same attempt number out twice, never to the same worker id.
+    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
     RETURNING t.id, t.has_dependents
 ), counted AS (
     UPDATE jobq.workers SET done = done + (SELECT count(*) FROM done), last_seen = now()

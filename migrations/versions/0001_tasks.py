@@ -26,7 +26,8 @@ CREATE TABLE "{s}".tasks (
     status              text NOT NULL DEFAULT 'queued'
                         CHECK (status IN ('waiting', 'queued', 'running', 'done', 'failed', 'cancelled')),
     -- The payload ceiling holds whatever client writes the row (Python checks a tighter limit first).
-    payload             jsonb NOT NULL DEFAULT '{{}}' CHECK (pg_column_size(payload) <= 2097152),
+    -- Measured as JSON text: pg_column_size would see an already-compressed value as small.
+    payload             jsonb NOT NULL DEFAULT '{{}}' CHECK (octet_length(payload::text) <= 2097152),
     run_at              timestamptz NOT NULL DEFAULT now(),
     doc_id              bigint,
     batch_id            bigint,

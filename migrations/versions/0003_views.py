@@ -5,6 +5,8 @@ through the partial indexes of 0001 (claim index for queued rows, lease index fo
 finished rows through tasks_finished_idx restricted to a recent window. Each live status is read by
 its own UNION ALL branch with an equality on status, because only an equality lets the planner
 prove a partial index's predicate; one ``status IN (...)`` would fall back to a scan of the table.
+Running rows are read with ``lease_expires_at IS NOT NULL`` too, which is tasks_lease_idx's predicate:
+every running task holds a lease (the claim sets it, every way out of running clears it).
 
 Revision ID: 0003
 Revises: 0002
@@ -62,7 +64,8 @@ WITH live AS (
     SELECT t.type, t.priority, 'queued'::text AS status, t.run_at
     FROM "{s}".tasks t WHERE t.status = 'queued'
     UNION ALL
-    SELECT t.type, t.priority, 'running', NULL FROM "{s}".tasks t WHERE t.status = 'running'
+    SELECT t.type, t.priority, 'running', NULL FROM "{s}".tasks t
+    WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL
     UNION ALL
     SELECT t.type, t.priority, 'waiting', NULL FROM "{s}".tasks t WHERE t.status = 'waiting'
     UNION ALL
@@ -103,7 +106,8 @@ WITH bounds AS (
     UNION ALL
     SELECT t.type, date_trunc('minute', t.started_at), 'retried'
     FROM "{s}".tasks t
-    WHERE t.status = 'running' AND t.retry_count > 0 AND t.last_error IS NOT NULL
+    WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL
+      AND t.retry_count > 0 AND t.last_error IS NOT NULL
 ), recent AS (
     SELECT e.* FROM events e, bounds b WHERE e.minute >= b.since
 ), minutes AS (
@@ -145,7 +149,7 @@ LEFT JOIN (
     SELECT t.worker_id, count(*) AS running,
            count(*) FILTER (WHERE t.lease_expires_at < now()) AS lease_expired
     FROM "{s}".tasks t
-    WHERE t.status = 'running'
+    WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL
     GROUP BY t.worker_id
 ) r ON r.worker_id = w.id;
 
@@ -162,7 +166,7 @@ WITH recent AS (
     UNION ALL
     SELECT t.id, t.type, t.status, t.last_error, t.started_at
     FROM "{s}".tasks t
-    WHERE t.status = 'running' AND t.last_error IS NOT NULL
+    WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL AND t.last_error IS NOT NULL
 ), keyed AS (
     SELECT r.*, {_ERROR_KEY} AS error
     FROM recent r

@@ -1,0 +1,62 @@
+"""``python -m bench run``: side-by-side benchmarks of jobq's peers on one PostgreSQL server.
+
+Usage::
+
+    python -m bench run [--profile short|full] [--peers procrastinate,pgqueuer,celery,pgbench,jobq]
+                        [--dsn postgresql://postgres@127.0.0.1:5432/test] [--out bench/results]
+
+Peer-driver protocol (full text in ``bench/README.md``)
+-------------------------------------------------------
+A peer ``X`` is ``bench/peers/X_driver.py`` plus optional ``bench/peers/X_requirements.txt``
+(installed with pip, from the repo root, into ``bench/.venvs/X``). The orchestrator runs::
+
+    bench/.venvs/X/bin/python bench/peers/X_driver.py SCENARIO N PROCESSES TUNED DSN
+
+with cwd ``bench/peers``, where SCENARIO is one of enqueue_single, enqueue_batch,
+drain, latency, cancel; N the job count; PROCESSES the worker process count; TUNED
+``0`` (peer defaults) or ``1`` (best documented settings); DSN a postgresql:// URL of a
+fresh, empty database that the driver may fill as it likes. The driver prints exactly one
+JSON line to stdout and exits 0::
+
+    {"ok": true, "scenario": "drain", "version": "1.2.3",
+     "metric": {"jobs_per_s": 1234.5, "n": 20000, "elapsed_s": 16.2},
+     "settings": {...what was used...}}
+
+``metric`` holds ``jobs_per_s`` for enqueue_*/drain and ``p50_ms``/``p95_ms``/``p99_ms``
+for latency/cancel. A scenario the peer cannot do: ``{"ok": false, "unsupported": true,
+"note": "..."}``. Anything else (non-zero exit, no JSON line) is recorded as an error.
+A peer whose driver file does not exist is skipped with a note in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .orchestrator import PROFILES, Runner
+
+DEFAULT_PEERS = "procrastinate,pgqueuer,celery,pgbench,jobq"
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the benchmarks and write results.json / results.md")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="short")
+    run.add_argument("--peers", default=DEFAULT_PEERS, help=f"comma-separated (default: {DEFAULT_PEERS})")
+    run.add_argument(
+        "--dsn",
+        default=DEFAULT_DSN,
+        help="admin URL on the target server; each peer gets its own bench_<peer> database there",
+    )
+    run.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    Runner(args.profile, peers, args.dsn, args.out, argv).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

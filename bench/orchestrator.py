@@ -1,0 +1,187 @@
+"""Run every (peer, scenario) case, take medians, and write ``results.json`` / ``results.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import pgbench_peer
+from .environment import REPO_ROOT, Server, driver_path, ensure_venv, machine
+from .report import render_markdown
+
+PROFILES: dict[str, dict[str, int]] = {
+    "short": {"n": 2_000, "runs": 1},
+    "full": {"n": 20_000, "runs": 3},
+}
+DRIVER_TIMEOUT_S = 900
+LATENCY_KEYS = ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cell of the results table: a scenario at a process count and tuning."""
+
+    key: str
+    scenario: str
+    processes: int
+    tuned: bool
+
+
+CASES: tuple[Case, ...] = (
+    Case("enqueue_single", "enqueue_single", 1, False),
+    Case("enqueue_batch", "enqueue_batch", 1, False),
+    Case("drain_1p_default", "drain", 1, False),
+    Case("drain_1p_tuned", "drain", 1, True),
+    Case("drain_2p_default", "drain", 2, False),
+    Case("drain_2p_tuned", "drain", 2, True),
+    Case("latency", "latency", 1, False),
+    Case("cancel", "cancel", 1, False),
+)
+PGBENCH_KEYS = ("enqueue_single", "enqueue_batch", "drain_1p_default", "drain_2p_default")
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def run_driver(python: Path, peer: str, case: Case, n: int, dsn: str) -> dict[str, Any]:
+    """Invoke a peer driver once with the protocol's argv and parse its JSON line."""
+    argv = [
+        str(python),
+        str(driver_path(peer)),
+        case.scenario,
+        str(n),
+        str(case.processes),
+        "1" if case.tuned else "0",
+        dsn,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=DRIVER_TIMEOUT_S,
+            cwd=driver_path(peer).parent,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"driver timed out after {DRIVER_TIMEOUT_S}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"ok": False, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def median_metric(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-key median over successful runs (throughput and each latency percentile)."""
+    metrics = [r["metric"] for r in runs if r.get("ok")]
+    if not metrics:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("jobs_per_s", *LATENCY_KEYS):
+        values = [m[key] for m in metrics if key in m]
+        if values:
+            out[key] = round(statistics.median(values), 3)
+    return out
+
+
+class Runner:
+    def __init__(self, profile: str, peers: list[str], dsn: str, out: Path, argv: list[str]) -> None:
+        self.profile = profile
+        self.n = PROFILES[profile]["n"]
+        self.runs = PROFILES[profile]["runs"]
+        self.peers = peers
+        self.server = Server(dsn)
+        self.out = out
+        self.argv = argv
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        doc: dict[str, Any] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": "python -m bench " + shlex.join(self.argv),
+            "profile": self.profile,
+            "n": self.n,
+            "runs_per_case": self.runs,
+            "machine": machine(),
+            "server": self.server.settings(),
+            "cases": [c.key for c in CASES],
+            "peers": {},
+            "notes": [],
+        }
+        for peer in self.peers:
+            doc["peers"][peer] = self.run_peer(peer, doc["notes"])
+        doc["total_seconds"] = round(time.monotonic() - started, 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        (self.out / "results.md").write_text(render_markdown(doc))
+        log(f"wrote {self.out / 'results.json'} and {self.out / 'results.md'} in {doc['total_seconds']}s")
+        return doc
+
+    def run_peer(self, peer: str, notes: list[str]) -> dict[str, Any]:
+        if peer == "pgbench":
+            binary = pgbench_peer.pgbench_binary()
+            if binary is None:
+                notes.append("pgbench: skipped, no pgbench binary on PATH")
+                return {"skipped": True}
+            return self.run_cases(
+                peer,
+                [c for c in CASES if c.key in PGBENCH_KEYS],
+                lambda case, dsn: pgbench_peer.run_case(binary, dsn, case.scenario, self.n, case.processes),
+            )
+        if not driver_path(peer).exists():
+            rel = driver_path(peer).relative_to(REPO_ROOT)
+            notes.append(f"{peer}: skipped, driver {rel} does not exist")
+            log(f"[{peer}] skipped: no {rel}")
+            return {"skipped": True}
+        try:
+            python = ensure_venv(peer, log)
+        except subprocess.CalledProcessError as exc:
+            notes.append(f"{peer}: skipped, virtualenv setup failed ({exc})")
+            return {"skipped": True}
+        return self.run_cases(peer, list(CASES), lambda case, dsn: run_driver(python, peer, case, self.n, dsn))
+
+    def run_cases(self, peer: str, cases: list[Case], invoke: Callable[[Case, str], dict[str, Any]]) -> dict[str, Any]:
+        database = f"bench_{peer}"
+        results: dict[str, Any] = {"cases": {}}
+        try:
+            for case in cases:
+                runs: list[dict[str, Any]] = []
+                for i in range(self.runs):
+                    dsn = self.server.recreate_database(database)
+                    t0 = time.monotonic()
+                    try:
+                        res = invoke(case, dsn)
+                    except Exception as exc:  # a failing case must not stop the others
+                        res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    runs.append(res)
+                    log(
+                        f"[{peer}] {case.key} run {i + 1}/{self.runs} ({time.monotonic() - t0:.1f}s): "
+                        + json.dumps(res.get("metric") or res.get("note") or res.get("error"))
+                    )
+                    if res.get("unsupported") or not res.get("ok"):
+                        break  # don't repeat a scenario the peer lacks or that failed
+                ok = [r for r in runs if r.get("ok")]
+                results["cases"][case.key] = {
+                    "median": median_metric(runs),
+                    "runs": runs,
+                    "settings": ok[0].get("settings") if ok else None,
+                    "server": ok[0].get("server") if ok else None,
+                }
+                if ok and "version" in ok[0]:
+                    results["version"] = ok[0]["version"]
+        finally:
+            self.server.drop_database(database)
+        return results

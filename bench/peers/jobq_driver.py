@@ -1,0 +1,163 @@
+"""jobq's driver for the side-by-side benchmark. Protocol: ``bench/README.md``.
+
+Workers are ``jobq worker``'s runtime (``jobqueue.worker.Worker``) in separate processes, on uvloop
+when it is installed (a dependency of jobq on Linux). Defaults: jobq's documented defaults
+(concurrency 100, durable: synchronous_commit stays on for enqueues and completions). Tuned: a larger
+concurrency, so each claim and each completion statement covers more tasks.
+Cancellation uses ``Client.cancel`` (NOTIFY on jobq.cancel to the worker holding the task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from importlib.metadata import version
+from typing import Any
+
+from _driverlib import (
+    BATCH_SIZE,
+    CANCEL_TASKS,
+    LATENCY_GAP_S,
+    LATENCY_TASKS,
+    Args,
+    EventLog,
+    WorkerGroup,
+    emit,
+    first_start,
+    parse_args,
+    percentiles_ms,
+    read_events,
+    throughput,
+    wait_for_events,
+)
+
+from jobqueue import AsyncClient, Client, Context, get_settings, task
+from jobqueue.migrate import migrate
+from jobqueue.worker import Worker, new_event_loop
+
+VERSION = version("jobq")
+TUNED_CONCURRENCY = 500
+EVENTS = EventLog()
+_first = False
+
+
+@task("noop", max_retries=0)
+async def noop(ctx: Context, payload: Any) -> None:
+    global _first
+    if not _first:
+        _first = True
+        EVENTS.write("first", time.time())
+
+
+@task("stamp")
+async def stamp(ctx: Context, payload: Any) -> None:
+    EVENTS.write("lat", payload["i"], time.time() - payload["t"])
+
+
+@task("sleeper")
+async def sleeper(ctx: Context, payload: Any) -> None:
+    EVENTS.write("start", payload["i"], time.time())
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        EVENTS.write("cancelled", payload["i"], time.time())
+        raise
+
+
+def concurrency(tuned: bool) -> int:
+    return TUNED_CONCURRENCY if tuned else get_settings().concurrency
+
+
+async def worker_main(cfg: dict[str, Any]) -> None:
+    """Hidden mode: one worker process (``--worker JSON``)."""
+    worker = Worker(cfg["types"], url=cfg["dsn"], burst=cfg["burst"], concurrency=cfg["concurrency"],
+                    grace_seconds=0)
+    await worker.run()
+    EVENTS.write("end", time.time())
+
+
+def workers(args: Args, types: list[str], burst: bool, count: int, conc: int) -> WorkerGroup:
+    cfg = json.dumps({"dsn": args.dsn, "types": types, "burst": burst, "concurrency": conc})
+    return WorkerGroup([[sys.executable, __file__, "--worker", cfg] for _ in range(count)])
+
+
+def enqueue_batches(client: Client, n: int) -> None:
+    for start in range(0, n, BATCH_SIZE):
+        client.enqueue_many("noop", [{"i": i} for i in range(start, min(n, start + BATCH_SIZE))])
+
+
+async def main(args: Args) -> dict[str, Any]:
+    migrate(args.dsn)
+    client = Client(args.dsn)
+    try:
+        return await run_scenario(args, client)
+    finally:
+        client.close()
+
+
+async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
+    result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": VERSION}
+    conc = concurrency(args.tuned)
+    if args.scenario == "enqueue_single":
+        t0 = time.perf_counter()
+        for i in range(args.n):
+            client.enqueue("noop", {"i": i})
+        result["metric"] = throughput(args.n, time.perf_counter() - t0)
+        result["settings"] = {"api": "Client.enqueue, one call (one commit) per task"}
+
+    elif args.scenario == "enqueue_batch":
+        async with AsyncClient(args.dsn) as ac:
+            await ac.enqueue_many("noop", [{"i": 0}])  # connect and warm up outside the clock
+            t0 = time.perf_counter()
+            for start in range(0, args.n, BATCH_SIZE):
+                await ac.enqueue_many("noop", [{"i": i} for i in range(start, min(args.n, start + BATCH_SIZE))])
+            result["metric"] = throughput(args.n, time.perf_counter() - t0)
+        result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
+
+    elif args.scenario == "drain":
+        enqueue_batches(client, args.n)
+        with workers(args, ["noop"], burst=True, count=args.processes, conc=conc) as group:
+            group.wait(timeout_s=600)
+            group.check_alive()
+            start_t = first_start(group.events_dir)
+            end_t = max(float(f[0]) for f in read_events(group.events_dir, "end"))
+        done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
+        if done is None or done[0] != args.n:
+            raise RuntimeError(f"expected {args.n} done tasks, got {done}")
+        result["metric"] = throughput(args.n, end_t - start_t)
+        result["settings"] = {"worker": {"concurrency": conc}, "processes": args.processes,
+                              "history": "finished tasks stay in the tasks table"}
+
+    elif args.scenario == "latency":
+        with workers(args, ["stamp"], burst=False, count=1, conc=conc) as group:
+            client.enqueue("stamp", {"i": -1, "t": time.time()})  # warm-up
+            await asyncio.to_thread(wait_for_events, group.events_dir, "lat", 1, 60)
+            for i in range(LATENCY_TASKS):
+                client.enqueue("stamp", {"i": i, "t": time.time()})
+                await asyncio.sleep(LATENCY_GAP_S)
+            events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", LATENCY_TASKS + 1, 60)
+        result["metric"] = percentiles_ms(float(f[1]) for f in events if f[0] != "-1")
+        result["settings"] = {"worker": {"concurrency": conc}}
+
+    elif args.scenario == "cancel":
+        with workers(args, ["sleeper"], burst=False, count=1, conc=max(conc, CANCEL_TASKS)) as group:
+            ids = client.enqueue_many("sleeper", [{"i": i} for i in range(CANCEL_TASKS)])
+            await asyncio.to_thread(wait_for_events, group.events_dir, "start", CANCEL_TASKS, 60)
+            samples: list[float] = []
+            for i, task_id in enumerate(ids):
+                t0 = time.time()
+                client.cancel(task_id)
+                seen = await asyncio.to_thread(wait_for_events, group.events_dir, "cancelled", i + 1, 30)
+                samples.append(next(float(f[1]) for f in seen if f[0] == str(i)) - t0)
+        result["metric"] = percentiles_ms(samples)
+        result["settings"] = {"api": "Client.cancel (NOTIFY to the worker holding the task)"}
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        new_event_loop().run_until_complete(worker_main(json.loads(sys.argv[2])))
+    else:
+        emit(asyncio.run(main(parse_args(sys.argv[1:]))))

@@ -1,0 +1,85 @@
+"""The ``raptor`` task: summarise a document's chunks into a RAPTOR tree, stored as chunks.
+
+It runs once all the document's dataflow tasks are done (``jobq enqueue --then raptor`` makes it
+depend on them). Summaries are chunks with ``level`` >= 1; every chunk or summary points at the
+summary above it through ``parent_id``. Like dataflow, everything commits with the task's
+completion, and a rerun replaces the document's previous summaries instead of adding to them.
+Offline by default (see raptor_tree); clustering and summarising run in a thread, and each finished
+level reports progress, which is where a cancelled task stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from jobqueue import Context, Fail, task
+
+from .dataflow import _schema, insert_chunks, load_document
+
+if TYPE_CHECKING:
+    from .raptor_tree import Node
+
+__all__ = ["RaptorPayload", "raptor"]
+
+
+class RaptorPayload(BaseModel):
+    max_levels: int = Field(3, ge=1, le=10)
+    max_cluster_size: int = Field(10, ge=2, le=1000)
+    max_sentences: int = Field(6, ge=1, le=100)
+
+
+def _build(ctx: Context, texts: list[str], payload: RaptorPayload) -> list[Node]:
+    """Runs in a thread; numpy and scikit-learn load here, not when the module is imported."""
+    from .raptor_tree import RaptorError, build_tree
+
+    def on_level(level: int, nodes: list[Node]) -> None:
+        ctx.progress(0.1 + 0.8 * level / payload.max_levels, f"Level {level}: {len(nodes)} summaries.")
+
+    try:
+        return build_tree(texts, max_levels=payload.max_levels, max_cluster_size=payload.max_cluster_size,
+                          max_sentences=payload.max_sentences, on_level=on_level)
+    except RaptorError:
+        raise  # a model service failed: retried with backoff
+    except ValueError as exc:
+        raise Fail(str(exc)) from None
+
+
+@task("raptor", payload=RaptorPayload, max_retries=3, timeout=3600, concurrency=1)
+async def raptor(ctx: Context, payload: RaptorPayload) -> None:
+    from .chunking import count_tokens
+
+    s = _schema()
+    ctx.progress(0.0, f"Task has been received (attempt {ctx.task.attempt}).")
+    async with ctx.transaction() as conn:
+        doc = await load_document(conn, ctx.task.doc_id, with_content=False)
+        await conn.execute(f"DELETE FROM {s}.chunks WHERE doc_id = $1 AND level > 0", doc.id)
+        rows = await conn.fetch(
+            f"SELECT id, text, from_page, to_page FROM {s}.chunks WHERE doc_id = $1 AND level = 0 "
+            "ORDER BY from_page, position, id", doc.id)
+        ctx.progress(0.1, f"Building the RAPTOR tree of {doc.name} over {len(rows)} chunk(s).")
+        nodes = await asyncio.to_thread(_build, ctx, [r["text"] for r in rows], payload)
+        ctx.raise_if_cancelled()
+        # Each level's children index into the level below: chunk rows for level 1, then summaries.
+        below = [(int(r["id"]), int(r["from_page"]), int(r["to_page"])) for r in rows]
+        levels = sorted({n.level for n in nodes})
+        for level in levels:
+            members = sorted((n for n in nodes if n.level == level), key=lambda n: n.index)
+            spans = [(min(below[c][1] for c in n.children), max(below[c][2] for c in n.children)) for n in members]
+            ids = await insert_chunks(conn, doc.id, ctx.task.id, level, [
+                (n.index, lo, hi, n.text, count_tokens(n.text), hashlib.sha256(n.text.encode()).hexdigest())
+                for n, (lo, hi) in zip(members, spans, strict=True)])
+            links = [(below[c][0], ids[n.index]) for n in members for c in n.children]
+            await conn.execute(
+                f"UPDATE {s}.chunks k SET parent_id = u.parent FROM unnest($1::bigint[], $2::bigint[]) "
+                "AS u(child, parent) WHERE k.id = u.child",
+                [c for c, _ in links], [p for _, p in links])
+            below = [(ids[n.index], lo, hi) for n, (lo, hi) in zip(members, spans, strict=True)]
+        counts = {level: sum(1 for n in nodes if n.level == level) for level in levels}
+        ctx.progress(0.95, f"Stored {len(nodes)} summaries over {len(rows)} chunk(s): "
+                           + (", ".join(f"level {k}: {v}" for k, v in counts.items()) or "nothing to summarise")
+                           + ".")
+        ctx.result = {"chunks": len(rows), "summaries": len(nodes), "levels": counts}
