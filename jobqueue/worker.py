@@ -198,7 +198,9 @@ class Worker:
         while True:
             try:
                 pool: asyncpg.Pool = await asyncpg.create_pool(
-                    self.url, min_size=2, max_size=4, timeout=10,
+                    # Claims, completions, progress and heartbeats need a few connections; handlers
+                    # inside ctx.transaction() each hold one more while their block runs.
+                    self.url, min_size=2, max_size=4 + min(self.concurrency, 16), timeout=10,
                     statement_cache_size=100 if self.settings.prepared_statements else 0,
                 )
                 return pool
@@ -666,7 +668,8 @@ class Worker:
             if r["cancel_requested"] and (run := self._running.get(r["id"])) is not None:
                 self._cancel(run, "user")
         for task_id in asked:
-            if task_id not in ours and (run := self._running.get(task_id)) is not None:
+            run = self._running.get(task_id)
+            if task_id not in ours and run is not None and not run.ctx.completed_in_transaction:
                 log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
                 self._cancel(run, "lost")
 

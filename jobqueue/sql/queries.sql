@@ -126,12 +126,15 @@ WITH d AS (
     -- The worker id joins the fencing check: a claim lost in a server crash (claims commit
     -- asynchronously) could hand the same attempt number out twice, never to the same worker id.
     WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
-    RETURNING t.id, t.has_dependents
+    RETURNING t.id, t.has_dependents, t.doc_id
 ), counted AS (
     UPDATE jobq.workers SET done = done + (SELECT count(*) FROM done), last_seen = now()
     WHERE id = $6
 )
-SELECT id, has_dependents FROM done;
+-- Document tasks also tell watchers (`jobq watch`) that they finished.
+SELECT id, has_dependents,
+       CASE WHEN doc_id IS NOT NULL THEN pg_notify('jobq.progress', id || ',' || doc_id || ',1') END
+FROM done;
 
 -- name: release_dependents
 -- Parents $1 finished as done: count them off their waiting children; a child whose last parent is
@@ -166,7 +169,7 @@ UPDATE jobq.tasks t
 SET status = 'cancelled', finished_at = now(), progress_msg = jobq.append_log(t.progress_msg, $2, $3)
 FROM doomed
 WHERE t.id = doomed.id AND t.status = 'waiting'
-RETURNING t.id;
+RETURNING t.id, pg_notify('jobq.progress', t.id || ',' || COALESCE(t.doc_id, 0) || ',' || t.progress);
 
 -- name: fail
 -- A failed attempt: back to queued after a backoff while retries remain ($3 = false), else failed.
@@ -191,12 +194,13 @@ WITH f AS (
                        THEN ' (retry ' || (t.retry_count + 1) || ' of ' || t.max_retries || ')'
                        ELSE '' END, $8)
     WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
-    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents, t.worker_id
+    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents, t.worker_id, t.doc_id, t.progress
 ), counted AS (
     UPDATE jobq.workers SET failed = failed + 1 WHERE id = $9 AND EXISTS (SELECT 1 FROM f WHERE f.status = 'failed')
 )
 SELECT f.status, f.run_at, f.has_dependents,
-       CASE WHEN f.status = 'queued' THEN pg_notify('jobq.' || f.type, extract(epoch FROM f.run_at)::text) END
+       CASE WHEN f.status = 'queued' THEN pg_notify('jobq.' || f.type, extract(epoch FROM f.run_at)::text)
+            ELSE pg_notify('jobq.progress', f.id || ',' || COALESCE(f.doc_id, 0) || ',' || f.progress) END
 FROM f;
 
 -- name: snooze
@@ -212,27 +216,33 @@ SELECT pg_notify('jobq.' || s.type, extract(epoch FROM s.run_at)::text) FROM s;
 
 -- name: mark_cancelled
 -- The worker stopped a running task because a cancel was requested.
-UPDATE jobq.tasks t
-SET status = 'cancelled', finished_at = now(), process_duration = extract(epoch FROM now() - t.started_at),
-    lease_expires_at = NULL, progress_msg = jobq.append_log(t.progress_msg, $3, $4)
-WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
-RETURNING t.has_dependents;
+WITH c AS (
+    UPDATE jobq.tasks t
+    SET status = 'cancelled', finished_at = now(), process_duration = extract(epoch FROM now() - t.started_at),
+        lease_expires_at = NULL, progress_msg = jobq.append_log(t.progress_msg, $3, $4)
+    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
+    RETURNING t.id, t.doc_id, t.progress, t.has_dependents
+)
+SELECT c.has_dependents, pg_notify('jobq.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress)
+FROM c;
 
 -- name: progress_many
 -- Coalesced progress for many tasks in one statement. Progress never goes backwards except to -1,
 -- and -1 sticks unless a value >= 1 arrives. Returns, per task still ours, whether a cancel was
--- requested; a task missing from the result is no longer ours (lease lost).
+-- requested; a task missing from the result is no longer ours (lease lost). The same attempt may
+-- still append its last lines once it finished (a flush racing the handler's own completion), but
+-- no longer moves the progress.
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
 ), u AS (
     UPDATE jobq.tasks t
-    SET progress = CASE WHEN d.progress IS NULL THEN t.progress
+    SET progress = CASE WHEN t.status <> 'running' OR d.progress IS NULL THEN t.progress
                         WHEN d.progress < 0 THEN -1
                         WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
                         ELSE greatest(t.progress, least(d.progress, 1)) END,
         progress_msg = jobq.append_log(t.progress_msg, d.lines, $5)
     FROM d
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running'
+    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status NOT IN ('queued', 'waiting')
     RETURNING t.id, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
 )
 SELECT u.id, u.cancel_requested,
@@ -314,10 +324,11 @@ WITH c AS (
         cancel_requested_at = COALESCE(t.cancel_requested_at, now()),
         progress_msg = jobq.append_log(t.progress_msg, $3, $4)
     WHERE (t.id = ANY($1::bigint[]) OR t.doc_id = $2) AND t.status IN ('waiting', 'queued', 'running')
-    RETURNING t.id, t.status, t.attempt, t.has_dependents
+    RETURNING t.id, t.status, t.attempt, t.has_dependents, t.doc_id, t.progress
 )
 SELECT c.id, c.status, c.has_dependents,
-       CASE WHEN c.status = 'running' THEN pg_notify('jobq.cancel', c.id || ':' || c.attempt) END
+       CASE WHEN c.status = 'running' THEN pg_notify('jobq.cancel', c.id || ':' || c.attempt)
+            ELSE pg_notify('jobq.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress) END
 FROM c;
 
 -- name: retry
