@@ -15,7 +15,7 @@ import asyncpg
 from .database import redact, resolve_url
 from .errors import DatabaseUnavailable, InvalidPayload, InvalidTransition, JobqError, TaskNotFound
 from .models import Task
-from .producer import TaskSpec, _labels, _plan_dependencies, _row, _stamp
+from .producer import TaskSpec, _labels, _plan_dependencies, _row, _stamp, rows_for
 from .settings import Settings, get_settings
 from .sql import Queries, queries
 
@@ -104,8 +104,7 @@ class AsyncClient:
 
     async def enqueue_many(self, type: str, items: Iterable[Any], *, labels: Sequence[str] | None = None,
                            connection: Any = None) -> list[int]:
-        specs = [i if isinstance(i, TaskSpec) else TaskSpec(payload=i) for i in items]
-        rows = [_row(type, s, self.settings) for s in specs]
+        rows = rows_for(type, items, self.settings)
         lab = _labels(labels) or []
         if not rows:
             return []

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
@@ -270,8 +271,12 @@ def worker(
         from .metrics import serve
 
         serve(metrics_port)
-    raise typer.Exit(run_worker(wanted, concurrency=concurrency, burst=burst, name=name, grace_seconds=grace,
-                                poll_seconds=poll, isolation=isolation))
+    started = time.monotonic()
+    code, stats = run_worker(wanted, concurrency=concurrency, burst=burst, name=name, grace_seconds=grace,
+                             poll_seconds=poll, isolation=isolation)
+    out.print(f"worker stopped after {time.monotonic() - started:.1f}s: {stats.done} done, {stats.failed} failed, "
+              f"{stats.retried} retried, {stats.cancelled} cancelled, {stats.rescued} rescued", highlight=False)
+    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------- embedded server

@@ -78,9 +78,16 @@ def _depth(value: Any, limit: int = MAX_DEPTH) -> None:
             stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def encode_payload(task_type: str, payload: Any, settings: Settings) -> str:
     """Validate against the type's payload model (if any) and encode as JSON text for jsonb."""
-    spec = registry.get_type(task_type)
+    return _encode(registry.get_type(task_type), payload, settings)
+
+
+def _encode(spec: registry.TaskType, payload: Any, settings: Settings) -> str:
+    task_type = spec.name
     if spec.payload is not None:
         try:
             model = payload if isinstance(payload, spec.payload) else spec.payload.model_validate(payload)
@@ -93,7 +100,9 @@ def encode_payload(task_type: str, payload: Any, settings: Settings) -> str:
         payload = payload.model_dump(mode="json")
     if payload is None:
         payload = {}
-    _depth(payload)
+    # A flat object of scalars (the common payload) cannot be too deep; skip the walk.
+    if not (isinstance(payload, dict) and all(type(k) is str and isinstance(v, _SCALARS) for k, v in payload.items())):
+        _depth(payload)
     try:
         text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
@@ -164,6 +173,21 @@ def _row(task_type: str, spec: TaskSpec, settings: Settings) -> tuple[Any, ...]:
         _text("owner", spec.owner, limit=200),
         _text("digest", spec.digest, limit=200),
     )
+
+
+def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[tuple[Any, ...]]:
+    """Rows of an enqueue_many batch: a bare payload takes the type's defaults, computed once."""
+    t = registry.get_type(task_type)
+    priority = _int32("priority", t.priority)
+    retries = _max_retries(t, None, settings)
+    rows: list[tuple[Any, ...]] = []
+    for item in items:
+        if isinstance(item, TaskSpec):
+            rows.append(_row(task_type, item, settings))
+        else:
+            rows.append((task_type, priority, _encode(t, item, settings), None, retries,
+                         None, None, None, None, None, None, None))
+    return rows
 
 
 def _max_retries(t: registry.TaskType, value: int | None, settings: Settings) -> int:
@@ -332,8 +356,7 @@ class Client:
 
         Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY.
         """
-        specs = [i if isinstance(i, TaskSpec) else TaskSpec(payload=i) for i in items]
-        rows = [_row(type, s, self.settings) for s in specs]
+        rows = rows_for(type, items, self.settings)
         lab = _labels(labels)
         if not rows:
             return []

@@ -721,12 +721,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(types: Sequence[str], **kwargs: Any) -> int:
-    """Run a worker in this process until it stops; returns the process exit code."""
+def run_worker(types: Sequence[str], **kwargs: Any) -> tuple[int, WorkerStats]:
+    """Run a worker in this process until it stops; returns the exit code and what it did."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         worker = Worker(types, **kwargs)
-        return loop.run_until_complete(worker.run())
+        return loop.run_until_complete(worker.run()), worker.stats
     finally:
         loop.close()
