@@ -144,10 +144,8 @@ class AsyncClient:
         n = self.settings.progress_log_chars
 
         async def go(conn: AnyConnection) -> dict[int, str]:
-            rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n)
-            done = [r[0] for r in rows if r[1] == "cancelled" and r[2]]
-            if done:
-                await conn.fetch(self.q.cancel_dependents, done, _stamp("[Canceled] a parent task was cancelled"), n)
+            rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n,
+                                    _stamp("[Canceled] a parent task was cancelled"))
             return {int(r[0]): str(r[1]) for r in rows}
 
         result: dict[int, str] = await self._run(connection, go)

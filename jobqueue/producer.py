@@ -427,20 +427,14 @@ class Client:
         """Cancel tasks by id and/or document. Returns {id: status}: ``cancelled`` for tasks stopped at
         once, ``running`` for tasks whose worker was told (they end ``cancelled`` shortly)."""
         ids = [task_id] if isinstance(task_id, int) else list(task_id or [])
-        conn, own = self._conn(connection)
-        if own:
-            with conn.transaction():
-                return self._cancel_in(conn, ids, doc_id, reason)
-        return self._cancel_in(conn, ids, doc_id, reason)
+        conn, _ = self._conn(connection)
+        return self._cancel_in(conn, ids, doc_id, reason)  # one statement: atomic without BEGIN/COMMIT
 
     def _cancel_in(self, conn: psycopg.Connection[Any], ids: builtins.list[int], doc_id: int | None,
                    reason: str) -> dict[int, str]:
-        line = _stamp(f"[Canceled] {reason}")
-        rows = self._fetch(conn, "cancel", (ids, doc_id, line, self.settings.progress_log_chars))
-        done = [r[0] for r in rows if r[1] == "cancelled" and r[2]]
-        if done:
-            self._fetch(conn, "cancel_dependents",
-                        (done, _stamp("[Canceled] a parent task was cancelled"), self.settings.progress_log_chars))
+        rows = self._fetch(conn, "cancel", (ids, doc_id, _stamp(f"[Canceled] {reason}"),
+                                            self.settings.progress_log_chars,
+                                            _stamp("[Canceled] a parent task was cancelled")))
         result = {int(r[0]): str(r[1]) for r in rows}
         for i in ids:
             if i not in result:

@@ -117,6 +117,8 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
         result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
 
     elif args.scenario == "drain":
+        # The table may hold history already (bench/history.py): count only this run's tasks.
+        before = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
         enqueue_batches(client, args.n)
         with workers(args, ["noop"], burst=True, count=args.processes, conc=conc) as group:
             group.wait(timeout_s=600)
@@ -124,7 +126,7 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
             start_t = first_start(group.events_dir)
             end_t = max(float(f[0]) for f in read_events(group.events_dir, "end"))
         done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
-        if done is None or done[0] != args.n:
+        if done is None or before is None or done[0] - before[0] != args.n:
             raise RuntimeError(f"expected {args.n} done tasks, got {done}")
         result["metric"] = throughput(args.n, end_t - start_t)
         result["settings"] = {"worker": {"concurrency": conc}, "processes": args.processes,

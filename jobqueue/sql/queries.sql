@@ -316,8 +316,9 @@ SELECT r.id, pg_notify('jobq.' || r.type, extract(epoch FROM now())::text) FROM 
 
 -- name: cancel
 -- Cancel tasks by id or by document: queued and waiting ones at once; running ones get
--- cancel_requested_at and a NOTIFY on jobq.cancel that reaches the worker holding them.
-WITH c AS (
+-- cancel_requested_at and a NOTIFY on jobq.cancel that reaches the worker holding them. Waiting
+-- descendants of the tasks cancelled here are cancelled in the same statement ($5 is their line).
+WITH RECURSIVE c AS (
     UPDATE jobq.tasks t
     SET status = CASE WHEN t.status = 'running' THEN 'running' ELSE 'cancelled' END,
         finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
@@ -325,8 +326,19 @@ WITH c AS (
         progress_msg = jobq.append_log(t.progress_msg, $3, $4)
     WHERE (t.id = ANY($1::bigint[]) OR t.doc_id = $2) AND t.status IN ('waiting', 'queued', 'running')
     RETURNING t.id, t.status, t.attempt, t.has_dependents, t.doc_id, t.progress
+), doomed AS (
+    SELECT k.id FROM jobq.tasks k JOIN c ON k.depends_on @> ARRAY[c.id]
+    WHERE c.status = 'cancelled' AND c.has_dependents AND k.status = 'waiting'
+    UNION
+    SELECT k.id FROM jobq.tasks k JOIN doomed d ON k.depends_on @> ARRAY[d.id] WHERE k.status = 'waiting'
+), dependents AS (
+    UPDATE jobq.tasks t
+    SET status = 'cancelled', finished_at = now(), progress_msg = jobq.append_log(t.progress_msg, $5, $4)
+    FROM doomed
+    WHERE t.id = doomed.id AND t.status = 'waiting' AND t.id NOT IN (SELECT id FROM c)
+    RETURNING t.id
 )
-SELECT c.id, c.status, c.has_dependents,
+SELECT c.id, c.status, (SELECT count(*) FROM dependents) AS dependents_cancelled,
        CASE WHEN c.status = 'running' THEN pg_notify('jobq.cancel', c.id || ':' || c.attempt)
             ELSE pg_notify('jobq.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress) END
 FROM c;

@@ -1,0 +1,159 @@
+"""Does jobq stay fast as history grows? Drain rate and claim-statement time with 0, 1M and 10M
+finished tasks in the tasks table, and an optional soak at a steady enqueue rate that reports dead
+tuples and the claim index size over time (with or without a transaction pinning the xmin horizon).
+
+    python -m bench.history --dsn postgresql://postgres@127.0.0.1:5432/test [--profile short|full]
+    python -m bench.history --dsn ... --soak-minutes 30 [--hold-xmin-minutes 10]
+
+Each history size gets a fresh database; finished rows are written with generate_series (done,
+finished over the last 7 days), then ANALYZE; then 20,000 no-op tasks are drained by one worker
+process and the claim statement is timed on its own (EXPLAIN ANALYZE, median of 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from jobqueue.migrate import migrate
+from jobqueue.sql import queries
+
+PEERS = Path(__file__).resolve().parent / "peers"
+DRIVER = PEERS / "jobq_driver.py"
+
+LOAD_HISTORY = """
+INSERT INTO jobq.tasks (type, status, payload, progress, created_at, started_at, finished_at, run_at, attempt,
+                        process_duration, result)
+SELECT 'noop', 'done', '{"i": 0}', 1, now() - interval '7 days' + g * interval '50 ms',
+       now() - interval '7 days' + g * interval '50 ms', now() - interval '7 days' + g * interval '50 ms',
+       now() - interval '7 days', 1, 0.001, NULL
+FROM generate_series(1, %s) AS g
+"""
+
+
+def with_db(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+def fresh_db(dsn: str, name: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{name}"')
+    url = with_db(dsn, name)
+    migrate(url)
+    return url
+
+
+def claim_time_ms(url: str) -> float:
+    """Median execution time of the claim statement (batch of 100) as the server reports it."""
+    q = queries("jobq")
+    samples = []
+    with psycopg.connect(url) as c:
+        cur = psycopg.RawCursor(c)
+        for _ in range(20):
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [100], 100, "bench", 30.0))
+            plan = cur.fetchone()
+            assert plan is not None
+            samples.append(float(plan[0][0]["Execution Time"]))
+            c.rollback()
+    return statistics.median(samples)
+
+
+def drain(url: str, n: int) -> float:
+    out = subprocess.run([sys.executable, str(DRIVER), "drain", str(n), "1", "0", url], cwd=PEERS,
+                         capture_output=True, text=True, timeout=900, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["metric"]["jobs_per_s"])
+
+
+def history_run(dsn: str, sizes: list[int], n: int) -> list[dict[str, Any]]:
+    results = []
+    for size in sizes:
+        url = fresh_db(dsn, "bench_history")
+        t0 = time.monotonic()
+        with psycopg.connect(url, autocommit=True) as c:
+            if size:
+                c.execute(LOAD_HISTORY, (size,))
+            c.execute("VACUUM ANALYZE jobq.tasks")
+            c.execute("INSERT INTO jobq.tasks (type) SELECT 'noop' FROM generate_series(1, 20000)")
+            c.execute("ANALYZE jobq.tasks")
+        load_s = time.monotonic() - t0
+        claim_ms = claim_time_ms(url)
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("DELETE FROM jobq.tasks WHERE status = 'queued'")
+        rate = drain(url, n)
+        results.append({"finished_rows": size, "claim_ms": round(claim_ms, 3), "drain_jobs_per_s": rate,
+                        "load_s": round(load_s, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def soak(dsn: str, minutes: float, rate: int, hold_minutes: float) -> list[dict[str, Any]]:
+    """Steady enqueue at `rate`/s with one worker draining; every 30 s: dead tuples, claim index size."""
+    url = fresh_db(dsn, "bench_soak")
+    worker = subprocess.Popen([sys.executable, "-m", "jobqueue", "worker", "--types", "noop", "--import",
+                               "jobq_driver"], cwd=PEERS, env={**__import__("os").environ, "JOBQ_DATABASE_URL": url,
+                                                               "PYTHONPATH": str(PEERS)})
+    stop = threading.Event()
+    samples: list[dict[str, Any]] = []
+
+    def hold() -> None:
+        with psycopg.connect(url) as c:
+            c.execute("SELECT txid_current()")
+            stop.wait(hold_minutes * 60)
+            c.rollback()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    if hold_minutes:
+        holder.start()
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as c:
+        nxt = started
+        last_sample = 0.0
+        while time.monotonic() - started < minutes * 60:
+            c.execute("INSERT INTO jobq.tasks (type) SELECT 'noop' FROM generate_series(1, %s)", (rate // 10,))
+            nxt += 0.1
+            time.sleep(max(0.0, nxt - time.monotonic()))
+            if time.monotonic() - last_sample >= 30:
+                last_sample = time.monotonic()
+                row = c.execute(
+                    "SELECT n_dead_tup, pg_relation_size('jobq.tasks_claim_idx'), "
+                    "(SELECT count(*) FROM jobq.tasks WHERE status = 'queued'), "
+                    "(SELECT count(*) FROM jobq.tasks WHERE status = 'done') "
+                    "FROM pg_stat_user_tables WHERE relid = 'jobq.tasks'::regclass").fetchone()
+                assert row is not None
+                samples.append({"t_s": round(last_sample - started), "dead_tuples": row[0],
+                                "claim_index_bytes": row[1], "queued": row[2], "done": row[3]})
+                print(json.dumps(samples[-1]), flush=True)
+    stop.set()
+    worker.terminate()
+    worker.wait(30)
+    return samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dsn", required=True, help="a server where databases may be created")
+    ap.add_argument("--profile", choices=["short", "full"], default="short")
+    ap.add_argument("--soak-minutes", type=float, default=0)
+    ap.add_argument("--soak-rate", type=int, default=2000, help="tasks enqueued per second during the soak")
+    ap.add_argument("--hold-xmin-minutes", type=float, default=0)
+    args = ap.parse_args()
+    if args.soak_minutes:
+        print(json.dumps({"soak": soak(args.dsn, args.soak_minutes, args.soak_rate, args.hold_xmin_minutes)}))
+        return
+    sizes = [0, 1_000_000, 10_000_000] if args.profile == "full" else [0, 100_000]
+    print(json.dumps({"history": history_run(args.dsn, sizes, 20_000 if args.profile == "full" else 2_000)}))
+
+
+if __name__ == "__main__":
+    main()
