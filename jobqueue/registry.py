@@ -12,6 +12,7 @@ import importlib.metadata
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -40,7 +41,7 @@ class TaskType:
     backoff_max: float | None = None
     isolation: Isolation = "thread"
 
-    @property
+    @cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
 
