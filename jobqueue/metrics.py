@@ -76,8 +76,8 @@ class _TaskMetrics(Collector):
             for task_type, row in sorted(store.items()):
                 cumulative: list[tuple[str, float]] = []
                 acc = 0.0
-                for bound, n in zip((*buckets, float("inf")), row[:-1], strict=True):
-                    acc += n
+                for bound, count in zip((*buckets, float("inf")), row[:-1], strict=True):
+                    acc += count
                     cumulative.append((_bound(bound), acc))
                 fam.add_metric([task_type], cumulative, row[-1])
             yield fam
