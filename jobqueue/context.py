@@ -60,6 +60,7 @@ class Context:
         log: logging.Logger,
         transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         on_progress: Callable[[Context], None] | None = None,
+        connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         self.task = task
         self.payload: Any = task.payload
@@ -70,6 +71,7 @@ class Context:
         self.result: Any = None
         self.completed_in_transaction = False
         self._transaction = transaction
+        self._connection = connection
         self._on_progress = on_progress
         self._lock = threading.Lock()
         self._pending_progress: float | None = None
@@ -142,6 +144,19 @@ class Context:
             self.is_cancelled = True
             if self._cancelled is not None:
                 self._cancelled.set()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled asyncpg connection for reads and for writes that need not commit with the task.
+
+        Do slow work (parsing, model calls) between a read on this connection and a short
+        ``transaction()`` at the end: a transaction held open for minutes holds back vacuum for the
+        whole database, the queue included.
+        """
+        if self._connection is None:
+            raise RuntimeError("this context has no database (process-isolated handlers have none)")
+        async with self._connection() as conn:
+            yield conn
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

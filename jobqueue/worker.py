@@ -412,7 +412,9 @@ class Worker:
             from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
             digest=row["digest"],
         )
-        ctx = Context(task, log=log, transaction=self._complete_tx, on_progress=self._progress_dirty)
+        assert self._pool is not None
+        ctx = Context(task, log=log, transaction=self._complete_tx, on_progress=self._progress_dirty,
+                      connection=self._pool.acquire)
         running = _Running(ctx=ctx, spec=spec, started=time.monotonic())
         self._running[task.id] = running
         self._running_by_type[task.type] += 1

@@ -139,12 +139,14 @@ def _extract_and_chunk(ctx: Context, doc: Document, payload: DataflowPayload, lo
 async def dataflow(ctx: Context, payload: DataflowPayload) -> None:
     t = ctx.task
     ctx.progress(0.0, f"Task has been received (attempt {t.attempt}).")
-    async with ctx.transaction() as conn:
+    async with ctx.connection() as conn:
         doc = await load_document(conn, t.doc_id)
-        lo = t.from_page if t.from_page is not None else 0
-        hi = min(t.to_page if t.to_page is not None else doc.pages, doc.pages)
-        chunks = await asyncio.to_thread(_extract_and_chunk, ctx, doc, payload, lo, hi)
-        ctx.raise_if_cancelled()
+    lo = t.from_page if t.from_page is not None else 0
+    hi = min(t.to_page if t.to_page is not None else doc.pages, doc.pages)
+    # Parsing happens outside any transaction; only the writes share the completion's transaction.
+    chunks = await asyncio.to_thread(_extract_and_chunk, ctx, doc, payload, lo, hi)
+    ctx.raise_if_cancelled()
+    async with ctx.transaction() as conn:
         ids = await insert_chunks(conn, doc.id, t.id, 0, [
             (c.position, c.first_page, c.last_page, c.text, c.token_count, c.digest) for c in chunks])
         tokens = sum(c.token_count for c in chunks)

@@ -54,15 +54,17 @@ async def raptor(ctx: Context, payload: RaptorPayload) -> None:
 
     s = _schema()
     ctx.progress(0.0, f"Task has been received (attempt {ctx.task.attempt}).")
-    async with ctx.transaction() as conn:
+    async with ctx.connection() as conn:
         doc = await load_document(conn, ctx.task.doc_id, with_content=False)
-        await conn.execute(f"DELETE FROM {s}.chunks WHERE doc_id = $1 AND level > 0", doc.id)
         rows = await conn.fetch(
             f"SELECT id, text, from_page, to_page FROM {s}.chunks WHERE doc_id = $1 AND level = 0 "
             "ORDER BY from_page, position, id", doc.id)
-        ctx.progress(0.1, f"Building the RAPTOR tree of {doc.name} over {len(rows)} chunk(s).")
-        nodes = await asyncio.to_thread(_build, ctx, [r["text"] for r in rows], payload)
-        ctx.raise_if_cancelled()
+    ctx.progress(0.1, f"Building the RAPTOR tree of {doc.name} over {len(rows)} chunk(s).")
+    # The clustering runs outside any transaction; the summaries commit with the completion.
+    nodes = await asyncio.to_thread(_build, ctx, [r["text"] for r in rows], payload)
+    ctx.raise_if_cancelled()
+    async with ctx.transaction() as conn:
+        await conn.execute(f"DELETE FROM {s}.chunks WHERE doc_id = $1 AND level > 0", doc.id)
         # Each level's children index into the level below: chunk rows for level 1, then summaries.
         below = [(int(r["id"]), int(r["from_page"]), int(r["to_page"])) for r in rows]
         levels = sorted({n.level for n in nodes})
