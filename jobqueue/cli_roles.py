@@ -81,8 +81,9 @@ def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int 
 def _existing(conn: psycopg.Connection[Any], schema: str) -> set[str]:
     rows = conn.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p')",
-        (schema,),
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'v', 'm', 'p') "
+        "UNION SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+        (schema, schema),
     ).fetchall()
     return {r[0] for r in rows}
 
@@ -125,6 +126,11 @@ def statements(
                     )
             # Identity columns and enqueue_many's nextval('tasks_id_seq').
             out.append(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, role))
+            if kind == "producer" and "replace_document_run" in have:
+                # Re-enqueueing a document replaces its finished run; the function is the producer's
+                # only way to delete anything.
+                out.append(sql.SQL("GRANT EXECUTE ON FUNCTION {}.replace_document_run(bigint, bigint[]) TO {}")
+                           .format(s, role))
         if kind in passwords:
             out.append(
                 sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(

@@ -295,9 +295,7 @@ def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch
             then_id, _ = _reuse(conn, s, old, batch_id, plan, None, None)
             kept.append(then_id)
     # The previous run's other tasks go, and with them whatever chunks no reused task took over.
-    conn.execute(f"DELETE FROM {s}.chunks WHERE doc_id = %s AND (task_id IS NULL OR NOT task_id = ANY(%s))",
-                 (doc_id, kept))
-    conn.execute(f"DELETE FROM {s}.tasks WHERE doc_id = %s AND NOT id = ANY(%s)", (doc_id, kept))
+    conn.execute(f"SELECT {s}.replace_document_run(%s, %s::bigint[])", (doc_id, kept))
     new_ids = client.enqueue_many(DATAFLOW, specs, connection=conn) if specs else []
     flow_ids.extend(new_ids)
     if plan.then and then_id is None:

@@ -141,6 +141,10 @@ def test_producer_enqueues_reads_cancels_but_never_deletes(
     finally:
         client.close()
     denied(prod, "DELETE FROM jobq.tasks WHERE id = %s", keyed)
+    # Its one way to delete: replacing a re-enqueued document's finished run.
+    prod.execute("SELECT jobq.replace_document_run(-1, '{}'::bigint[])")
+    dash = as_role("jobq_dashboard")
+    denied(dash, "SELECT jobq.replace_document_run(-1, '{}'::bigint[])")
     denied(prod, "TRUNCATE jobq.tasks")
     denied(prod, "INSERT INTO jobq.workers (id, host, pid, types, concurrency) VALUES ('x', 'h', 1, '{}', 1)")
     denied(prod, "UPDATE jobq.queues SET paused = true")

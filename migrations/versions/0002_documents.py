@@ -93,6 +93,17 @@ CREATE INDEX chunks_parent_idx ON "{s}".chunks (parent_id) WHERE parent_id IS NO
 
 -- "N tasks ahead": the queued tasks of the same type that the claim takes before this one (higher
 -- priority, or equal priority and earlier (run_at, id)). Two range scans of the claim index.
+-- Re-enqueueing a document replaces its previous (finished) run: its tasks and the chunks no kept
+-- task took over. SECURITY DEFINER so that a producer needs no DELETE privilege of its own: this is
+-- the only delete it can do (EXECUTE is granted by `jobq roles`, revoked from PUBLIC here).
+CREATE FUNCTION "{s}".replace_document_run(p_doc bigint, p_kept bigint[]) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    DELETE FROM "{s}".chunks WHERE doc_id = p_doc AND (task_id IS NULL OR NOT task_id = ANY (p_kept));
+    DELETE FROM "{s}".tasks
+    WHERE doc_id = p_doc AND NOT id = ANY (p_kept) AND status IN ('done', 'failed', 'cancelled');
+$$;
+REVOKE EXECUTE ON FUNCTION "{s}".replace_document_run(bigint, bigint[]) FROM PUBLIC;
+
 CREATE FUNCTION "{s}".queue_position(task_id bigint) RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT CASE WHEN t.status <> 'queued' THEN NULL ELSE
@@ -185,6 +196,7 @@ def downgrade() -> None:
 DROP VIEW IF EXISTS "{s}".batch_progress;
 DROP VIEW IF EXISTS "{s}".document_progress;
 DROP FUNCTION IF EXISTS "{s}".queue_position(bigint);
+DROP FUNCTION IF EXISTS "{s}".replace_document_run(bigint, bigint[]);
 DROP TABLE IF EXISTS "{s}".chunks;
 ALTER TABLE "{s}".tasks DROP CONSTRAINT IF EXISTS tasks_doc_fk, DROP CONSTRAINT IF EXISTS tasks_batch_fk;
 DROP INDEX IF EXISTS "{s}".tasks_batch_idx;
