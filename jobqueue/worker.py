@@ -446,7 +446,7 @@ class Worker:
             r.future.cancel()
 
     async def _execute(self, r: _Running) -> None:
-        ctx, spec = r.ctx, r.spec
+        ctx = r.ctx
         try:
             outcome, value = await self._invoke(r)
         finally:
@@ -478,7 +478,6 @@ class Worker:
             await self._db(self._snooze, ctx, value)
         else:
             await self._db(self._fail, ctx, value, outcome == "fail")
-        del spec
 
     async def _invoke(self, r: _Running) -> tuple[str, Any]:
         """Run the handler with its timeouts; returns (outcome, value or exception)."""
