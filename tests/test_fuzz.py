@@ -395,3 +395,58 @@ def test_cli_error_text_is_not_rich_markup(db_url: str, type_: str) -> None:
     code, out, err = run_cli(["enqueue", f"--type={type_}", "--payload={}"])
     assert_clean_refusal(code, out, err)
     assert type_ in err
+
+
+# ---------------------------------------------------------------- document files
+
+SAMPLE_PDF = (REPO / "examples" / "samples" / "handbook.pdf").read_bytes()
+
+
+def _doc_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    row = conn.execute("SELECT (SELECT count(*) FROM jobq.documents), (SELECT count(*) FROM jobq.tasks)").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@examples(ci=40, full=300)
+@given(
+    data=st.one_of(
+        st.binary(max_size=4096),
+        st.binary(max_size=64).map(lambda b: b"%PDF-1.4\n" + b),  # a PDF header and then garbage
+        st.integers(min_value=0, max_value=len(SAMPLE_PDF) - 1).map(lambda n: SAMPLE_PDF[:n]),  # truncated
+        st.text(max_size=2000).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    ),
+    suffix=st.sampled_from([".pdf", ".csv", ".md", ".txt", ".html", ".xlsx", ".docx", ".bin", ""]),
+)
+def test_document_files_of_any_bytes(db_url: str, tmp_path_factory: pytest.TempPathFactory, data: bytes,
+                                     suffix: str) -> None:
+    """Any bytes under any name: the file is enqueued with a document and its tasks, or refused with a
+    one-line error and nothing written for it; never an exception."""
+    from jobqueue.documents import enqueue_files
+
+    path = tmp_path_factory.mktemp("fz-doc") / f"f{suffix}"
+    path.write_bytes(data)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        before = _doc_counts(conn)
+        result = enqueue_files([str(path)], force=True)
+        after = _doc_counts(conn)
+    (file,) = result.files
+    if file.ok:
+        assert file.doc_id is not None and after[0] >= before[0]
+        assert file.tasks or file.reused or file.note
+    else:
+        assert file.error and "\n" not in file.error
+        assert after == before  # nothing half-written for a refused file
+
+
+def test_cli_document_errors_are_one_line_each(db_url: str, tmp_path: Any) -> None:
+    """zero-byte, truncated and non-PDF-named-.pdf files in one call: one line each, exit 1, no traceback."""
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    (tmp_path / "trunc.pdf").write_bytes(SAMPLE_PDF[: len(SAMPLE_PDF) // 3])
+    (tmp_path / "fake.pdf").write_bytes(b"hello, not a pdf")
+    r = subprocess.run([sys.executable, "-m", "jobqueue", "enqueue", *(str(tmp_path / n) for n in
+                        ("empty.pdf", "trunc.pdf", "fake.pdf"))], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env={**os.environ, "JOBQ_DATABASE_URL": db_url})
+    assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 3, r.stderr
