@@ -176,15 +176,19 @@ def watch(targets: Sequence[Target], *, console: Console, url: str | None = None
         source = _Source(conn, targets)
         if not source.docs and not source.tasks:
             raise DocumentError("nothing to watch: the batch has no documents")
-        conn.execute(f'LISTEN "{progress_channel(source.s)}"')
-        rows = source.rows()
+        live_started = False
         try:
+            conn.execute(f'LISTEN "{progress_channel(source.s)}"')
+            rows = source.rows()
             with Live(render(rows), console=console, auto_refresh=False) as live:
+                live_started = True
                 while not all(r.finished for r in rows):
                     _wait(conn, source, refresh)
                     rows = source.rows()
                     live.update(render(rows), refresh=True)
         except KeyboardInterrupt:
+            if not live_started:  # Ctrl-C came before the first frame: show where things stand
+                console.print(render(source.rows()))
             console.print("stopped watching; the tasks go on")
             return 130
     if not console.is_terminal:
