@@ -450,9 +450,9 @@ class Client:
 
     def retry(self, task_id: int, *, connection: Any = None) -> None:
         """Send a failed or cancelled task back to the queue for a fresh set of retries."""
-        conn, own = self._conn(connection)
-        rows = self._fetch(connection if not own else None, "retry",
-                           (task_id, _stamp("[RETRY] requeued by user"), self.settings.progress_log_chars))
+        conn, _ = self._conn(connection)
+        line = _stamp("[RETRY] requeued by user")
+        rows = self._fetch(conn, "retry", (task_id, line, self.settings.progress_log_chars))
         if not rows:
             status = self._state_of(conn, task_id)
             raise InvalidTransition(f"task {task_id} is {status}; only failed or cancelled tasks can be retried")

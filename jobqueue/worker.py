@@ -32,7 +32,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -71,7 +71,6 @@ class _Done:
     attempt: int
     result: str | None
     line: str
-    type: str
 
 
 @dataclass
@@ -83,7 +82,6 @@ class WorkerStats:
     cancelled: int = 0
     rescued: int = 0
     claims: int = 0
-    by_type: dict[str, int] = field(default_factory=dict)
 
 
 def _json_result(value: Any) -> str | None:
@@ -481,7 +479,7 @@ class Worker:
                 return
             _, lines = _take_pending(ctx)
             self._done.append(_Done(ctx.id, ctx.attempt, result, "\n".join(filter(None, [lines, ctx.line(
-                f"Done in {duration:.2f}s.")])), ctx.task.type))
+                f"Done in {duration:.2f}s.")]))))
             self._done_event.set()
         elif outcome == "cancelled":
             await self._db(self._mark_cancelled, ctx)
