@@ -811,7 +811,7 @@ def render(report: Report) -> str:
 
 @contextlib.contextmanager
 def _database(server_url: str) -> Iterator[str]:
-    from jobqueue.migrate import migrate
+    from jobqueue.admin.migrate import migrate
 
     name = f"jobq_chaos_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_url, autocommit=True) as c:
@@ -872,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = Profile(**{**asdict(profile), "tasks": args.tasks, "mix": profile.mix})
     os.environ.pop("JOBQ_DATABASE_URL", None)
 
-    from jobqueue import embedded
+    from jobqueue.admin import embedded
 
     home: Path | None = None
     if args.server:

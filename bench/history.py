@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from jobqueue.migrate import migrate
-from jobqueue.sql import queries
+from jobqueue.admin.migrate import migrate
+from jobqueue.db.queries import RuntimeSQL
 
 PEERS = Path(__file__).resolve().parent / "peers"
 DRIVER = PEERS / "jobq_driver.py"
@@ -56,7 +56,7 @@ def fresh_db(dsn: str, name: str) -> str:
 
 def claim_time_ms(url: str) -> float:
     """Median execution time of the claim statement (batch of 100) as the server reports it."""
-    q = queries("jobq")
+    q = RuntimeSQL.load("jobq")
     samples = []
     with psycopg.connect(url) as c:
         cur = psycopg.RawCursor(c)

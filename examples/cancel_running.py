@@ -12,7 +12,7 @@ import asyncio
 import time
 
 from jobqueue import Client, Context, task
-from jobqueue.worker import Worker
+from jobqueue.runtime.worker import Worker
 
 
 @task("long_parse")

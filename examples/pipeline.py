@@ -18,11 +18,11 @@ from pathlib import Path
 
 import psycopg
 
+from jobq_workers.documents import enqueue_files
 from jobqueue import get_settings
-from jobqueue.database import resolve_url
-from jobqueue.documents import enqueue_files
-from jobqueue.migrate import migrate
-from jobqueue.worker import Worker
+from jobqueue.admin.migrate import migrate
+from jobqueue.db.connect import resolve_url
+from jobqueue.runtime.worker import Worker
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 

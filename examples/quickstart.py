@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from jobqueue import Client, Context, task
-from jobqueue.worker import Worker
+from jobqueue.runtime.worker import Worker
 
 
 @task("greet", max_retries=2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine, text
 
 from jobqueue import Client, Context, task
-from jobqueue.database import resolve_url, sqlalchemy_url
+from jobqueue.db.connect import resolve_url, sqlalchemy_url
 
 
 @task("send_receipt")

@@ -3,8 +3,8 @@
 The public API is the names below; everything else is internal and may change.
 """
 
-from .aproducer import AsyncClient
-from .context import Context
+from .client.aio import AsyncClient
+from .client.sync import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
 from .errors import (
     Cancelled,
     DatabaseUnavailable,
@@ -16,8 +16,8 @@ from .errors import (
     UnknownTaskType,
 )
 from .models import Task
-from .producer import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
 from .registry import task
+from .runtime.context import Context
 from .settings import Settings, get_settings
 
 __version__ = "0.1.0"

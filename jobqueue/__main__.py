@@ -1,3 +1,3 @@
-from .cli import main
+from jobqueue.cli import main
 
 main()

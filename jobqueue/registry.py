@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from .errors import ConfigurationError, UnknownTaskType
+from jobqueue.errors import ConfigurationError, UnknownTaskType
 
 ENTRY_POINT_GROUP = "jobq.tasks"
 Isolation = Literal["thread", "process"]

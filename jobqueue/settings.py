@@ -90,7 +90,7 @@ def get_settings() -> Settings:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from .errors import ConfigurationError
+    from jobqueue.errors import ConfigurationError
 
     try:
         return Settings()

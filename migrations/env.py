@@ -10,9 +10,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from jobqueue.database import resolve_url, sqlalchemy_url
-from jobqueue.schema import MIGRATION_LOCK_KEY
+from jobqueue.db.connect import resolve_url, sqlalchemy_url
 from jobqueue.settings import get_settings
+from jobqueue.states import MIGRATION_LOCK_KEY
 
 config = context.config
 schema = config.attributes.get("schema")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO
+from support import REPO
 
 if str(REPO) not in sys.path:  # bench/ is a top-level package of the checkout, not installed
     sys.path.insert(0, str(REPO))
@@ -24,7 +24,7 @@ from bench import chaos
 
 @pytest.fixture(scope="module")
 def report(db_url: str, embedded_home: Path | None) -> chaos.Report:
-    from jobqueue import embedded
+    from jobqueue.admin import embedded
 
     restart = None
     if embedded_home is not None:
@@ -59,16 +59,16 @@ def test_short_chaos_run_keeps_every_promise(report: chaos.Report, embedded_home
 def test_the_checks_can_fail(db_url: str, report: chaos.Report) -> None:
     """Break each invariant on the finished run's rows; the same SQL must now report it."""
     with psycopg.connect(db_url, autocommit=True) as c:
-        ids = [r[0] for r in c.execute("SELECT id FROM jobq.tasks ORDER BY id")]
-        done_effect = c.execute("SELECT id, attempt FROM jobq.tasks WHERE status = 'done' AND type = 'chaos_quick' "
+        ids = [r[0] for r in c.execute("SELECT id FROM tasks ORDER BY id")]
+        done_effect = c.execute("SELECT id, attempt FROM tasks WHERE status = 'done' AND type = 'chaos_quick' "
                                 "LIMIT 3").fetchall()
         (a, att), (b, _), (d, _) = done_effect
         c.execute("INSERT INTO public.chaos_effects (task_id, attempt) VALUES (%s, %s)", (a, att))  # twice
-        c.execute("UPDATE jobq.tasks SET status = 'queued' WHERE id = %s", (b,))  # not terminal
-        c.execute("DELETE FROM jobq.tasks WHERE id = %s", (d,))  # lost (its effect row is orphaned)
-        c.execute("UPDATE jobq.tasks SET attempt = attempt + 1 WHERE id = (SELECT min(id) FROM jobq.tasks "
+        c.execute("UPDATE tasks SET status = 'queued' WHERE id = %s", (b,))  # not terminal
+        c.execute("DELETE FROM tasks WHERE id = %s", (d,))  # lost (its effect row is orphaned)
+        c.execute("UPDATE tasks SET attempt = attempt + 1 WHERE id = (SELECT min(id) FROM tasks "
                   "WHERE status = 'failed')")  # an unexplained attempt
-        c.execute("UPDATE jobq.workers SET done = done + 1 WHERE id = (SELECT min(id) FROM jobq.workers)")
+        c.execute("UPDATE workers SET done = done + 1 WHERE id = (SELECT min(id) FROM workers)")
     again = chaos.Report(profile="tampered", tasks=report.tasks, workers=report.workers, pgbouncer=None)
     chaos.check(db_url, ids, [], again)
     failed = {k for k, v in again.invariants.items() if not v}

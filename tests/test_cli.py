@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import jobq_cli
+from support import jobq_cli
 
 
 def one_line_error(r: Any) -> str:
@@ -20,7 +20,7 @@ def one_line_error(r: Any) -> str:
 
 
 def tasks_count(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    row = conn.execute("SELECT count(*) FROM tasks").fetchone()
     assert row is not None
     return int(row[0])
 

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from conftest import REPO, jobq_cli
+from support import REPO, jobq_cli
 
 from jobqueue import registry
 
@@ -203,20 +203,20 @@ def dashboard_db(db_url: str) -> str:
     assert jobq_cli("roles").returncode == 0
     with psycopg.connect(db_url, autocommit=True) as c:
         c.execute("""
-            INSERT INTO jobq.tasks (type, status, run_at) SELECT 'g_a', 'queued', now() - interval '1 minute'
+            INSERT INTO tasks (type, status, run_at) SELECT 'g_a', 'queued', now() - interval '1 minute'
             FROM generate_series(1, 3);
-            INSERT INTO jobq.tasks (type, status, run_at, started_at, finished_at, process_duration,
+            INSERT INTO tasks (type, status, run_at, started_at, finished_at, process_duration,
                                     last_error)
             SELECT 'g_b', CASE WHEN i % 4 = 0 THEN 'failed' ELSE 'done' END, now() - interval '5 s',
                    now() - interval '4 s', now() - i * interval '20 seconds', 1.5,
                    CASE WHEN i % 4 = 0 THEN 'ValueError: nope' END
             FROM generate_series(1, 20) i;
-            INSERT INTO jobq.workers (id, host, pid, types, concurrency) VALUES ('g-w', 'h', 1, '{g_a}', 2);
-            INSERT INTO jobq.batches (owner, requested) VALUES ('me', 1);
-            INSERT INTO jobq.documents (batch_id, name, size, format, kind, parser, pages, content_digest,
+            INSERT INTO workers (id, host, pid, types, concurrency) VALUES ('g-w', 'h', 1, '{g_a}', 2);
+            INSERT INTO batches (owner, requested) VALUES ('me', 1);
+            INSERT INTO documents (batch_id, name, size, format, kind, parser, pages, content_digest,
                                         content)
             VALUES (1, 'a.txt', 2, 'txt', 'text', 'general', 1, 'dg', 'hi');
-            INSERT INTO jobq.tasks (type, status, doc_id, batch_id, finished_at)
+            INSERT INTO tasks (type, status, doc_id, batch_id, finished_at)
             VALUES ('g_b', 'done', 1, 1, now());
         """)
     return db_url

@@ -7,9 +7,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import REPO, BackgroundWorker, jobq_cli, wait_for
+from support import REPO, BackgroundWorker, jobq_cli, wait_for
 
-from jobqueue.documents import enqueue_files
+from jobq_workers.documents import enqueue_files
 
 SAMPLES = REPO / "examples" / "samples"
 HANDBOOK = str(SAMPLES / "handbook.pdf")
@@ -19,21 +19,21 @@ GUIDE = str(SAMPLES / "guide.md")
 
 @pytest.fixture
 def fresh(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    conn.execute("TRUNCATE jobq.tasks, jobq.documents, jobq.batches, jobq.chunks, jobq.workers "
+    conn.execute("TRUNCATE tasks, documents, batches, chunks, workers "
                  "RESTART IDENTITY CASCADE")
     return conn
 
 
 def ranges(conn: psycopg.Connection[Any], doc_id: int) -> list[tuple[int, int]]:
     return [(r[0], r[1]) for r in conn.execute(
-        "SELECT from_page, to_page FROM jobq.tasks WHERE doc_id = %s AND type = 'dataflow' ORDER BY from_page",
+        "SELECT from_page, to_page FROM tasks WHERE doc_id = %s AND type = 'dataflow' ORDER BY from_page",
         (doc_id,)).fetchall()]
 
 
 def finish(conn: psycopg.Connection[Any], doc_ids: list[int]) -> None:
     with BackgroundWorker(["dataflow", "raptor"], concurrency=4, poll_seconds=0.2):
         wait_for(lambda: conn.execute(
-            "SELECT bool_and(status IN ('done', 'failed', 'cancelled')) FROM jobq.document_progress "
+            "SELECT bool_and(status IN ('done', 'failed', 'cancelled')) FROM document_progress "
             "WHERE doc_id = ANY(%s)", (doc_ids,)).fetchone()[0], timeout=60)
 
 
@@ -45,10 +45,10 @@ def test_every_page_lands_in_exactly_one_task(fresh: psycopg.Connection[Any]) ->
     assert ranges(fresh, md) == [(0, 1)]
     pages = [p for lo, hi in ranges(fresh, pdf) for p in range(lo, hi)]
     assert sorted(pages) == list(range(37))
-    row = fresh.execute("SELECT name, format, kind, pages, size, content IS NOT NULL, batch_id FROM jobq.documents "
+    row = fresh.execute("SELECT name, format, kind, pages, size, content IS NOT NULL, batch_id FROM documents "
                         "WHERE id = %s", (pdf,)).fetchone()
     assert row == ("handbook.pdf", "pdf", "pdf", 37, Path(HANDBOOK).stat().st_size, True, res.batch_id)
-    assert fresh.execute("SELECT files, processed, requested, rejected FROM jobq.batch_progress WHERE batch_id = %s",
+    assert fresh.execute("SELECT files, processed, requested, rejected FROM batch_progress WHERE batch_id = %s",
                          (res.batch_id,)).fetchone() == (3, 0, 3, 0)
 
 
@@ -56,11 +56,11 @@ def test_pages_option_through_the_cli_keeps_the_last_page(fresh: psycopg.Connect
     r = jobq_cli("enqueue", HANDBOOK, "--pages", "1-20,30-37", "--page-size", "5", "--priority", "3",
                  "--owner", "ann")
     assert r.returncode == 0, r.stderr
-    doc_id = fresh.execute("SELECT id FROM jobq.documents").fetchone()[0]
+    doc_id = fresh.execute("SELECT id FROM documents").fetchone()[0]
     assert ranges(fresh, doc_id) == [(0, 5), (5, 10), (10, 15), (15, 20), (29, 34), (34, 37)]
     covered = sorted(p for lo, hi in ranges(fresh, doc_id) for p in range(lo, hi))
     assert covered == [*range(0, 20), *range(29, 37)]  # page 37 (index 36) included, 21-29 not
-    assert fresh.execute("SELECT DISTINCT priority, owner FROM jobq.tasks").fetchall() == [(3, "ann")]
+    assert fresh.execute("SELECT DISTINCT priority, owner FROM tasks").fetchall() == [(3, "ann")]
     assert f"document {doc_id}, 6 task(s)" in r.stdout
 
 
@@ -85,9 +85,9 @@ def test_bad_files_get_one_line_each_and_leave_no_row(fresh: psycopg.Connection[
         assert line.startswith("error: ") and name in line, line
     assert "encrypted" in lines[1] and "no such file" in lines[4] and "zero bytes" in lines[0]
     assert "guide.md: document 1" in r.stdout
-    assert fresh.execute("SELECT name FROM jobq.documents").fetchall() == [("guide.md",)]
-    assert fresh.execute("SELECT count(*) FROM jobq.tasks").fetchone()[0] == 1
-    assert fresh.execute("SELECT requested, rejected FROM jobq.batches").fetchone() == (6, 5)
+    assert fresh.execute("SELECT name FROM documents").fetchall() == [("guide.md",)]
+    assert fresh.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
+    assert fresh.execute("SELECT requested, rejected FROM batches").fetchone() == (6, 5)
 
 
 def test_size_limit_in_python_and_in_the_database(fresh: psycopg.Connection[Any]) -> None:
@@ -96,9 +96,9 @@ def test_size_limit_in_python_and_in_the_database(fresh: psycopg.Connection[Any]
     assert "over the limit of 1000 bytes" in r.stderr and "--by-reference" in r.stderr
     r = jobq_cli("enqueue", HANDBOOK, "--by-reference", env={"JOBQ_MAX_DOCUMENT_BYTES": "1000"})
     assert r.returncode == 0, r.stderr
-    assert fresh.execute("SELECT content IS NULL, uri FROM jobq.documents").fetchone() == (True, HANDBOOK)
+    assert fresh.execute("SELECT content IS NULL, uri FROM documents").fetchone() == (True, HANDBOOK)
     with pytest.raises(psycopg.errors.CheckViolation, match="documents_size_limit"):
-        fresh.execute("INSERT INTO jobq.documents (name, size, format, kind, parser, pages, content_digest, content) "
+        fresh.execute("INSERT INTO documents (name, size, format, kind, parser, pages, content_digest, content) "
                       "SELECT 'big', 104857601, 'txt', 'text', 'general', 1, 'x', "
                       "convert_to(repeat('a', 104857601), 'UTF8')")
 
@@ -108,33 +108,33 @@ def test_unchanged_document_reuses_its_chunks_and_force_reprocesses(fresh: psyco
     doc = first.files[0].doc_id
     assert doc is not None
     finish(fresh, [doc])
-    before = fresh.execute("SELECT array_agg(id ORDER BY id) FROM jobq.chunks WHERE doc_id = %s", (doc,)).fetchone()[0]
+    before = fresh.execute("SELECT array_agg(id ORDER BY id) FROM chunks WHERE doc_id = %s", (doc,)).fetchone()[0]
     assert len(before) > 10
 
     again = enqueue_files([HANDBOOK]).files[0]
     assert (again.doc_id, again.reused, again.queued) == (doc, 4, 0)
-    tasks = fresh.execute("SELECT id, status, progress, progress_msg FROM jobq.tasks WHERE doc_id = %s ORDER BY id",
+    tasks = fresh.execute("SELECT id, status, progress, progress_msg FROM tasks WHERE doc_id = %s ORDER BY id",
                           (doc,)).fetchall()
     assert [t[0] for t in tasks] == again.tasks  # the first run's tasks are gone
     assert all(t[1] == "done" and t[2] == 1 and "Reused" in t[3] for t in tasks)
-    after = fresh.execute("SELECT array_agg(id ORDER BY id), array_agg(DISTINCT task_id) FROM jobq.chunks "
+    after = fresh.execute("SELECT array_agg(id ORDER BY id), array_agg(DISTINCT task_id) FROM chunks "
                           "WHERE doc_id = %s", (doc,)).fetchone()
     assert after[0] == before and sorted(after[1]) == again.tasks
-    assert fresh.execute("SELECT status, progress FROM jobq.document_progress WHERE doc_id = %s",
+    assert fresh.execute("SELECT status, progress FROM document_progress WHERE doc_id = %s",
                          (doc,)).fetchone() == ("done", 1.0)
 
     # A narrower selection keeps the first two windows and changes the third: only that one runs.
     partial = enqueue_files([HANDBOOK], page_size=12, pages="1-12,13-30").files[0]
     assert (partial.reused, partial.queued) == (2, 1)
-    assert fresh.execute("SELECT count(*) FROM jobq.chunks WHERE doc_id = %s AND from_page >= 30",
+    assert fresh.execute("SELECT count(*) FROM chunks WHERE doc_id = %s AND from_page >= 30",
                          (doc,)).fetchone()[0] == 0  # pages no longer selected lost their chunks
     finish(fresh, [doc])
 
     forced = enqueue_files([HANDBOOK], force=True).files[0]
     assert (forced.reused, forced.queued) == (0, 4)
-    assert fresh.execute("SELECT count(*) FROM jobq.chunks WHERE doc_id = %s", (doc,)).fetchone()[0] == 0
+    assert fresh.execute("SELECT count(*) FROM chunks WHERE doc_id = %s", (doc,)).fetchone()[0] == 0
     finish(fresh, [doc])
-    final = fresh.execute("SELECT array_agg(id ORDER BY id) FROM jobq.chunks WHERE doc_id = %s", (doc,)).fetchone()[0]
+    final = fresh.execute("SELECT array_agg(id ORDER BY id) FROM chunks WHERE doc_id = %s", (doc,)).fetchone()[0]
     assert len(final) == len(before) and not set(final) & set(before)
 
 
@@ -142,7 +142,7 @@ def test_reenqueue_while_processing_is_refused(fresh: psycopg.Connection[Any]) -
     doc = enqueue_files([GUIDE]).files[0].doc_id
     res = enqueue_files([GUIDE]).files[0]
     assert res.error is not None and f"document {doc}" in res.error and "still being processed" in res.error
-    assert fresh.execute("SELECT count(*) FROM jobq.tasks").fetchone()[0] == 1
+    assert fresh.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
 
 
 def test_document_status_rules(fresh: psycopg.Connection[Any]) -> None:
@@ -150,14 +150,14 @@ def test_document_status_rules(fresh: psycopg.Connection[Any]) -> None:
     pdf, md = (f.doc_id for f in res.files)
 
     def state(doc: int | None) -> tuple[str, float]:
-        row = fresh.execute("SELECT status, progress FROM jobq.document_progress WHERE doc_id = %s",
+        row = fresh.execute("SELECT status, progress FROM document_progress WHERE doc_id = %s",
                             (doc,)).fetchone()
         return row[0], round(row[1], 3)
 
     def task_set(doc: int | None, n: int, status: str, progress: float) -> None:
-        fresh.execute("UPDATE jobq.tasks SET status = %s, progress = %s, "
+        fresh.execute("UPDATE tasks SET status = %s, progress = %s, "
                       "finished_at = CASE WHEN %s IN ('done', 'failed', 'cancelled') THEN now() END, "
-                      "started_at = now() WHERE id = (SELECT id FROM jobq.tasks WHERE doc_id = %s "
+                      "started_at = now() WHERE id = (SELECT id FROM tasks WHERE doc_id = %s "
                       "ORDER BY id OFFSET %s LIMIT 1)", (status, progress, status, doc, n))
 
     assert state(pdf) == ("queued", 0)
@@ -170,7 +170,7 @@ def test_document_status_rules(fresh: psycopg.Connection[Any]) -> None:
     assert state(pdf) == ("failed", 0.75)
     task_set(md, 0, "cancelled", 0)
     assert state(md) == ("cancelled", 0)
-    assert fresh.execute("SELECT files, processed, succeeded, failed, cancelled FROM jobq.batch_progress "
+    assert fresh.execute("SELECT files, processed, succeeded, failed, cancelled FROM batch_progress "
                          "WHERE batch_id = %s", (res.batch_id,)).fetchone() == (2, 2, 0, 1, 1)
     task_set(pdf, 0, "done", 1)
     assert state(pdf) == ("done", 1)
@@ -179,18 +179,18 @@ def test_document_status_rules(fresh: psycopg.Connection[Any]) -> None:
 def test_queue_position_follows_the_claim_order(fresh: psycopg.Connection[Any]) -> None:
     res = enqueue_files([HANDBOOK, INVENTORY], priority=0)
     urgent = enqueue_files([GUIDE], priority=5)
-    fresh.execute("UPDATE jobq.tasks SET run_at = now() + interval '1 hour' WHERE from_page = 24")  # not runnable
+    fresh.execute("UPDATE tasks SET run_at = now() + interval '1 hour' WHERE from_page = 24")  # not runnable
     order = [r[0] for r in fresh.execute(
-        "SELECT id FROM jobq.tasks WHERE status = 'queued' AND run_at <= now() "
+        "SELECT id FROM tasks WHERE status = 'queued' AND run_at <= now() "
         "ORDER BY priority DESC, run_at, id").fetchall()]
     positions = dict(fresh.execute(
-        "SELECT id, jobq.queue_position(id) FROM jobq.tasks WHERE run_at <= now()").fetchall())
+        "SELECT id, queue_position(id) FROM tasks WHERE run_at <= now()").fetchall())
     assert [positions[i] for i in order] == list(range(len(order)))
     assert positions[urgent.files[0].tasks[0]] == 0
-    docs = dict(fresh.execute("SELECT doc_id, queue_position FROM jobq.document_progress").fetchall())
+    docs = dict(fresh.execute("SELECT doc_id, queue_position FROM document_progress").fetchall())
     assert docs[res.files[0].doc_id] == 1 and docs[res.files[1].doc_id] == 4
-    fresh.execute("UPDATE jobq.tasks SET status = 'running' WHERE id = %s", (order[0],))
-    assert fresh.execute("SELECT jobq.queue_position(%s), jobq.queue_position(%s)",
+    fresh.execute("UPDATE tasks SET status = 'running' WHERE id = %s", (order[0],))
+    assert fresh.execute("SELECT queue_position(%s), queue_position(%s)",
                          (order[0], order[1])).fetchone() == (None, 0)
 
 

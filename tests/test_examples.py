@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import psycopg
-from conftest import REPO
+from support import REPO
 
 
 def load(name: str) -> ModuleType:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from support import REPO
 
 
 def run(db_url: str) -> subprocess.CompletedProcess[str]:

@@ -24,10 +24,10 @@ from typing import Any
 import handlers  # noqa: F401 - registers t_other, the type the CLI cases enqueue
 import psycopg
 import pytest
-from conftest import FULL, REPO
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from support import FULL, REPO
 
 from jobqueue import Client, JobqError, TaskSpec, task
 from jobqueue.errors import UnknownTaskType
@@ -66,7 +66,7 @@ async def fz_typed(ctx: Any, payload: Page) -> None:
 # ---------------------------------------------------------------- strategies
 
 TRICKY = [
-    "", " ", "'", "''", "'; DROP TABLE jobq.tasks; --", "\" OR 1=1 --", "$1", "%s", "%(x)s", "{}", "[]", "null",
+    "", " ", "'", "''", "'; DROP TABLE tasks; --", "\" OR 1=1 --", "$1", "%s", "%(x)s", "{}", "[]", "null",
     "NULL", "\\", "\\\\", "\\u0000", "\\x00", "E'\\\\000'", "\x00", "a\x00b", "\ud800", "\udfff", "\u2028\u2029",
     "\ufeff", "e\u0301", "\U0010ffff", "\U0001f642", "ﬀ", "[bold]x[/]", "[/]", "\x1b[31mred", "\r\n", "\t",
     "x" * 1001, "é" * 600, "postgresql://u:pw@h/db",
@@ -137,14 +137,14 @@ def json_equal(a: Any, b: Any) -> bool:
 
 
 def rows(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT (SELECT count(*) FROM jobq.tasks) + (SELECT count(*) FROM jobq.documents)"
-                       " + (SELECT count(*) FROM jobq.batches)").fetchone()
+    row = conn.execute("SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM documents)"
+                       " + (SELECT count(*) FROM batches)").fetchone()
     assert row is not None
     return int(row[0])
 
 
 def reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("TRUNCATE jobq.tasks, jobq.documents, jobq.batches RESTART IDENTITY CASCADE")
+    conn.execute("TRUNCATE tasks, documents, batches RESTART IDENTITY CASCADE")
 
 
 def as_utc(when: datetime) -> datetime:
@@ -276,7 +276,7 @@ def test_duplicate_dedupe_key_returns_the_live_task(client: Client, conn: psycop
     a = client.enqueue("fz_plain", first, dedupe_key=key)
     assert client.enqueue("fz_plain", second, dedupe_key=key) == a
     assert rows(conn) == 1 and json_equal(first if first is not None else {}, client.get(a).payload)
-    conn.execute("UPDATE jobq.tasks SET status = 'done' WHERE id = %s", (a,))
+    conn.execute("UPDATE tasks SET status = 'done' WHERE id = %s", (a,))
     b = client.enqueue("fz_plain", second, dedupe_key=key)  # a finished task frees its key
     assert b != a and json_equal(second if second is not None else {}, client.get(b).payload)
 
@@ -403,7 +403,7 @@ SAMPLE_PDF = (REPO / "examples" / "samples" / "handbook.pdf").read_bytes()
 
 
 def _doc_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
-    row = conn.execute("SELECT (SELECT count(*) FROM jobq.documents), (SELECT count(*) FROM jobq.tasks)").fetchone()
+    row = conn.execute("SELECT (SELECT count(*) FROM documents), (SELECT count(*) FROM tasks)").fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
@@ -422,7 +422,7 @@ def test_document_files_of_any_bytes(db_url: str, tmp_path_factory: pytest.TempP
                                      suffix: str) -> None:
     """Any bytes under any name: the file is enqueued with a document and its tasks, or refused with a
     one-line error and nothing written for it; never an exception."""
-    from jobqueue.documents import enqueue_files
+    from jobq_workers.documents import enqueue_files
 
     path = tmp_path_factory.mktemp("fz-doc") / f"f{suffix}"
     path.write_bytes(data)

@@ -18,13 +18,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import FULL, REPO, BackgroundWorker, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import FULL, REPO, BackgroundWorker, wait_for
 
 from jobqueue import Client, Context, Fail, task
-from jobqueue.database import redact_text
-from jobqueue.listener import Listener
+from jobqueue.db.connect import redact_text
+from jobqueue.runtime.listener import Listener
 from jobqueue.settings import get_settings
 
 SECRET = "hunter2-Sekr3t"
@@ -71,7 +71,7 @@ def _all_text(records: list[logging.LogRecord]) -> str:
 def test_worker_with_unreachable_password_url_logs_no_password(db_url: str,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """The worker retries an unreachable database, logging each failure: none may carry the password."""
-    from jobqueue.worker import Worker
+    from jobqueue.runtime.worker import Worker
 
     url = f"postgresql://app:{SECRET}@127.0.0.1:{_closed_port()}/nowhere"
     caplog.set_level(logging.DEBUG)
@@ -109,7 +109,7 @@ def test_listener_with_password_url_logs_no_password(caplog: pytest.LogCaptureFi
 
 def test_worker_listen_url_setting_is_used(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """JOBQ_LISTEN_URL sends LISTEN to its own URL (PgBouncer in transaction mode cannot LISTEN)."""
-    from jobqueue.worker import Worker
+    from jobqueue.runtime.worker import Worker
 
     bad = f"postgresql://app:{SECRET}@127.0.0.1:{_closed_port()}/nowhere"
     monkeypatch.setenv("JOBQ_LISTEN_URL", bad)
@@ -184,18 +184,18 @@ def test_redact_text_removes_any_password(password: str, user: str, scheme: str,
 
 
 def test_payload_ceiling_holds_for_every_plain_sql_path(conn: psycopg.Connection[Any]) -> None:
-    """The CHECK on jobq.tasks refuses an oversized payload whatever writes it: INSERT, UPDATE, COPY."""
+    """The CHECK on tasks refuses an oversized payload whatever writes it: INSERT, UPDATE, COPY."""
     big = json.dumps({"blob": "y" * 2_200_000})
-    ok = conn.execute("INSERT INTO jobq.tasks (type, payload) VALUES ('hy_raise', '{}') RETURNING id").fetchone()
+    ok = conn.execute("INSERT INTO tasks (type, payload) VALUES ('hy_raise', '{}') RETURNING id").fetchone()
     assert ok is not None
     with pytest.raises(psycopg.errors.CheckViolation):
-        conn.execute("INSERT INTO jobq.tasks (type, payload) VALUES ('hy_raise', %s::jsonb)", (big,))
+        conn.execute("INSERT INTO tasks (type, payload) VALUES ('hy_raise', %s::jsonb)", (big,))
     with pytest.raises(psycopg.errors.CheckViolation):
-        conn.execute("UPDATE jobq.tasks SET payload = %s::jsonb WHERE id = %s", (big, ok[0]))
+        conn.execute("UPDATE tasks SET payload = %s::jsonb WHERE id = %s", (big, ok[0]))
     with pytest.raises(psycopg.errors.CheckViolation), conn.cursor() as cur, \
-            cur.copy("COPY jobq.tasks (type, payload) FROM STDIN") as copy:
+            cur.copy("COPY tasks (type, payload) FROM STDIN") as copy:
         copy.write_row(("hy_raise", big))
-    row = conn.execute("SELECT count(*) FROM jobq.tasks WHERE octet_length(payload::text) > 2097152").fetchone()
+    row = conn.execute("SELECT count(*) FROM tasks WHERE octet_length(payload::text) > 2097152").fetchone()
     assert row == (0,)
 
 
@@ -205,9 +205,9 @@ def test_payload_ceiling_holds_for_an_already_compressed_value(conn: psycopg.Con
     conn.execute("INSERT INTO big_src SELECT jsonb_build_object('blob', repeat('z', 3000000))")
     try:
         with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("INSERT INTO jobq.tasks (type, payload) SELECT 'hy_raise', j FROM big_src")
+            conn.execute("INSERT INTO tasks (type, payload) SELECT 'hy_raise', j FROM big_src")
     finally:
-        conn.execute("DELETE FROM jobq.tasks WHERE type = 'hy_raise' AND octet_length(payload::text) > 2097152")
+        conn.execute("DELETE FROM tasks WHERE type = 'hy_raise' AND octet_length(payload::text) > 2097152")
 
 
 def test_python_limit_is_tighter_than_the_database(client: Client, conn: psycopg.Connection[Any],

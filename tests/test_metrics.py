@@ -17,11 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import REPO, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support import REPO, wait_for
 
 from jobqueue import Client
-from jobqueue.exporter import ViewsCollector
+from jobqueue.observe.exporter import ViewsCollector
 
 HANDLERS = """
 from typing import Any
@@ -120,7 +120,7 @@ def test_worker_metrics_endpoint(
     client.enqueue("m_retry", {})
     # A task whose worker died: its lease expired, the new worker's rescuer requeues it.
     conn.execute(
-        "INSERT INTO jobq.tasks (type, status, worker_id, attempt, started_at, lease_expires_at) "
+        "INSERT INTO tasks (type, status, worker_id, attempt, started_at, lease_expires_at) "
         "VALUES ('m_ok', 'running', 'dead-worker', 1, now() - interval '1 minute', "
         "now() - interval '10 seconds')"
     )
@@ -146,7 +146,7 @@ def test_worker_metrics_endpoint(
         wait_http(port, proc)
         wait_for(
             lambda: (
-                conn.execute("SELECT count(*) FROM jobq.tasks WHERE finished_at IS NULL").fetchone() == (0,)
+                conn.execute("SELECT count(*) FROM tasks WHERE finished_at IS NULL").fetchone() == (0,)
             ),
             timeout=30,
         )
@@ -177,17 +177,17 @@ def test_worker_metrics_endpoint(
 def test_exporter_reads_the_views(
     db_url: str, handlers: Path, client: Client, conn: psycopg.Connection[Any]
 ) -> None:
-    conn.execute("TRUNCATE jobq.tasks, jobq.workers RESTART IDENTITY CASCADE")
+    conn.execute("TRUNCATE tasks, workers RESTART IDENTITY CASCADE")
     client.enqueue_many("m_ok", [{}] * 4)
     client.enqueue("m_ok", {}, delay=3600)
     conn.execute(
-        "INSERT INTO jobq.tasks (type, status, run_at, finished_at, started_at, process_duration, "
+        "INSERT INTO tasks (type, status, run_at, finished_at, started_at, process_duration, "
         "last_error) "
         "SELECT 'm_fail', 'failed', now() - interval '2 s', now(), now() - interval '1 s', 0.5, "
         "'Fail: refused' FROM generate_series(1, 3)"
     )
     conn.execute(
-        "INSERT INTO jobq.workers (id, host, pid, types, concurrency) VALUES ('w1', 'h', 1, '{m_ok}', 2)"
+        "INSERT INTO workers (id, host, pid, types, concurrency) VALUES ('w1', 'h', 1, '{m_ok}', 2)"
     )
     port = free_port()
     proc = start(["exporter", "--port", str(port), "--addr", "127.0.0.1"], handlers)

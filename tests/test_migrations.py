@@ -8,15 +8,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
-from conftest import REPO, create_database, drop_database, jobq_cli
+from support import REPO, create_database, drop_database, jobq_cli
 
-from jobqueue.migrate import current, migrate
+from jobqueue.admin.migrate import current, migrate
 
 
 def _head() -> str:
     from alembic.script import ScriptDirectory
 
-    from jobqueue.migrate import alembic_config
+    from jobqueue.admin.migrate import alembic_config
 
     return str(ScriptDirectory.from_config(alembic_config("postgresql://x@/y")).get_current_head())
 
@@ -73,7 +73,7 @@ def test_custom_schema(server_url: str) -> None:
         migrate(url, schema="myq")
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT to_regclass('myq.tasks')").fetchone() == ("myq.tasks",)
-            assert conn.execute("SELECT to_regclass('jobq.tasks')").fetchone() == (None,)
+            assert conn.execute("SELECT to_regclass('tasks')").fetchone() == (None,)
         r = jobq_cli("migrate", env={"JOBQ_DATABASE_URL": url, "JOBQ_SCHEMA": "myq"})
         assert r.returncode == 0, r.stderr
     finally:

@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
+from support import channel
 
 from jobqueue import AsyncClient, Client, InvalidPayload, TaskSpec, UnknownTaskType, task
 from jobqueue.errors import InvalidTransition, TaskNotFound
@@ -36,7 +37,7 @@ async def t_typed(ctx: Any, payload: Page) -> None:
 
 
 def count(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    row = conn.execute("SELECT count(*) FROM tasks").fetchone()
     assert row is not None
     return int(row[0])
 
@@ -60,7 +61,7 @@ def test_dedupe_returns_live_task(client: Client, conn: psycopg.Connection[Any],
     a = client.enqueue("t_plain", {"n": 1}, dedupe_key="doc-1")
     b = client.enqueue("t_plain", {"n": 2}, dedupe_key="doc-1")
     assert a == b and count(conn) == 1
-    conn.execute("UPDATE jobq.tasks SET status = 'done' WHERE id = %s", (a,))
+    conn.execute("UPDATE tasks SET status = 'done' WHERE id = %s", (a,))
     c = client.enqueue("t_plain", {"n": 3}, dedupe_key="doc-1")  # a finished task frees its key
     assert c != a and count(conn) == 2
 
@@ -77,7 +78,7 @@ def test_copy_batch_of_50000(client: Client, conn: psycopg.Connection[Any], clea
     ids = client.enqueue_many("t_plain", ({"i": i} for i in range(50_000)))
     assert len(ids) == len(set(ids)) == 50_000
     assert count(conn) == 50_000
-    row = conn.execute("SELECT payload FROM jobq.tasks WHERE id = %s", (ids[12345],)).fetchone()
+    row = conn.execute("SELECT payload FROM tasks WHERE id = %s", (ids[12345],)).fetchone()
     assert row == ({"i": 12345},)
 
 
@@ -107,7 +108,7 @@ def _drain_notifies(listener: psycopg.Connection[Any], wait: float = 0.3) -> lis
 
 
 def test_notify_once_per_statement_on_commit_only(db_url: str, client: Client, clean: None) -> None:
-    listener = _listen(db_url, "jobq.t_plain")
+    listener = _listen(db_url, channel("t_plain"))
     try:
         with psycopg.connect(db_url) as tx:
             client.enqueue_many("t_plain", [{"i": i} for i in range(10_000)], connection=tx)
@@ -116,7 +117,7 @@ def test_notify_once_per_statement_on_commit_only(db_url: str, client: Client, c
         assert len(_drain_notifies(listener)) == 1
         # plain SQL inserts wake workers too
         with psycopg.connect(db_url, autocommit=True) as c:
-            c.execute("INSERT INTO jobq.tasks (type) SELECT 't_plain' FROM generate_series(1, 500)")
+            c.execute("INSERT INTO tasks (type) SELECT 't_plain' FROM generate_series(1, 500)")
         assert len(_drain_notifies(listener)) == 1
     finally:
         listener.close()
@@ -171,7 +172,7 @@ def test_transactional_enqueue_asyncpg(db_url: str, conn: psycopg.Connection[Any
 
     tid = asyncio.run(go())
     assert count(conn) == 1
-    row = conn.execute("SELECT payload FROM jobq.tasks WHERE id = %s", (tid,)).fetchone()
+    row = conn.execute("SELECT payload FROM tasks WHERE id = %s", (tid,)).fetchone()
     assert row == ({"n": 2},)
 
 
@@ -211,14 +212,14 @@ def test_deep_and_huge_payloads(client: Client, conn: psycopg.Connection[Any], c
     with pytest.raises(InvalidPayload, match="limit"):
         client.enqueue("t_plain", {"blob": "x" * 2_000_000})
     assert count(conn) == 0
-    shaped = {"a": [1, 2.5, None, True, {"b": "é\u2028🙂"}], "s": "'; DROP TABLE jobq.tasks; --"}
+    shaped = {"a": [1, 2.5, None, True, {"b": "é\u2028🙂"}], "s": "'; DROP TABLE tasks; --"}
     assert client.get(client.enqueue("t_plain", shaped)).payload == shaped
 
 
 def test_database_limit_holds_for_plain_sql(conn: psycopg.Connection[Any]) -> None:
     big = json.dumps({"blob": "y" * 3_000_000})
     with pytest.raises(psycopg.errors.CheckViolation):
-        conn.execute("INSERT INTO jobq.tasks (type, payload) VALUES ('t_plain', %s::jsonb)", (big,))
+        conn.execute("INSERT INTO tasks (type, payload) VALUES ('t_plain', %s::jsonb)", (big,))
 
 
 def test_unknown_type(client: Client) -> None:

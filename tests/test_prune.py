@@ -10,13 +10,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import BackgroundWorker, jobq_cli, wait_for
+from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 
 from jobqueue import Client, Context, Settings, task
-from jobqueue.database import aconnect
-from jobqueue.maintenance import pruner
-from jobqueue.schema import PRUNER_LOCK_KEY
-from jobqueue.sql import queries
+from jobqueue.db.connect import aconnect
+from jobqueue.db.queries import RuntimeSQL
+from jobqueue.runtime.maintenance import pruner
+from jobqueue.states import PRUNER_LOCK_KEY
 
 
 @task("p_work")
@@ -42,7 +42,7 @@ def history(
     cols = ", ".join(extra)
     vals = ", ".join("%s" for _ in extra)
     conn.execute(
-        f"INSERT INTO jobq.tasks (type, status, finished_at, created_at{', ' + cols if cols else ''}) "
+        f"INSERT INTO tasks (type, status, finished_at, created_at{', ' + cols if cols else ''}) "
         "SELECT %s, %s, now() - make_interval(secs => %s), "
         "now() - make_interval(secs => %s) - interval '1 s'"
         f"{', ' + vals if vals else ''} FROM generate_series(1, %s)",
@@ -53,7 +53,7 @@ def history(
 def counts(conn: psycopg.Connection[Any]) -> dict[tuple[str, int], int]:
     rows = conn.execute(
         "SELECT status, round(extract(epoch FROM now() - COALESCE(finished_at, created_at)) / 86400)"
-        "::int, count(*) FROM jobq.tasks GROUP BY 1, 2"
+        "::int, count(*) FROM tasks GROUP BY 1, 2"
     ).fetchall()
     return {(r[0], r[1]): r[2] for r in rows}
 
@@ -70,28 +70,28 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
     history(conn, 6, "failed", 10)
     history(conn, 3, "failed", 40)
     conn.execute(
-        "INSERT INTO jobq.tasks (type, status, run_at, created_at) "
+        "INSERT INTO tasks (type, status, run_at, created_at) "
         "VALUES ('p_old', 'queued', now() - interval '40 days', now() - interval '40 days'), "
         "       ('p_old', 'waiting', now(), now() - interval '40 days')"
     )
     conn.execute(
-        "INSERT INTO jobq.tasks (type, status, started_at, created_at, lease_expires_at) "
+        "INSERT INTO tasks (type, status, started_at, created_at, lease_expires_at) "
         "VALUES ('p_old', 'running', now() - interval '40 days', now() - interval '40 days', now())"
     )
     # A document's old done task with its chunk: the task goes, the chunk stays (unlinked).
     doc = conn.execute(
-        "INSERT INTO jobq.documents (name, size, format, kind, parser, pages, content_digest, content) "
+        "INSERT INTO documents (name, size, format, kind, parser, pages, content_digest, content) "
         "VALUES ('a.txt', 2, 'txt', 'text', 'general', 1, 'd1', 'hi') RETURNING id"
     ).fetchone()
     assert doc is not None
     task_row = conn.execute(
-        "INSERT INTO jobq.tasks (type, status, doc_id, finished_at) VALUES ('p_old', 'done', %s, "
+        "INSERT INTO tasks (type, status, doc_id, finished_at) VALUES ('p_old', 'done', %s, "
         "now() - interval '9 days') RETURNING id",
         (doc[0],),
     ).fetchone()
     assert task_row is not None
     conn.execute(
-        "INSERT INTO jobq.chunks (doc_id, task_id, position, from_page, to_page, text, token_count, digest) "
+        "INSERT INTO chunks (doc_id, task_id, position, from_page, to_page, text, token_count, digest) "
         "VALUES (%s, %s, 0, 0, 0, 'hi', 1, 'c1')",
         (doc[0], task_row[0]),
     )
@@ -101,7 +101,7 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
         _with_conn(db_url, lambda c: pruner.prune(c, "jobq", pruner.default_plans(settings), dry_run=True))
     )
     assert (dry.rows, dry.batches) == (29, 0)
-    assert conn.execute("SELECT count(*) FROM jobq.tasks").fetchone() == (42,)
+    assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (42,)
 
     result = run(
         _with_conn(db_url, lambda c: pruner.prune(c, "jobq", pruner.default_plans(settings), batch=7))
@@ -115,8 +115,8 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
         ("waiting", 40): 1,
         ("running", 40): 1,
     }
-    assert conn.execute("SELECT doc_id, task_id FROM jobq.chunks").fetchall() == [(doc[0], None)]
-    assert conn.execute("SELECT count(*) FROM jobq.documents").fetchone() == (1,)
+    assert conn.execute("SELECT doc_id, task_id FROM chunks").fetchall() == [(doc[0], None)]
+    assert conn.execute("SELECT count(*) FROM documents").fetchone() == (1,)
 
 
 def test_prune_bounds_and_validation(conn: psycopg.Connection[Any], clean: None, db_url: str) -> None:
@@ -144,13 +144,13 @@ def test_a_pruning_batch_never_blocks_a_claim(
             claimer.execute("SET lock_timeout = '500ms'")
             with psycopg.RawCursor(claimer) as cur:
                 claimed = cur.execute(
-                    queries("jobq").claim, (["p_work"], [10], 10, "w-test", 30.0)
+                    RuntimeSQL.load(SCHEMA).claim, (["p_work"], [10], 10, "w-test", 30.0)
                 ).fetchall()
         assert len(claimed) == 10
         pruning.commit()
     finally:
         pruning.close()
-    assert conn.execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone() == (1000,)
+    assert conn.execute("SELECT count(*) FROM tasks WHERE status = 'done'").fetchone() == (1000,)
 
 
 def test_prune_while_a_worker_keeps_claiming(
@@ -172,7 +172,7 @@ def test_prune_while_a_worker_keeps_claiming(
         wait_for(
             lambda: (
                 conn.execute(
-                    "SELECT count(*) FROM jobq.tasks WHERE type = 'p_work' AND status = 'done'"
+                    "SELECT count(*) FROM tasks WHERE type = 'p_work' AND status = 'done'"
                 ).fetchone()
                 == (600,)
             ),
@@ -180,7 +180,7 @@ def test_prune_while_a_worker_keeps_claiming(
         )
         t.join(60)
     assert results and results[0].rows == 20_000 and results[0].batches == math.ceil(20_000 / 500) + 1
-    assert conn.execute("SELECT count(*) FROM jobq.tasks WHERE type = 'p_old'").fetchone() == (100,)
+    assert conn.execute("SELECT count(*) FROM tasks WHERE type = 'p_old'").fetchone() == (100,)
     assert all(client.get(i).status == "done" for i in ids[:5])
 
 
@@ -190,7 +190,7 @@ def test_worker_maintenance_prunes_and_catches_up(
     history(conn, 3000, "done", 10)
     history(conn, 10, "failed", 10)
     conn.execute(
-        "INSERT INTO jobq.workers (id, host, pid, types, concurrency, last_seen) "
+        "INSERT INTO workers (id, host, pid, types, concurrency, last_seen) "
         "VALUES ('long-gone', 'h', 1, '{p_work}', 1, now() - interval '30 days')"
     )
     settings = Settings(keep_done_days=7, keep_failed_days=30, heartbeat_seconds=0.5)
@@ -205,8 +205,8 @@ def test_worker_maintenance_prunes_and_catches_up(
 
     got = run(_with_conn(db_url, passes))
     assert 0 < got[0] < 3000 and sum(got) == 3000 and got[-1] == 0
-    assert conn.execute("SELECT count(*) FROM jobq.tasks").fetchone() == (10,)
-    assert conn.execute("SELECT count(*) FROM jobq.workers").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (10,)
+    assert conn.execute("SELECT count(*) FROM workers").fetchone() == (0,)
 
     # Another process holds the pruner lock: this one does nothing.
     history(conn, 5, "done", 10)
@@ -219,7 +219,7 @@ def test_worker_maintenance_prunes_and_catches_up(
     monkeypatch.setattr(pruner, "_state", pruner._State())
     with BackgroundWorker(["p_work"], settings=settings, poll_seconds=0.1):
         wait_for(
-            lambda: conn.execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone() == (0,)
+            lambda: conn.execute("SELECT count(*) FROM tasks WHERE status = 'done'").fetchone() == (0,)
         )
 
 

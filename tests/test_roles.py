@@ -16,11 +16,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from conftest import BackgroundWorker, jobq_cli, wait_for
 from psycopg import errors
+from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 
 from jobqueue import Client, Context, task
-from jobqueue.cli_roles import scram_verifier
+from jobqueue.cli.roles import scram_verifier
 
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
@@ -73,7 +73,7 @@ def granted(conn: psycopg.Connection[Any], role: str, rel: str) -> set[str]:
     return {
         p
         for p in PRIVILEGES
-        if conn.execute("SELECT has_table_privilege(%s, %s, %s)", (role, f"jobq.{rel}", p)).fetchone()
+        if conn.execute("SELECT has_table_privilege(%s, %s, %s)", (role, f"{SCHEMA}.{rel}", p)).fetchone()
         == (True,)
     }
 
@@ -91,25 +91,25 @@ def test_dashboard_reads_everything_writes_nothing(conn: psycopg.Connection[Any]
     for rel in rels:
         assert granted(conn, "jobq_dashboard", rel) == {"SELECT"}, rel
 
-    conn.execute("INSERT INTO jobq.tasks (type) VALUES ('r_seen')")
+    conn.execute("INSERT INTO tasks (type) VALUES ('r_seen')")
     dash = as_role("jobq_dashboard")
     for rel in rels:
-        dash.execute(f"SELECT * FROM jobq.{rel} LIMIT 1").fetchall()
-    assert dash.execute("SELECT queued FROM jobq.queue_depth WHERE type = 'r_seen'").fetchone() == (1,)
-    denied(dash, "INSERT INTO jobq.tasks (type) VALUES ('x')")
-    denied(dash, "UPDATE jobq.tasks SET priority = 1")
-    denied(dash, "DELETE FROM jobq.tasks")
-    denied(dash, "TRUNCATE jobq.tasks")
-    denied(dash, "UPDATE jobq.workers SET done = 0")
-    denied(dash, "INSERT INTO jobq.queues (type, paused) VALUES ('x', true)")
-    denied(dash, "SELECT nextval('jobq.tasks_id_seq')")
-    denied(dash, "CREATE TABLE jobq.evil (x int)")
-    denied(dash, "CREATE VIEW jobq.evil AS SELECT 1")
+        dash.execute(f"SELECT * FROM {rel} LIMIT 1").fetchall()
+    assert dash.execute("SELECT queued FROM queue_depth WHERE type = 'r_seen'").fetchone() == (1,)
+    denied(dash, "INSERT INTO tasks (type) VALUES ('x')")
+    denied(dash, "UPDATE tasks SET priority = 1")
+    denied(dash, "DELETE FROM tasks")
+    denied(dash, "TRUNCATE tasks")
+    denied(dash, "UPDATE workers SET done = 0")
+    denied(dash, "INSERT INTO queues (type, paused) VALUES ('x', true)")
+    denied(dash, "SELECT nextval('tasks_id_seq')")
+    denied(dash, "CREATE TABLE evil (x int)")
+    denied(dash, "CREATE VIEW evil AS SELECT 1")
     with pytest.raises(errors.InsufficientPrivilege):  # must be owner
-        dash.execute("DROP VIEW jobq.queue_depth")
+        dash.execute("DROP VIEW queue_depth")
     with pytest.raises(errors.InsufficientPrivilege):
-        dash.execute("ALTER TABLE jobq.tasks ADD COLUMN evil int")
-    conn.execute("DELETE FROM jobq.tasks WHERE type = 'r_seen'")
+        dash.execute("ALTER TABLE tasks ADD COLUMN evil int")
+    conn.execute("DELETE FROM tasks WHERE type = 'r_seen'")
 
 
 def test_dashboard_login_is_read_only(conn: psycopg.Connection[Any]) -> None:
@@ -140,18 +140,18 @@ def test_producer_enqueues_reads_cancels_but_never_deletes(
         assert client.get(one, connection=prod).status == "queued"
     finally:
         client.close()
-    denied(prod, "DELETE FROM jobq.tasks WHERE id = %s", keyed)
+    denied(prod, "DELETE FROM tasks WHERE id = %s", keyed)
     # Its one way to delete: replacing a re-enqueued document's finished run.
-    prod.execute("SELECT jobq.replace_document_run(-1, '{}'::bigint[])")
+    prod.execute("SELECT replace_document_run(-1, '{}'::bigint[])")
     dash = as_role("jobq_dashboard")
-    denied(dash, "SELECT jobq.replace_document_run(-1, '{}'::bigint[])")
-    denied(prod, "TRUNCATE jobq.tasks")
-    denied(prod, "INSERT INTO jobq.workers (id, host, pid, types, concurrency) VALUES ('x', 'h', 1, '{}', 1)")
-    denied(prod, "UPDATE jobq.queues SET paused = true")
-    denied(prod, "CREATE TABLE jobq.evil (x int)")
+    denied(dash, "SELECT replace_document_run(-1, '{}'::bigint[])")
+    denied(prod, "TRUNCATE tasks")
+    denied(prod, "INSERT INTO workers (id, host, pid, types, concurrency) VALUES ('x', 'h', 1, '{}', 1)")
+    denied(prod, "UPDATE queues SET paused = true")
+    denied(prod, "CREATE TABLE evil (x int)")
     with pytest.raises(errors.InsufficientPrivilege):
-        prod.execute("ALTER TABLE jobq.tasks ADD COLUMN evil int")
-    conn.execute("DELETE FROM jobq.tasks WHERE type = 'r_ok'")
+        prod.execute("ALTER TABLE tasks ADD COLUMN evil int")
+    conn.execute("DELETE FROM tasks WHERE type = 'r_ok'")
 
 
 def test_worker_role_runs_a_real_worker(conn: psycopg.Connection[Any], roles: str, client: Client) -> None:
@@ -164,19 +164,19 @@ def test_worker_role_runs_a_real_worker(conn: psycopg.Connection[Any], roles: st
         ids = client.enqueue_many("r_ok", [{}] * 5)
         with BackgroundWorker(["r_ok"], url=as_user(roles, login), poll_seconds=0.2, heartbeat_seconds=0.2):
             wait_for(lambda: all(client.get(i).status == "done" for i in ids))
-        row = conn.execute("SELECT done, stopped_at IS NOT NULL FROM jobq.workers").fetchone()
+        row = conn.execute("SELECT done, stopped_at IS NOT NULL FROM workers").fetchone()
         assert row == (5, True)
         with psycopg.connect(as_user(roles, login), autocommit=True) as w:
-            denied(w, "INSERT INTO jobq.tasks (type) VALUES ('r_ok')")
-            denied(w, "TRUNCATE jobq.tasks")
-            denied(w, "UPDATE jobq.queues SET paused = true")
-            denied(w, "CREATE TABLE jobq.evil (x int)")
+            denied(w, "INSERT INTO tasks (type) VALUES ('r_ok')")
+            denied(w, "TRUNCATE tasks")
+            denied(w, "UPDATE queues SET paused = true")
+            denied(w, "CREATE TABLE evil (x int)")
             with pytest.raises(errors.InsufficientPrivilege):
-                w.execute("DROP TABLE jobq.workers")
+                w.execute("DROP TABLE workers")
             # Retention runs in the workers: it may delete finished tasks.
-            assert w.execute("DELETE FROM jobq.tasks WHERE id = %s", (ids[0],)).rowcount == 1
+            assert w.execute("DELETE FROM tasks WHERE id = %s", (ids[0],)).rowcount == 1
     finally:
-        conn.execute("DELETE FROM jobq.tasks WHERE type = 'r_ok'")
+        conn.execute("DELETE FROM tasks WHERE type = 'r_ok'")
         conn.execute(f"DROP ROLE {login}")
 
 

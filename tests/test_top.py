@@ -16,29 +16,29 @@ import time
 
 import psycopg
 import pytest
-from conftest import REPO, jobq_cli
+from support import REPO, jobq_cli
 
-from jobqueue.dashboard import fetch, render_text, sparkline
+from jobqueue.observe.dashboard import fetch, render_text, sparkline
 
 
 @pytest.fixture(scope="module")
 def history(db_url: str) -> str:
     with psycopg.connect(db_url, autocommit=True) as c:
         c.execute("""
-            INSERT INTO jobq.tasks (type, status, run_at)
+            INSERT INTO tasks (type, status, run_at)
             SELECT 'top_a', 'queued', now() - interval '2 minutes'
             FROM generate_series(1, 3);
-            INSERT INTO jobq.tasks (type, status, run_at)
+            INSERT INTO tasks (type, status, run_at)
             VALUES ('top_a', 'queued', now() + interval '1 hour');
-            INSERT INTO jobq.tasks (type, status, worker_id, started_at, lease_expires_at)
+            INSERT INTO tasks (type, status, worker_id, started_at, lease_expires_at)
             VALUES ('top_a', 'running', 'w-top', now(), now() + interval '30 s');
-            INSERT INTO jobq.tasks (type, status, run_at, started_at, finished_at, process_duration)
+            INSERT INTO tasks (type, status, run_at, started_at, finished_at, process_duration)
             SELECT 'top_b', 'done', now() - interval '3 s', now() - interval '2 s',
                    now() - i * interval '1 minute', 2
             FROM generate_series(0, 9) i;
-            INSERT INTO jobq.tasks (type, status, finished_at, started_at, process_duration, last_error)
+            INSERT INTO tasks (type, status, finished_at, started_at, process_duration, last_error)
             VALUES ('top_b', 'failed', now(), now(), 0.1, 'KeyError: ''page_42''');
-            INSERT INTO jobq.workers (id, host, pid, types, concurrency, done, failed)
+            INSERT INTO workers (id, host, pid, types, concurrency, done, failed)
             VALUES ('w-top', 'host-1', 4242, '{top_a,top_b}', 8, 10, 1);
         """)
     return db_url

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from conftest import FULL, BackgroundWorker, wait_for
 from psycopg.rows import dict_row
+from support import FULL, SCHEMA, BackgroundWorker, wait_for
 
 from jobqueue import Context, Fail, task
-from jobqueue.sql import queries
+from jobqueue.db.queries import RuntimeSQL
 
 VIEWS = ("queue_depth", "throughput", "latency", "worker_health", "failures")
 HISTORY_ROWS = 10_000_000 if FULL else 300_000
@@ -43,7 +43,7 @@ def add(conn: psycopg.Connection[Any], n: int = 1, **cols: Any) -> None:
     exprs = [v[1:] if isinstance(v, str) and v.startswith("=") else "%s" for v in cols.values()]
     params = [v for v in cols.values() if not (isinstance(v, str) and v.startswith("="))]
     conn.execute(
-        f"INSERT INTO jobq.tasks ({', '.join(names)}) "
+        f"INSERT INTO tasks ({', '.join(names)}) "
         f"SELECT {', '.join(exprs)} FROM generate_series(1, {n}) i",
         params,
     )
@@ -63,9 +63,9 @@ def test_queue_depth_counts_live_and_last_hour(conn: psycopg.Connection[Any], cl
     add(conn, type="b", status="done", finished_at="=now() - interval '2 hours'")
     add(conn, type="b", status="failed", finished_at="=now() - interval '30 minutes'")
     add(conn, type="b", status="cancelled", finished_at="=now() - interval '59 minutes'")
-    conn.execute("INSERT INTO jobq.queues (type, paused) VALUES ('b', true)")
+    conn.execute("INSERT INTO queues (type, paused) VALUES ('b', true)")
 
-    got = {(r["type"], r["priority"]): r for r in rows(conn, "SELECT * FROM jobq.queue_depth")}
+    got = {(r["type"], r["priority"]): r for r in rows(conn, "SELECT * FROM queue_depth")}
     assert set(got) == {("a", 0), ("a", 5), ("b", 0)}
     a0 = got[("a", 0)]
     assert (a0["queued"], a0["runnable"], a0["scheduled"], a0["waiting"], a0["running"]) == (5, 3, 2, 2, 1)
@@ -133,9 +133,9 @@ def test_throughput_per_minute(conn: psycopg.Connection[Any], clean: None) -> No
     # Queued, never failed: not a retry.
     add(conn, type="a", status="queued", run_at="=now()")
 
-    got = rows(conn, "SELECT * FROM jobq.throughput ORDER BY type, minute")
+    got = rows(conn, "SELECT * FROM throughput ORDER BY type, minute")
     if now_minute(conn) != m:  # the minute turned between insert and read: the window moved
-        got = rows(conn, "SELECT * FROM jobq.throughput ORDER BY type, minute")
+        got = rows(conn, "SELECT * FROM throughput ORDER BY type, minute")
         m = now_minute(conn)
     assert {r["type"] for r in got} == {"a"}
     assert len(got) == 60
@@ -189,7 +189,7 @@ def test_latency_percentiles_per_window(conn: psycopg.Connection[Any], clean: No
     )
     add(conn, 5, type="l", status="cancelled", finished_at="=now() - interval '1 minute'")  # never started
 
-    got = {r["period"]: r for r in rows(conn, "SELECT * FROM jobq.latency WHERE type = 'l'")}
+    got = {r["period"]: r for r in rows(conn, "SELECT * FROM latency WHERE type = 'l'")}
     assert set(got) == {"5m", "1h", "24h"}
     assert [got[p]["tasks"] for p in ("5m", "1h", "24h")] == [100, 150, 150]
     assert got["5m"]["period_seconds"] == 300
@@ -202,12 +202,12 @@ def test_latency_percentiles_per_window(conn: psycopg.Connection[Any], clean: No
     assert got["1h"]["run_p95"] == pytest.approx(np.percentile(hour_runs, 95))
     assert got["1h"]["run_max"] == 1000.0 and got["1h"]["wait_max"] == pytest.approx(600.0, abs=1e-3)
     # A filter on the window does not compute the others (each is its own UNION ALL branch).
-    assert rows(conn, "SELECT count(*) AS n FROM jobq.latency WHERE period = '24h'")[0]["n"] == 1
+    assert rows(conn, "SELECT count(*) AS n FROM latency WHERE period = '24h'")[0]["n"] == 1
 
 
 def test_worker_health_states_and_leases(conn: psycopg.Connection[Any], clean: None) -> None:
     conn.execute("""
-        INSERT INTO jobq.workers (id, host, pid, types, concurrency, last_seen, stopped_at, done, failed)
+        INSERT INTO workers (id, host, pid, types, concurrency, last_seen, stopped_at, done, failed)
         VALUES
           ('alive', 'h1', 11, '{a,b}', 4, now() - interval '2 seconds', NULL, 10, 1),
           ('stale', 'h2', 22, '{a}', 2, now() - interval '5 minutes', NULL, 3, 0),
@@ -239,7 +239,7 @@ def test_worker_health_states_and_leases(conn: psycopg.Connection[Any], clean: N
     )
     add(conn, type="a", status="done", worker_id="alive", finished_at="=now()")
 
-    got = {r["worker_id"]: r for r in rows(conn, "SELECT * FROM jobq.worker_health")}
+    got = {r["worker_id"]: r for r in rows(conn, "SELECT * FROM worker_health")}
     assert {k: v["state"] for k, v in got.items()} == {"alive": "alive", "stale": "stale", "gone": "stopped"}
     assert (
         got["alive"]["running"],
@@ -306,7 +306,7 @@ def test_failures_grouped_by_error(conn: psycopg.Connection[Any], clean: None) -
     )
     add(conn, type="f", status="done", finished_at="=now()")  # no error: not a failure
 
-    got = {(r["type"], r["error"]): r for r in rows(conn, "SELECT * FROM jobq.failures")}
+    got = {(r["type"], r["error"]): r for r in rows(conn, "SELECT * FROM failures")}
     assert set(got) == {
         ("f", "ValueError: bad row N"),
         ("f", "Fail: page N missing"),
@@ -316,7 +316,7 @@ def test_failures_grouped_by_error(conn: psycopg.Connection[Any], clean: None) -
     bad = got[("f", "ValueError: bad row N")]
     assert (bad["failed"], bad["retried"], bad["tasks"]) == (3, 1, 4)
     assert bad["latest_message"].endswith("ValueError: bad row 7")  # the retry 2 minutes ago is the latest
-    latest = rows(conn, "SELECT id FROM jobq.tasks WHERE status = 'queued'")[0]["id"]
+    latest = rows(conn, "SELECT id FROM tasks WHERE status = 'queued'")[0]["id"]
     assert bad["latest_task_id"] == latest
     assert bad["first_seen"] < bad["last_seen"]
     lost = got[("f", "worker lost (lease expired)")]
@@ -354,29 +354,29 @@ def test_views_follow_a_real_worker(client: Any, conn: psycopg.Connection[Any], 
     with BackgroundWorker(["v_ok", "v_flaky", "v_bad"], concurrency=4, poll_seconds=0.2) as bw:
         wait_for(
             lambda: (
-                conn.execute("SELECT count(*) FROM jobq.tasks WHERE finished_at IS NULL").fetchone() == (0,)
+                conn.execute("SELECT count(*) FROM tasks WHERE finished_at IS NULL").fetchone() == (0,)
             )
         )
-        health = rows(conn, "SELECT * FROM jobq.worker_health")
+        health = rows(conn, "SELECT * FROM worker_health")
         assert bw.worker is not None
         assert [(h["worker_id"], h["state"], h["running"]) for h in health] == [(bw.worker.id, "alive", 0)]
         assert health[0]["types"] == ["v_ok", "v_flaky", "v_bad"]
     done = {
         r["type"]: (r["d"], r["f"])
         for r in rows(
-            conn, "SELECT type, sum(done) AS d, sum(failed) AS f FROM jobq.throughput GROUP BY type"
+            conn, "SELECT type, sum(done) AS d, sum(failed) AS f FROM throughput GROUP BY type"
         )
     }
     assert done == {"v_ok": (20, 0), "v_flaky": (3, 0), "v_bad": (0, 2)}
     fails = {
         (r["type"], r["error"]): (r["failed"], r["retried"])
-        for r in rows(conn, "SELECT * FROM jobq.failures")
+        for r in rows(conn, "SELECT * FROM failures")
     }
     assert fails == {("v_flaky", "ValueError: flaky N"): (0, 3), ("v_bad", "Fail: bad thing N"): (2, 0)}
-    lat = {r["type"]: r for r in rows(conn, "SELECT * FROM jobq.latency WHERE period = '5m'")}
+    lat = {r["type"]: r for r in rows(conn, "SELECT * FROM latency WHERE period = '5m'")}
     assert {t: r["tasks"] for t, r in lat.items()} == {"v_ok": 20, "v_flaky": 3, "v_bad": 2}
     assert all(0 <= r["wait_p99"] < 30 and 0 <= r["run_p99"] < 5 for r in lat.values())
-    health = rows(conn, "SELECT * FROM jobq.worker_health")
+    health = rows(conn, "SELECT * FROM worker_health")
     assert [(h["state"], h["done"], h["failed"]) for h in health] == [("stopped", 23, 2)]
 
 
@@ -393,7 +393,7 @@ def load_history(conn: psycopg.Connection[Any], n: int) -> None:
     try:
         conn.execute(
             """
-            INSERT INTO jobq.tasks (type, priority, status, run_at, created_at, started_at, finished_at,
+            INSERT INTO tasks (type, priority, status, run_at, created_at, started_at, finished_at,
                                     process_duration, progress, retry_count, last_error, worker_id, attempt)
             SELECT 'type' || (i % 5), (i % 3) - 1,
                    CASE WHEN i % 100 < 95 THEN 'done' WHEN i % 100 < 99 THEN 'failed' ELSE 'cancelled' END,
@@ -408,28 +408,28 @@ def load_history(conn: psycopg.Connection[Any], n: int) -> None:
                           AS f) x""".format(n=int(n))
         )
         conn.execute("""
-            INSERT INTO jobq.tasks (type, status, run_at, retry_count, last_error, started_at,
+            INSERT INTO tasks (type, status, run_at, retry_count, last_error, started_at,
                                     process_duration)
             SELECT 'type' || (i % 5), 'queued', now() + (i % 2) * interval '1 hour' - interval '5 minutes',
                    i % 10 / 9, CASE WHEN i % 10 = 9 THEN 'ValueError: again' END,
                    now() - interval '1 minute', 1
             FROM generate_series(1, 2000) i""")
         conn.execute("""
-            INSERT INTO jobq.tasks (type, status, started_at, worker_id, lease_expires_at, attempt)
+            INSERT INTO tasks (type, status, started_at, worker_id, lease_expires_at, attempt)
             SELECT 'type' || (i % 5), 'running', now(), 'w' || (i % 4), now() + interval '30 seconds', 1
             FROM generate_series(1, 50) i""")
         conn.execute("""
-            INSERT INTO jobq.tasks (type, status, depends_on, pending_deps)
+            INSERT INTO tasks (type, status, depends_on, pending_deps)
             SELECT 'type' || (i % 5), 'waiting', ARRAY[i::bigint], 1 FROM generate_series(1, 100) i""")
         conn.execute("""
-            INSERT INTO jobq.workers (id, host, pid, types, concurrency)
+            INSERT INTO workers (id, host, pid, types, concurrency)
             SELECT 'w' || i, 'h', i, '{type0}', 8 FROM generate_series(0, 3) i""")
     finally:
         conn.execute("RESET session_replication_role")
     # What autovacuum does after a bulk insert (this table's insert threshold is 5%): ANALYZE alone
     # leaves a partial index's size unknown after a TRUNCATE, and the planner then guesses it big.
-    conn.execute("VACUUM ANALYZE jobq.tasks")
-    conn.execute("ANALYZE jobq.workers")
+    conn.execute("VACUUM ANALYZE tasks")
+    conn.execute("ANALYZE workers")
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -461,7 +461,7 @@ def tasks_scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def big_history(db_url: str) -> int:
     with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute("TRUNCATE jobq.tasks, jobq.workers, jobq.queues RESTART IDENTITY CASCADE")
+        c.execute("TRUNCATE tasks, workers, queues RESTART IDENTITY CASCADE")
         started = time.monotonic()
         load_history(c, HISTORY_ROWS)
         print(f"loaded {HISTORY_ROWS} rows in {time.monotonic() - started:.1f}s")
@@ -470,14 +470,14 @@ def big_history(db_url: str) -> int:
 
 @pytest.mark.parametrize("view", VIEWS)
 def test_view_never_scans_history(conn: psycopg.Connection[Any], big_history: int, view: str) -> None:
-    plan = explain(conn, f"SELECT * FROM jobq.{view}")
+    plan = explain(conn, f"SELECT * FROM {view}")
     scans = tasks_scans(plan)
     assert scans, f"{view} does not read tasks?"
     seq = [n for n in scans if n["Node Type"] == "Seq Scan"]
     assert not seq, f"{view} scans the whole tasks table: {seq}"
     # The plan is also cheap in fact: rows read from tasks are the live rows plus the recent window
     # (24 hours of a 30-day history is 3.3%), never the history.
-    actual = explain(conn, f"SELECT * FROM jobq.{view}", analyze=True)
+    actual = explain(conn, f"SELECT * FROM {view}", analyze=True)
     read = sum(
         n.get("Actual Rows", 0) * n.get("Actual Loops", 1) + n.get("Rows Removed by Filter", 0)
         for n in tasks_scans(actual)
@@ -487,7 +487,7 @@ def test_view_never_scans_history(conn: psycopg.Connection[Any], big_history: in
 
 
 def test_claim_plan_unaffected(conn: psycopg.Connection[Any], big_history: int) -> None:
-    q = queries("jobq")
+    q = RuntimeSQL.load(SCHEMA)
     conn.execute("BEGIN")
     try:
         plan = explain(conn, q.claim, ["{type0,type1}", "{10,10}", 20, "w-plan", 30.0])

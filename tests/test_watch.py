@@ -11,12 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import REPO, BackgroundWorker, jobq_cli, wait_for
+from support import REPO, BackgroundWorker, jobq_cli, wait_for
 
+from jobq_workers.documents import enqueue_files
+from jobq_workers.watch import Target, parse_target
 from jobqueue import Context, Fail, registry
-from jobqueue.documents import enqueue_files
 from jobqueue.errors import DocumentError
-from jobqueue.watch import Target, parse_target
 
 
 def note(tmp_path: Path, text: str) -> str:
@@ -48,8 +48,8 @@ def test_wait_exits_0_when_every_document_is_done(conn: psycopg.Connection[Any],
         r = jobq_cli("enqueue", *files, "--then", "raptor", "--wait", timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 watched: 2 done" in r.stdout
-    batch = conn.execute("SELECT max(id) FROM jobq.batches").fetchone()[0]
-    assert conn.execute("SELECT files, succeeded FROM jobq.batch_progress WHERE batch_id = %s",
+    batch = conn.execute("SELECT max(id) FROM batches").fetchone()[0]
+    assert conn.execute("SELECT files, succeeded FROM batch_progress WHERE batch_id = %s",
                         (batch,)).fetchone() == (2, 2)
     again = jobq_cli("watch", f"batch:{batch}", "task:1")
     assert again.returncode == 0 and "3 watched: 3 done" in again.stdout, again.stdout
@@ -66,7 +66,7 @@ def test_wait_exits_1_when_a_document_fails(conn: psycopg.Connection[Any], tmp_p
         r = jobq_cli("enqueue", note(tmp_path, "gamma fails"), "--wait", timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "failed" in r.stdout and "the extraction service is broken" in r.stdout
-    doc = conn.execute("SELECT max(id) FROM jobq.documents").fetchone()[0]
+    doc = conn.execute("SELECT max(id) FROM documents").fetchone()[0]
     r = jobq_cli("watch", str(doc))
     assert r.returncode == 1 and "1 watched: 1 failed" in r.stdout
 
@@ -83,6 +83,6 @@ def test_ctrl_c_stops_watching_and_leaves_the_tasks_alone(conn: psycopg.Connecti
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 130, out + err
     assert "queued, 1 task(s) ahead" in out and "stopped watching" in out
-    rows = conn.execute("SELECT status, cancel_requested_at FROM jobq.tasks WHERE doc_id = ANY(%s)",
+    rows = conn.execute("SELECT status, cancel_requested_at FROM tasks WHERE doc_id = ANY(%s)",
                         ([doc, ahead.doc_id],)).fetchall()
     assert rows == [("queued", None)] * 2

@@ -3,6 +3,7 @@ leases and rescue, fencing, cancellation, shutdown, LISTEN reconnect."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -14,9 +15,10 @@ from typing import Any
 import handlers
 import psycopg
 import pytest
-from conftest import REPO, BackgroundWorker, wait_for
+from support import REPO, BackgroundWorker, wait_for
 
-from jobqueue import Client, metrics
+from jobqueue import Client
+from jobqueue.observe import metrics
 
 TESTS = str(REPO / "tests")
 
@@ -29,7 +31,7 @@ def _tables(db_url: str) -> None:
 
 @pytest.fixture
 def reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("TRUNCATE jobq.tasks, jobq.workers, jobq.queues, public.test_runs, public.test_effects "
+    conn.execute("TRUNCATE tasks, workers, queues, public.test_runs, public.test_effects "
                  "RESTART IDENTITY CASCADE")
 
 
@@ -40,7 +42,7 @@ def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
 
 
 def status(conn: psycopg.Connection[Any], task_id: int) -> str:
-    return str(one(conn, "SELECT status FROM jobq.tasks WHERE id = %s", task_id))
+    return str(one(conn, "SELECT status FROM tasks WHERE id = %s", task_id))
 
 
 def spawn(types: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -83,7 +85,7 @@ def test_no_task_runs_twice_two_processes(client: Client, conn: psycopg.Connecti
         procs.append(spawn("t_record", "--concurrency", "8", "--burst"))
     for p in procs:
         assert p.wait(180) == 0, p.stderr.read() if p.stderr else ""
-    assert one(conn, "SELECT count(*) FROM jobq.tasks WHERE status = 'done'") == n
+    assert one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == n
     assert one(conn, "SELECT count(*) FROM public.test_runs") == n
     assert one(conn, "SELECT count(DISTINCT task_id) FROM public.test_runs") == n
     assert one(conn, "SELECT count(DISTINCT pid) FROM public.test_runs") == 2  # both did work
@@ -97,7 +99,7 @@ def test_notify_wakes_idle_worker_without_polling(client: Client, conn: psycopg.
         time.sleep(0.2)  # the first claim has found nothing; the worker now sleeps on its 60 s poll
         tid = client.enqueue("t_record", {})
         wait_for(lambda: status(conn, tid) == "done", timeout=3)
-    lag = one(conn, "SELECT extract(epoch FROM started_at - created_at) FROM jobq.tasks WHERE id = %s", tid)
+    lag = one(conn, "SELECT extract(epoch FROM started_at - created_at) FROM tasks WHERE id = %s", tid)
     assert lag < 1.0
 
 
@@ -108,21 +110,21 @@ def test_scheduled_task_starts_on_time(client: Client, conn: psycopg.Connection[
         time.sleep(1.0)
         assert status(conn, tid) == "queued"
         wait_for(lambda: status(conn, tid) == "done", timeout=3)
-    late = one(conn, "SELECT extract(epoch FROM started_at - run_at) FROM jobq.tasks WHERE id = %s", tid)
+    late = one(conn, "SELECT extract(epoch FROM started_at - run_at) FROM tasks WHERE id = %s", tid)
     assert 0 <= late < 0.3
 
 
 def test_local_and_global_type_concurrency(client: Client, conn: psycopg.Connection[Any], reset: None) -> None:
-    conn.execute("INSERT INTO jobq.queues (type, max_running) VALUES ('t_capped', 2)")
+    conn.execute("INSERT INTO queues (type, max_running) VALUES ('t_capped', 2)")
     client.enqueue_many("t_capped", [{} for _ in range(8)])
     peak = 0
     with BackgroundWorker(["t_capped"], concurrency=10, burst=True) as w1, \
             BackgroundWorker(["t_capped"], concurrency=10, burst=True) as w2:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and w1.thread.is_alive() | w2.thread.is_alive():
-            peak = max(peak, one(conn, "SELECT count(*) FROM jobq.tasks WHERE status = 'running'"))
+            peak = max(peak, one(conn, "SELECT count(*) FROM tasks WHERE status = 'running'"))
             time.sleep(0.02)
-    assert one(conn, "SELECT count(*) FROM jobq.tasks WHERE status = 'done'") == 8
+    assert one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 8
     assert peak == 2
 
 
@@ -138,7 +140,7 @@ def test_retries_with_backoff_then_failure(client: Client, conn: psycopg.Connect
     assert t.last_error is not None and "ValueError: transient trouble #3" in t.last_error
     assert "[ERROR]" in t.progress_msg and "(retry 1 of 2)" in t.progress_msg
     starts = [r[0] for r in conn.execute("SELECT at FROM public.test_runs WHERE task_id = %s ORDER BY at", (tid,))]
-    gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 2 and gaps[0] >= 0.09 and all(g < 2.0 for g in gaps)  # backoff, then on time
 
 
@@ -228,7 +230,7 @@ def test_zombie_cannot_complete_and_is_cancelled(client: Client, conn: psycopg.C
     with BackgroundWorker(["t_effect"], heartbeat_seconds=0.3, maintenance=False) as w:
         wait_for(lambda: one(conn, "SELECT count(*) FROM public.test_runs") == 1, timeout=10)
         # Another worker rescued and re-claimed the task: the attempt (fencing token) moved on.
-        conn.execute("UPDATE jobq.tasks SET attempt = attempt + 1, worker_id = 'someone-else' WHERE id = %s", (tid,))
+        conn.execute("UPDATE tasks SET attempt = attempt + 1, worker_id = 'someone-else' WHERE id = %s", (tid,))
         assert w.worker is not None
         wait_for(lambda: w.worker is not None and not w.worker._running, timeout=5)  # handler cancelled
     t = client.get(tid)
@@ -262,14 +264,14 @@ def test_cancel_queued_task_never_runs(client: Client, conn: psycopg.Connection[
 
 
 def test_cancel_whole_document(client: Client, conn: psycopg.Connection[Any], reset: None) -> None:
-    doc = one(conn, "INSERT INTO jobq.documents (name, size, format, kind, parser, pages, content_digest, uri) "
+    doc = one(conn, "INSERT INTO documents (name, size, format, kind, parser, pages, content_digest, uri) "
                     "VALUES ('a.pdf', 1, 'pdf', 'pdf', 'general', 4, 'x', '/nowhere/a.pdf') RETURNING id")
     ids = [client.enqueue("t_sleep", {"s": 20}, doc_id=doc) for _ in range(4)]
     with BackgroundWorker(["t_sleep"], concurrency=1):
         wait_for(lambda: any(status(conn, i) == "running" for i in ids))
         result = client.cancel(doc_id=doc)
         assert sorted(result.values()) == ["cancelled", "cancelled", "cancelled", "running"]
-        wait_for(lambda: one(conn, "SELECT count(*) FROM jobq.tasks WHERE doc_id = %s AND status = 'cancelled'",
+        wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE doc_id = %s AND status = 'cancelled'",
                              doc) == 4, timeout=5)
 
 
@@ -320,7 +322,7 @@ def test_listen_and_pool_survive_server_restart(client: Client, conn: psycopg.Co
                                                 embedded_home: Any) -> None:
     if embedded_home is None:
         pytest.skip("restarting the server needs the embedded PostgreSQL")
-    from jobqueue import embedded
+    from jobqueue.admin import embedded
 
     with BackgroundWorker(["t_record"], poll_seconds=60) as w:
         assert w.worker is not None

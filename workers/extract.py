@@ -5,7 +5,7 @@ between segments, which is why extraction is a generator that yields one page
 (or one table row) at a time instead of returning the whole range at once: a
 cancelled 12-page task stops after the current page, not after the twelfth.
 
-Format detection and PDF/table reading are shared with ``jobqueue.splitter``
+Format detection and PDF/table reading are shared with ``jobq_workers.splitter``
 so that the ranges computed at enqueue time address exactly the pages and
 rows read here.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from typing import Final
 
-from jobqueue.splitter import (
+from .splitter import (
     UnsupportedDocument,
     decode_text,
     detect_format,

@@ -1,6 +1,6 @@
 """jobq's driver for the side-by-side benchmark. Protocol: ``bench/README.md``.
 
-Workers are ``jobq worker``'s runtime (``jobqueue.worker.Worker``) in separate processes, on uvloop
+Workers are ``jobq worker``'s runtime (``jobqueue.runtime.worker.Worker``) in separate processes, on uvloop
 when it is installed (a dependency of jobq on Linux). Defaults: jobq's documented defaults
 (concurrency 100, durable: synchronous_commit stays on for enqueues and completions). Tuned: a larger
 concurrency, so each claim and each completion statement covers more tasks.
@@ -34,8 +34,8 @@ from _driverlib import (
 )
 
 from jobqueue import AsyncClient, Client, Context, get_settings, task
-from jobqueue.migrate import migrate
-from jobqueue.worker import Worker, new_event_loop
+from jobqueue.admin.migrate import migrate
+from jobqueue.runtime.worker import Worker, new_event_loop
 
 VERSION = version("jobq")
 TUNED_CONCURRENCY = 500

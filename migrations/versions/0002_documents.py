@@ -12,8 +12,8 @@ Create Date: 2026-11-24
 
 from alembic import op
 
-from jobqueue.schema import migration_schema
 from jobqueue.settings import get_settings
+from jobqueue.states import migration_schema
 
 revision = "0002"
 down_revision = "0001"

@@ -15,7 +15,7 @@ Create Date: 2026-11-24
 
 from alembic import op
 
-from jobqueue.schema import migration_schema
+from jobqueue.states import migration_schema
 
 revision = "0003"
 down_revision = "0002"

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 
 import pytest
+
 from jobq_workers.chunking import chunk, count_tokens, tokenize
 from jobq_workers.extract import Segment, extract
 

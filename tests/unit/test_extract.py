@@ -7,10 +7,10 @@ import sys
 from collections import Counter
 
 import pytest
-from jobq_workers.extract import Segment, extract, html_to_text, iter_extract
 from openpyxl import Workbook
 
-from jobqueue.splitter import UnsupportedDocument, count_units, detect_kind, split
+from jobq_workers.extract import Segment, extract, html_to_text, iter_extract
+from jobq_workers.splitter import UnsupportedDocument, count_units, detect_kind, split
 
 
 def test_pdf_pages_in_range(handbook_pdf: bytes) -> None:

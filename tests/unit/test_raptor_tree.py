@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from jobq_workers.chunking import chunk
 from jobq_workers.extract import extract
 from jobq_workers.raptor_tree import (

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from openpyxl import Workbook
 from pypdf import PdfReader, PdfWriter
 
-from jobqueue.splitter import (
+from jobq_workers.splitter import (
     TABLE_ROWS_PER_TASK,
     UnsupportedDocument,
     content_digest,

@@ -21,12 +21,12 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel, ValidationError
 
-from . import registry
-from .database import connect, resolve_url
-from .errors import InvalidPayload, InvalidTransition, JobqError, TaskNotFound
-from .models import Task
-from .settings import Settings, get_settings
-from .sql import Queries, queries
+from jobqueue import registry
+from jobqueue.db.connect import connect, resolve_url
+from jobqueue.db.queries import ClientSQL
+from jobqueue.errors import InvalidPayload, InvalidTransition, JobqError, TaskNotFound
+from jobqueue.models import Task
+from jobqueue.settings import Settings, get_settings
 
 INT32 = 2**31 - 1
 MAX_DEPTH = 64
@@ -250,7 +250,7 @@ class Client:
     def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self._url = url
-        self.q: Queries = queries(self.settings.schema_name)
+        self.q = ClientSQL.load(self.settings.schema_name)
         self._local = threading.local()
 
     @property
@@ -286,13 +286,13 @@ class Client:
             raise JobqError(f"unsupported connection type {type(connection).__name__} for the sync API")
         return conn, False
 
-    def _fetch(self, connection: Any, name: str, params: Sequence[Any]) -> builtins.list[tuple[Any, ...]]:
+    def _fetch(self, connection: Any, sql: str, params: Sequence[Any]) -> builtins.list[tuple[Any, ...]]:
         conn, _ = self._conn(connection)
         try:
             # Our own connection is in autocommit: one statement is its own transaction (no BEGIN/COMMIT
             # round trips); callers that need several statements wrap them in conn.transaction().
             with psycopg.RawCursor(conn) as cur:
-                cur.execute(self.q[name], params)
+                cur.execute(sql, params)
                 return cur.fetchall() if cur.description else []
         except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded,
                 psycopg.errors.CheckViolation, psycopg.errors.ForeignKeyViolation) as exc:
@@ -336,12 +336,12 @@ class Client:
                     deps: builtins.list[int] | None) -> int:
         status, pending, line = "queued", 0, ""
         if deps:
-            parents = self._fetch(conn, "lock_parents", (deps,))
+            parents = self._fetch(conn, self.q.lock_parents, (deps,))
             status, pending, line = _plan_dependencies([(r[0], r[1]) for r in parents], deps)
         params = (*row[:11], labels, row[11], status, deps, pending, line)
-        rows = self._fetch(conn, "enqueue", params)
+        rows = self._fetch(conn, self.q.enqueue, params)
         if not rows:  # the live duplicate finished between the conflict and our look-up: try again
-            rows = self._fetch(conn, "enqueue", params)
+            rows = self._fetch(conn, self.q.enqueue, params)
         return int(rows[0][0])
 
     def enqueue_many(
@@ -370,7 +370,7 @@ class Client:
                  labels: builtins.list[str] | None) -> builtins.list[int]:
         if any(r[5] is not None for r in rows):
             cols = list(zip(*rows, strict=True))
-            out = self._fetch(conn, "enqueue_many", (*[list(c) for c in cols], labels))
+            out = self._fetch(conn, self.q.enqueue_many, (*[list(c) for c in cols], labels))
             return [int(r[1]) for r in out]
         ids = [r[0] for r in conn.execute(
             f"SELECT nextval('{self.settings.schema_name}.tasks_id_seq') FROM generate_series(1, %s)",
@@ -432,7 +432,7 @@ class Client:
 
     def _cancel_in(self, conn: psycopg.Connection[Any], ids: builtins.list[int], doc_id: int | None,
                    reason: str) -> dict[int, str]:
-        rows = self._fetch(conn, "cancel", (ids, doc_id, _stamp(f"[Canceled] {reason}"),
+        rows = self._fetch(conn, self.q.cancel, (ids, doc_id, _stamp(f"[Canceled] {reason}"),
                                             self.settings.progress_log_chars,
                                             _stamp("[Canceled] a parent task was cancelled")))
         result = {int(r[0]): str(r[1]) for r in rows}
@@ -452,7 +452,7 @@ class Client:
         """Send a failed or cancelled task back to the queue for a fresh set of retries."""
         conn, _ = self._conn(connection)
         line = _stamp("[RETRY] requeued by user")
-        rows = self._fetch(conn, "retry", (task_id, line, self.settings.progress_log_chars))
+        rows = self._fetch(conn, self.q.retry, (task_id, line, self.settings.progress_log_chars))
         if not rows:
             status = self._state_of(conn, task_id)
             raise InvalidTransition(f"task {task_id} is {status}; only failed or cancelled tasks can be retried")

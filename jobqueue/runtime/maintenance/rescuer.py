@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..schema import RESCUER_LOCK_KEY
-from ..sql import Queries
+from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
+from jobqueue.states import RESCUER_LOCK_KEY
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,13 @@ class Rescued:
     cancelled: int
 
 
-async def rescue(conn: Any, q: Queries, *, log_chars: int) -> Rescued:
+async def rescue(conn: Any, q: MaintenanceSQL, rq: RuntimeSQL, *, log_chars: int) -> Rescued:
     """One rescue pass in its own transaction; returns what it did (nothing if another worker holds the lock)."""
     async with conn.transaction():
         rows = await conn.fetch(q.rescue, RESCUER_LOCK_KEY, log_chars)
         dead = [r["id"] for r in rows if r["status"] in ("failed", "cancelled") and r["has_dependents"]]
         if dead:
-            await conn.fetch(q.cancel_dependents, dead, "[Canceled] a parent task did not complete", log_chars)
+            await conn.fetch(rq.cancel_dependents, dead, "[Canceled] a parent task did not complete", log_chars)
     return Rescued(
         requeued=sum(1 for r in rows if r["status"] == "queued"),
         failed=sum(1 for r in rows if r["status"] == "failed"),

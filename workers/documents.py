@@ -23,11 +23,13 @@ import psycopg
 from rich.console import Console
 from rich.text import Text
 
-from . import registry, splitter
-from .database import connect, resolve_url
-from .errors import DocumentError, JobqError
-from .producer import LIVE, Client, TaskSpec
-from .settings import Settings, get_settings
+from jobqueue import registry
+from jobqueue.client.sync import LIVE, Client, TaskSpec
+from jobqueue.db.connect import connect, resolve_url
+from jobqueue.errors import DocumentError, JobqError
+from jobqueue.settings import Settings, get_settings
+
+from . import splitter
 
 DATAFLOW = "dataflow"
 
@@ -335,7 +337,7 @@ def enqueue_files_cli(
     """`jobq enqueue FILE...`: one line per file; exit 1 if any file was refused or (with --wait) failed."""
     import logging
 
-    from .cli import ensure_schema
+    from jobqueue.cli.app import ensure_schema
 
     # pypdf logs its repairs of damaged files as warnings; the refusal line already says what is wrong.
     logging.getLogger("pypdf").setLevel(logging.ERROR)

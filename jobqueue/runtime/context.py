@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .errors import Cancelled
+from jobqueue.errors import Cancelled
 
 if TYPE_CHECKING:
     import asyncpg

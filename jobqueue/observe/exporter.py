@@ -21,8 +21,8 @@ import psycopg
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .dashboard import Snapshot, fetch
-from .database import connect, redact_text
+from jobqueue.db.connect import connect, redact_text
+from jobqueue.observe.dashboard import Snapshot, fetch
 
 log = logging.getLogger("jobq.exporter")
 

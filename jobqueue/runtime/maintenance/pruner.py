@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..schema import PRUNER_LOCK_KEY
-from ..settings import Settings
+from jobqueue.settings import Settings
+from jobqueue.states import PRUNER_LOCK_KEY
 
 PRUNE_EVERY_SECONDS = 60.0
 BATCH = 1000

@@ -18,9 +18,9 @@ def watch(
                                                  show_default=False)],
 ) -> None:
     """Show live progress bars until everything watched has finished (exit 1 if anything failed)."""
-    from .cli import ensure_schema, out
-    from .watch import parse_target
-    from .watch import watch as run
+    from jobq_workers.watch import parse_target
+    from jobq_workers.watch import watch as run
+    from jobqueue.cli.app import ensure_schema, out
 
     parsed = [parse_target(t) for t in targets]
     ensure_schema()
@@ -37,10 +37,10 @@ def docs(
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import ensure_schema, fail, out
-    from .database import connect
-    from .settings import get_settings
-    from .watch import COLORS
+    from jobq_workers.watch import COLORS
+    from jobqueue.cli.app import ensure_schema, fail, out
+    from jobqueue.db.connect import connect
+    from jobqueue.settings import get_settings
 
     if status is not None and status not in COLORS:
         fail(f"unknown status {status!r} (one of: {', '.join(COLORS)})")

@@ -1,4 +1,4 @@
-"""The async producer API on asyncpg; same rules as :mod:`jobqueue.producer`.
+"""The async producer API on asyncpg; same rules as :mod:`jobqueue.client.sync`.
 
 Pass the caller's asyncpg connection (or a SQLAlchemy AsyncConnection/AsyncSession on the asyncpg
 driver) to enqueue inside the caller's transaction.
@@ -12,12 +12,12 @@ from typing import Any
 
 import asyncpg
 
-from .database import redact, resolve_url
-from .errors import DatabaseUnavailable, InvalidPayload, InvalidTransition, JobqError, TaskNotFound
-from .models import Task
-from .producer import TaskSpec, _labels, _plan_dependencies, _row, _stamp, rows_for
-from .settings import Settings, get_settings
-from .sql import Queries, queries
+from jobqueue.client.sync import TaskSpec, _labels, _plan_dependencies, _row, _stamp, rows_for
+from jobqueue.db.connect import redact, resolve_url
+from jobqueue.db.queries import ClientSQL
+from jobqueue.errors import DatabaseUnavailable, InvalidPayload, InvalidTransition, JobqError, TaskNotFound
+from jobqueue.models import Task
+from jobqueue.settings import Settings, get_settings
 
 AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
 
@@ -45,7 +45,7 @@ class AsyncClient:
     def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self._url = url
-        self.q: Queries = queries(self.settings.schema_name)
+        self.q = ClientSQL.load(self.settings.schema_name)
         self._pool: asyncpg.Pool | None = None
 
     async def _get_pool(self) -> asyncpg.Pool:

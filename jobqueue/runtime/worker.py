@@ -38,14 +38,15 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from . import __version__, metrics, registry
-from .context import ClaimedTask, Context
-from .database import normalize, redact_text, resolve_url
-from .errors import Cancelled, Fail, LeaseLost, Snooze
-from .maintenance import pruner, rescuer
-from .schema import cancel_channel, type_channel
-from .settings import Settings, get_settings
-from .sql import queries
+from jobqueue import __version__, registry
+from jobqueue.db.connect import normalize, redact_text, resolve_url
+from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
+from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
+from jobqueue.observe import metrics
+from jobqueue.runtime.context import ClaimedTask, Context
+from jobqueue.runtime.maintenance import pruner, rescuer
+from jobqueue.settings import Settings, get_settings
+from jobqueue.states import cancel_channel, type_channel
 
 log = logging.getLogger("jobq.worker")
 
@@ -130,7 +131,8 @@ class Worker:
         self.concurrency = concurrency or s.concurrency
         self.burst = burst
         self.url = url or resolve_url(s)
-        self.q = queries(s.schema_name)
+        self.q = RuntimeSQL.load(s.schema_name)
+        self.mq = MaintenanceSQL.load(s.schema_name)
         self.poll = poll_seconds if poll_seconds is not None else s.poll_seconds
         self.lease = lease_seconds if lease_seconds is not None else s.lease_seconds
         self.heartbeat_every = heartbeat_seconds if heartbeat_seconds is not None else s.heartbeat_seconds
@@ -165,7 +167,7 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._handles: set[asyncio.Task[Any]] = set()
         self._signals = 0
-        from .listener import Listener
+        from jobqueue.runtime.listener import Listener
 
         channels = [type_channel(s.schema_name, t) for t in self.types] + [cancel_channel(s.schema_name)]
         listen_url = normalize(s.listen_url) if s.listen_url else self.url
@@ -508,7 +510,7 @@ class Worker:
         elif spec.is_async:
             fut = asyncio.ensure_future(spec.handler(ctx, payload))
         elif spec.isolation == "process" or self.isolation == "process":
-            from .isolation import run_in_process
+            from jobqueue.runtime.isolation import run_in_process
 
             fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
         else:
@@ -720,7 +722,7 @@ class Worker:
         assert self._pool is not None
         try:
             async with self._pool.acquire() as conn:
-                rescued = await rescuer.rescue(conn, self.q, log_chars=self.log_chars)
+                rescued = await rescuer.rescue(conn, self.mq, self.q, log_chars=self.log_chars)
                 if rescued.requeued or rescued.failed or rescued.cancelled:
                     n = rescued.requeued + rescued.failed + rescued.cancelled
                     self.stats.rescued += n

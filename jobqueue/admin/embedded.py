@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EmbeddedServerError
+from jobqueue.errors import EmbeddedServerError
 
 SYSTEM_USER = "jobq"
 DATABASE = "jobq"

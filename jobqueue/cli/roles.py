@@ -179,9 +179,9 @@ def register(app: typer.Typer) -> None:
         """Create the jobq_dashboard (read-only), jobq_producer and jobq_worker roles and grant them."""
         import re
 
-        from .cli import ensure_schema, fail, out
-        from .database import connect, resolve_url
-        from .settings import get_settings
+        from jobqueue.cli.app import ensure_schema, fail, out
+        from jobqueue.db.connect import connect, resolve_url
+        from jobqueue.settings import get_settings
 
         settings = get_settings()
         prefix = prefix or settings.schema_name

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from . import embedded
-from .errors import ConfigurationError, DatabaseUnavailable, SchemaMissing
-from .settings import Settings, get_settings
+from jobqueue.admin import embedded
+from jobqueue.errors import ConfigurationError, DatabaseUnavailable, SchemaMissing
+from jobqueue.settings import Settings, get_settings
 
 _DRIVER = re.compile(r"^postgres(?:ql)?(\+\w+)?://")
 

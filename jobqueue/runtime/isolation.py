@@ -19,9 +19,9 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .context import ClaimedTask, Context
-from .errors import Cancelled, Fail, Snooze
-from .registry import TaskType
+from jobqueue.errors import Cancelled, Fail, Snooze
+from jobqueue.registry import TaskType
+from jobqueue.runtime.context import ClaimedTask, Context
 
 _mp = multiprocessing.get_context("fork")
 

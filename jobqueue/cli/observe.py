@@ -33,10 +33,10 @@ def register(app: typer.Typer) -> None:
         interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
     ) -> None:
         """Live dashboard of queues, throughput, latency, workers and failures (q or Ctrl-C quits)."""
-        from .cli import ensure_schema, fail
-        from .dashboard import run_top
-        from .database import resolve_url
-        from .settings import get_settings
+        from jobqueue.cli.app import ensure_schema, fail
+        from jobqueue.db.connect import resolve_url
+        from jobqueue.observe.dashboard import run_top
+        from jobqueue.settings import get_settings
 
         if interval <= 0:
             fail("--interval must be positive")
@@ -51,10 +51,10 @@ def register(app: typer.Typer) -> None:
         """The numbers of `jobq top`, once: for scripts (--json) or a quick look."""
         from rich.console import Console
 
-        from .cli import ensure_schema, out
-        from .dashboard import fetch, render
-        from .database import connect, resolve_url
-        from .settings import get_settings
+        from jobqueue.cli.app import ensure_schema, out
+        from jobqueue.db.connect import connect, resolve_url
+        from jobqueue.observe.dashboard import fetch, render
+        from jobqueue.settings import get_settings
 
         ensure_schema()
         with connect(resolve_url(), autocommit=True) as conn:
@@ -70,10 +70,10 @@ def register(app: typer.Typer) -> None:
         addr: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     ) -> None:
         """Serve cluster-wide Prometheus metrics read from the views (run one per cluster)."""
-        from .cli import ensure_schema
-        from .database import resolve_url
-        from .exporter import serve
-        from .settings import get_settings
+        from jobqueue.cli.app import ensure_schema
+        from jobqueue.db.connect import resolve_url
+        from jobqueue.observe.exporter import serve
+        from jobqueue.settings import get_settings
 
         ensure_schema()
         raise typer.Exit(serve(resolve_url(), get_settings().schema_name, port, addr))
@@ -97,11 +97,11 @@ def register(app: typer.Typer) -> None:
         ] = 1000,
     ) -> None:
         """Delete finished tasks now, in small batches that never block claims. Chunks are kept."""
-        from .cli import ensure_schema, fail, out
-        from .database import aconnect, resolve_url
-        from .maintenance.pruner import TERMINAL_STATUSES, PrunePlan, default_plans
-        from .maintenance.pruner import prune as run_prune
-        from .settings import get_settings
+        from jobqueue.cli.app import ensure_schema, fail, out
+        from jobqueue.db.connect import aconnect, resolve_url
+        from jobqueue.runtime.maintenance.pruner import TERMINAL_STATUSES, PrunePlan, default_plans
+        from jobqueue.runtime.maintenance.pruner import prune as run_prune
+        from jobqueue.settings import get_settings
 
         statuses = tuple(dict.fromkeys(status or TERMINAL_STATUSES))
         for s in statuses:

@@ -7,9 +7,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from .database import normalize, redact_text, resolve_url
-from .errors import DatabaseUnavailable
-from .settings import get_settings
+from jobqueue.db.connect import normalize, redact_text, resolve_url
+from jobqueue.errors import DatabaseUnavailable
+from jobqueue.settings import get_settings
 
 
 def alembic_config(url: str | None = None, schema: str | None = None) -> Config:

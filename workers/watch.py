@@ -22,10 +22,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .database import connect, resolve_url
-from .errors import DocumentError, TaskNotFound
-from .schema import progress_channel
-from .settings import get_settings
+from jobqueue.db.connect import connect, resolve_url
+from jobqueue.errors import DocumentError, TaskNotFound
+from jobqueue.settings import get_settings
+from jobqueue.states import progress_channel
 
 Kind = Literal["doc", "task", "batch"]
 FINISHED = ("done", "failed", "cancelled")

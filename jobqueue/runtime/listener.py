@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from .database import redact_text
+from jobqueue.db.connect import redact_text
 
 log = logging.getLogger("jobq.listener")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from datetime import datetime
 from typing import Annotated, Any, NoReturn
@@ -19,10 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import registry
-from .database import is_embedded, redact, redact_text, resolve_url
-from .errors import ConfigurationError, InvalidPayload, JobqError
-from .settings import get_settings
+from jobqueue import registry
+from jobqueue.db.connect import is_embedded, redact, redact_text, resolve_url
+from jobqueue.errors import InvalidPayload
+from jobqueue.settings import get_settings
 
 app = typer.Typer(
     name="jobq",
@@ -66,7 +65,7 @@ def _global(
 
 
 def _client() -> Any:
-    from .producer import Client
+    from jobqueue.client.sync import Client
 
     ensure_schema()
     return Client()
@@ -74,13 +73,13 @@ def _client() -> Any:
 
 def ensure_schema() -> None:
     """The embedded server is migrated on demand; a real server must have been migrated."""
-    from .database import check_schema, connect
-    from .migrate import migrate
+    from jobqueue.admin.migrate import migrate
+    from jobqueue.db.connect import check_schema, connect
 
     settings = get_settings()
     url = resolve_url(settings)
     if is_embedded(settings):
-        from .errors import SchemaMissing
+        from jobqueue.errors import SchemaMissing
 
         try:
             with connect(url) as conn:
@@ -101,8 +100,8 @@ def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Create or upgrade jobq's schema (safe to run from many processes at once)."""
-    from .migrate import current
-    from .migrate import migrate as run
+    from jobqueue.admin.migrate import current
+    from jobqueue.admin.migrate import migrate as run
 
     run(revision=revision)
     out.print(f"schema [bold]{get_settings().schema_name}[/] at revision {current()}")
@@ -142,7 +141,7 @@ def enqueue(
     if files:
         if type is not None:
             fail("give documents or --type, not both")
-        from .documents import enqueue_files_cli
+        from jobq_workers.documents import enqueue_files_cli
 
         code = enqueue_files_cli(
             files, parser=parser, page_size=page_size, pages=pages, priority=priority or 0, then=then,
@@ -193,7 +192,7 @@ def ls(
     limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
 ) -> None:
     """List tasks, newest first."""
-    from .schema import Status
+    from jobqueue.states import Status
 
     for s in status or []:
         if s not in {x.value for x in Status}:
@@ -254,7 +253,7 @@ def worker(
         "--import", "-i", help="Module that registers task types (repeatable; also JOBQ_IMPORTS).")] = None,
 ) -> None:
     """Run task handlers: `jobq worker --types dataflow,raptor`."""
-    from .worker import run_worker
+    from jobqueue.runtime.worker import run_worker
 
     registry.import_modules([*(imports or []), *get_settings().imports])
     wanted = [t.strip() for t in types.split(",") if t.strip()]
@@ -268,7 +267,7 @@ def worker(
         fail("--concurrency must be at least 1")
     ensure_schema()  # an unreachable database at start is one error line, not a retry loop
     if metrics_port is not None:
-        from .metrics import serve
+        from jobqueue.observe.metrics import serve
 
         serve(metrics_port)
     started = time.monotonic()
@@ -285,7 +284,7 @@ def worker(
 @db_app.command("status")
 def db_status() -> None:
     """Is the embedded server running, where, and on which URL."""
-    from . import embedded
+    from jobqueue.admin import embedded
 
     settings = get_settings()
     info = embedded.read_running(embedded.pgdata_dir(settings.home))
@@ -300,8 +299,8 @@ def db_status() -> None:
 @db_app.command("start")
 def db_start() -> None:
     """Start the embedded server (creating it on first use) and migrate it."""
-    from . import embedded
-    from .migrate import migrate as run
+    from jobqueue.admin import embedded
+    from jobqueue.admin.migrate import migrate as run
 
     info = embedded.ensure_running(get_settings().home)
     run(info.url())
@@ -311,7 +310,7 @@ def db_start() -> None:
 @db_app.command("stop")
 def db_stop() -> None:
     """Stop the embedded server."""
-    from . import embedded
+    from jobqueue.admin import embedded
 
     stopped = embedded.stop(get_settings().home)
     out.print("stopped" if stopped else "not running")
@@ -321,40 +320,3 @@ def db_stop() -> None:
 def db_url() -> None:
     """Print the URL jobq uses (starting the embedded server if needed): `psql "$(jobq db url)"`."""
     print(redact(resolve_url()))
-
-
-# ---------------------------------------------------------------- command groups in their own modules
-
-def _register_extensions() -> None:
-    from . import cli_documents, cli_observe, cli_roles
-
-    for module in (cli_documents, cli_observe, cli_roles):
-        module.register(app)
-
-
-_register_extensions()
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turning every error into one line and an exit code."""
-    import psycopg
-
-    try:
-        app(args=argv, standalone_mode=True, prog_name="jobq")
-    except JobqError as exc:
-        error_line(str(exc))
-        sys.exit(1)
-    except psycopg.Error as exc:
-        error_line(f"database: {str(exc).strip().splitlines()[0]}")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except OSError as exc:
-        error_line(str(exc))
-        sys.exit(1)
-
-
-__all__ = ["ConfigurationError", "app", "main"]

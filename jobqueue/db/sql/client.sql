@@ -1,0 +1,109 @@
+-- What producers run: enqueue, cancel, retry, read (jobqueue/client/).
+--
+-- Conventions:
+--   * `{schema}` is the schema, filled in by the loader (jobqueue/db/sqlfile.py).
+--   * Parameters are PostgreSQL's own $1, $2 ... (asyncpg, and psycopg's RawCursor).
+--   * Every write made on behalf of a claim is guarded by (id, attempt, status = 'running'): `attempt`
+--     is the fencing token, so a worker whose lease was rescued can no longer touch the task.
+--   * Whatever turns rows into `queued` notifies the type's channel `{schema}.<type>` with the earliest
+--     run_at (epoch seconds) in the same transaction, so idle workers wake at once or set a timer.
+
+-- name: enqueue
+-- One task; a live task with the same dedupe_key wins and its id is returned with created = false.
+WITH ins AS (
+    INSERT INTO {schema}.tasks (type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                            from_page, to_page, owner, labels, digest, status, depends_on, pending_deps,
+                            progress_msg, finished_at, progress)
+    VALUES ($1, $2, $3::jsonb, COALESCE($4::timestamptz, now()), $5, $6, $7, $8, $9, $10, $11,
+            COALESCE($12::text[], '{}'), $13, $14, $15, $16, COALESCE($17, ''),
+            CASE WHEN $14 IN ('done', 'cancelled') THEN now() END,
+            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END)
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
+    DO NOTHING
+    RETURNING id
+)
+SELECT id, true AS created FROM ins
+UNION ALL
+SELECT id, false FROM {schema}.tasks
+WHERE $6::text IS NOT NULL AND dedupe_key = $6 AND status IN ('waiting', 'queued', 'running')
+  AND NOT EXISTS (SELECT 1 FROM ins);
+
+-- name: enqueue_many
+-- Many tasks in one statement (used when the batch has dedupe keys; plain batches use COPY).
+-- Returns one row per input, in input order: the new id, or the live task's id on a dedupe conflict
+-- (including a duplicate key earlier in the same batch).
+WITH input AS (
+    SELECT i.*, nextval('{schema}.tasks_id_seq') AS new_id
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
+                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[])
+        WITH ORDINALITY AS i(type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                             from_page, to_page, owner, digest, ord)
+), ins AS (
+    INSERT INTO {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                            from_page, to_page, owner, digest, labels)
+    OVERRIDING SYSTEM VALUE
+    SELECT new_id, type, priority, payload::jsonb, COALESCE(run_at, now()), max_retries, dedupe_key, doc_id,
+           batch_id, from_page, to_page, owner, digest, COALESCE($13::text[], '{}')
+    FROM input ORDER BY ord
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
+    DO NOTHING
+    RETURNING id, dedupe_key
+)
+SELECT i.ord, COALESCE(mine.id, same.id, live.id) AS id, mine.id IS NOT NULL AS created
+FROM input i
+LEFT JOIN ins mine ON mine.id = i.new_id
+LEFT JOIN ins same ON mine.id IS NULL AND same.dedupe_key = i.dedupe_key
+LEFT JOIN {schema}.tasks live ON mine.id IS NULL AND same.id IS NULL AND live.dedupe_key = i.dedupe_key
+     AND live.status IN ('waiting', 'queued', 'running')
+ORDER BY i.ord;
+
+-- name: lock_parents
+-- Marks the parents of a new dependent task. The row lock this takes orders the insert against a
+-- parent's completion, so a child can never miss its parent's release.
+UPDATE {schema}.tasks SET has_dependents = true
+WHERE id = ANY($1::bigint[])
+RETURNING id, status;
+
+-- name: cancel
+-- Cancel tasks by id or by document: queued and waiting ones at once; running ones get
+-- cancel_requested_at and a NOTIFY on {schema}.cancel that reaches the worker holding them. Waiting
+-- descendants of the tasks cancelled here are cancelled in the same statement ($5 is their line).
+WITH RECURSIVE c AS (
+    UPDATE {schema}.tasks t
+    SET status = CASE WHEN t.status = 'running' THEN 'running' ELSE 'cancelled' END,
+        finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
+        cancel_requested_at = COALESCE(t.cancel_requested_at, now()),
+        progress_msg = {schema}.append_log(t.progress_msg, $3, $4)
+    WHERE (t.id = ANY($1::bigint[]) OR t.doc_id = $2) AND t.status IN ('waiting', 'queued', 'running')
+    RETURNING t.id, t.status, t.attempt, t.has_dependents, t.doc_id, t.progress
+), doomed AS (
+    SELECT k.id FROM {schema}.tasks k JOIN c ON k.depends_on @> ARRAY[c.id]
+    WHERE c.status = 'cancelled' AND c.has_dependents AND k.status = 'waiting'
+    UNION
+    SELECT k.id FROM {schema}.tasks k JOIN doomed d ON k.depends_on @> ARRAY[d.id] WHERE k.status = 'waiting'
+), dependents AS (
+    UPDATE {schema}.tasks t
+    SET status = 'cancelled', finished_at = now(), progress_msg = {schema}.append_log(t.progress_msg, $5, $4)
+    FROM doomed
+    WHERE t.id = doomed.id AND t.status = 'waiting' AND t.id NOT IN (SELECT id FROM c)
+    RETURNING t.id
+)
+SELECT c.id, c.status, (SELECT count(*) FROM dependents) AS dependents_cancelled,
+       CASE WHEN c.status = 'running' THEN pg_notify('{schema}.cancel', c.id || ':' || c.attempt)
+            ELSE pg_notify('{schema}.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress) END
+FROM c;
+
+-- name: retry
+-- A user's retry of a finished task: a new life in the queue (retry_count reset).
+WITH r AS (
+    UPDATE {schema}.tasks t
+    SET status = 'queued', retry_count = 0, run_at = now(), finished_at = NULL, progress = 0,
+        result = NULL, cancel_requested_at = NULL, worker_id = NULL, lease_expires_at = NULL,
+        progress_msg = {schema}.append_log(t.progress_msg, $2, $3)
+    WHERE t.id = $1 AND t.status IN ('failed', 'cancelled')
+    RETURNING t.id, t.type
+)
+SELECT r.id, pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text) FROM r;
+
+-- name: get
+SELECT * FROM {schema}.tasks WHERE id = $1;

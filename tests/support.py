@@ -1,0 +1,114 @@
+"""Helpers for the tests: a real PostgreSQL per module, the CLI as a user runs it, a worker in a thread.
+
+Imported by the tests and by conftest.py (which holds only fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+FULL = os.environ.get("JOBQ_TEST_PROFILE") == "full"
+# The schema under test: CI runs the suite once under a non-default one. Each test database sets its
+# search_path to it, so tests write table and view names unqualified.
+SCHEMA = os.environ.get("JOBQ_SCHEMA") or "jobq"
+SAMPLES = REPO / "examples" / "samples"
+TEST_DATA = REPO / "tests" / "data"
+
+
+def channel(name: str) -> str:
+    """A NOTIFY channel of the schema under test (`<schema>.<name>`)."""
+    return f"{SCHEMA}.{name}"
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def create_database(server_url: str, prefix: str = "jobq_t") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'ALTER DATABASE "{name}" SET search_path = "{SCHEMA}", public')
+    return with_database(server_url, name)
+
+
+def drop_database(server_url: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def jobq_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `jobq` command the way a user does."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "jobqueue", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, input=input, cwd=REPO)
+
+
+class BackgroundWorker:
+    """A Worker running in a thread of the test process (its own event loop)."""
+
+    def __init__(self, types: list[str], **kwargs: Any) -> None:
+        from jobqueue.runtime.worker import Worker
+
+        self.kwargs = kwargs
+        self.types = types
+        self.worker: Worker | None = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        from jobqueue.runtime.worker import Worker
+
+        async def go() -> None:
+            self._loop = asyncio.get_running_loop()
+            self.worker = Worker(self.types, **self.kwargs)
+            self._ready.set()
+            await self.worker.run()
+
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+            self._ready.set()
+
+    def __enter__(self) -> BackgroundWorker:
+        self.thread.start()
+        self._ready.wait(30)
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._loop is not None and self.worker is not None and self.thread.is_alive():
+            self._loop.call_soon_threadsafe(self.worker.stop)
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
