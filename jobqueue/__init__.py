@@ -5,9 +5,12 @@ The public API is the names below; everything else is internal and may change.
 
 from .client.aio import AsyncClient
 from .client.sync import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
+from .db.connect import connect
+from .db.sqlfile import SQLFile
 from .errors import (
     Cancelled,
     DatabaseUnavailable,
+    DocumentError,
     Fail,
     InvalidPayload,
     JobqError,
@@ -16,7 +19,7 @@ from .errors import (
     UnknownTaskType,
 )
 from .models import Task
-from .registry import task
+from .registry import get_type, task
 from .runtime.context import Context
 from .settings import Settings, get_settings
 
@@ -28,9 +31,11 @@ __all__ = [
     "Client",
     "Context",
     "DatabaseUnavailable",
+    "DocumentError",
     "Fail",
     "InvalidPayload",
     "JobqError",
+    "SQLFile",
     "Settings",
     "Snooze",
     "Task",
@@ -39,10 +44,12 @@ __all__ = [
     "UnknownTaskType",
     "__version__",
     "cancel",
+    "connect",
     "enqueue",
     "enqueue_many",
     "get",
     "get_settings",
+    "get_type",
     "list_tasks",
     "retry",
     "task",

@@ -5,8 +5,8 @@ a worker killed mid-task leaves no chunk behind, and the attempt that finally co
 chunks exactly once. Extraction is CPU-bound, so it runs in a thread, where every page reports
 progress; that report is also where a cancelled task stops (``ctx.progress`` raises Cancelled).
 
-The SQL here is the workers' own (documents and chunks are their tables, created by jobq's
-migration); raptor.py reuses it. Heavy libraries are imported by the extraction code only, so
+The SQL is the pipeline's own (sql/documents.sql: documents and chunks are its tables, created by
+jobq's migration); raptor.py reuses these helpers. Heavy libraries are imported by the extraction code only, so
 importing this module, which every producer does to validate the payload, stays cheap.
 """
 
@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from jobqueue import Context, Fail, get_settings, task
+from jobqueue import Context, Fail, task
+
+from .queries import sql
 
 if TYPE_CHECKING:
     import asyncpg
@@ -56,18 +58,11 @@ class Document:
     uri: str | None
 
 
-def _schema() -> str:
-    return get_settings().schema_name
-
-
 async def load_document(conn: asyncpg.Connection, doc_id: int | None, *, with_content: bool = True) -> Document:
     """The document row; a missing one is final (it was deleted, and its tasks with it)."""
     if doc_id is None:
         raise Fail("this task has no document (doc_id is NULL)")
-    content = "content" if with_content else "NULL::bytea AS content"
-    row = await conn.fetchrow(
-        f"SELECT id, name, format, kind, pages, size, content_digest, {content}, uri "
-        f"FROM {_schema()}.documents WHERE id = $1", doc_id)
+    row = await conn.fetchrow(sql().load_document, doc_id, with_content)
     if row is None:
         raise Fail(f"document {doc_id} no longer exists")
     return Document(**dict(row))
@@ -95,13 +90,7 @@ async def insert_chunks(conn: asyncpg.Connection, doc_id: int, task_id: int, lev
     if not rows:
         return {}
     cols = list(zip(*rows, strict=True))
-    out = await conn.fetch(
-        f"""INSERT INTO {_schema()}.chunks (doc_id, task_id, level, position, from_page, to_page, text,
-                                            token_count, digest)
-            SELECT $1, $2, $3, u.* FROM unnest($4::int[], $5::int[], $6::int[], $7::text[], $8::int[],
-                                             $9::text[]) AS u
-            RETURNING position, id""",
-        doc_id, task_id, level, *[list(c) for c in cols])
+    out = await conn.fetch(sql().insert_chunks, doc_id, task_id, level, *[list(c) for c in cols])
     return {int(r["position"]): int(r["id"]) for r in out}
 
 

@@ -13,6 +13,7 @@ chunks are deleted, as RAGFlow does.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,18 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from rich.console import Console
-from rich.text import Text
 
-from jobqueue import registry
-from jobqueue.client.sync import LIVE, Client, TaskSpec
-from jobqueue.db.connect import connect, resolve_url
-from jobqueue.errors import DocumentError, JobqError
-from jobqueue.settings import Settings, get_settings
+from jobqueue import Client, DocumentError, JobqError, Settings, TaskSpec, connect, get_settings, get_type
 
 from . import splitter
+from .queries import DocumentSQL, sql
 
 DATAFLOW = "dataflow"
+
+# What enqueueing reads files with; numpy and scikit-learn (raptor) are needed by workers only.
+ENQUEUE_NEEDS = ("pypdf", "openpyxl")
+INSTALL_HINT = "pip install 'jobq[documents]'"
+
+
+class MissingExtra(DocumentError):
+    """The document stack is not installed (a light `pip install jobq`)."""
+
+
+def require_document_stack() -> None:
+    """Refuse in one line, naming the install command, when the packages enqueueing reads files with are absent.
+
+    Looked up without importing them, so the check costs nothing when they are there.
+    """
+    missing = [name for name in ENQUEUE_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtra(f"documents need the [documents] extra ({', '.join(missing)} not installed): "
+                           f"{INSTALL_HINT}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ class _Plan:
 
 def _payload(task_type: str, data: dict[str, Any]) -> dict[str, Any]:
     """The payload with the type's defaults filled in, so digests change when a default does."""
-    model = registry.get_type(task_type).payload
+    model = get_type(task_type).payload
     return model.model_validate(data).model_dump(mode="json") if model is not None else data
 
 
@@ -126,15 +141,13 @@ def prepare(path: str, plan: _Plan, settings: Settings) -> _Prepared:
     except OSError as exc:
         raise DocumentError(exc.strerror or str(exc)) from None
     try:
-        fmt = splitter.detect_format(p.name, data)
-        kind = splitter.detect_kind(p.name, data)
-        units = splitter.count_units(kind, data, name=p.name)
-        ranges = splitter.split(kind, units, parser=plan.parser, page_size=plan.page_size,
-                                pages=plan.pages if kind == "pdf" else None)
+        layout = splitter.inspect(p.name, data)  # one parse: detection, validation and counting
+        ranges = splitter.split(layout.kind, layout.units, parser=plan.parser, page_size=plan.page_size,
+                                pages=plan.pages if layout.kind == "pdf" else None)
     except ValueError as exc:  # UnsupportedDocument included
         raise DocumentError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return _Prepared(path, p.name, data, fmt, kind, units, ranges, splitter.content_digest(data),
-                     str(p.resolve()) if plan.by_reference else None)
+    return _Prepared(path, p.name, data, layout.format, layout.kind, layout.units, ranges,
+                     splitter.content_digest(data), str(p.resolve()) if plan.by_reference else None)
 
 
 def _make_plan(parser: str, page_size: int | None, pages: str | Sequence[tuple[int, int]] | None, priority: int,
@@ -169,8 +182,10 @@ def enqueue_files(
 ) -> BatchResult:
     """Enqueue documents as one batch; returns a result per file (bad files carry their error).
 
-    Raises :class:`DocumentError` only for a bad option, before anything is read or written.
+    Raises :class:`DocumentError` only for a bad option or a missing document stack, before anything
+    is read or written.
     """
+    require_document_stack()
     settings = settings or get_settings()
     plan = _make_plan(parser, page_size, pages, priority, then, owner, by_reference, force)
     prepared: list[_Prepared | FileResult] = []
@@ -189,88 +204,76 @@ def enqueue_files(
     if not any(isinstance(p, _Prepared) for p in prepared):
         return BatchResult(None, [p for p in prepared if isinstance(p, FileResult)])
 
-    url = url or resolve_url(settings)
     client = Client(url, settings=settings)
-    s = settings.schema_name
+    q = sql(settings.schema_name)
     results: list[FileResult] = []
-    with connect(url, autocommit=True) as conn, conn.transaction():
-        batch_id = int(_one(conn, f"INSERT INTO {s}.batches (owner, requested) VALUES (%s, %s) RETURNING id",
-                            (owner, len(paths))))
+    with connect(client.url, autocommit=True) as conn, conn.transaction():
+        batch_id = int(_one(conn, q.new_batch, owner, len(paths)))
         for item in prepared:
             if isinstance(item, FileResult):
                 results.append(item)
                 continue
             try:
                 with conn.transaction():
-                    results.append(_store(conn, client, item, batch_id, plan, s))
+                    results.append(_store(conn, q, client, item, batch_id, plan))
             except JobqError as exc:
                 results.append(FileResult(item.path, error=str(exc)))
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
                 results.append(FileResult(item.path, error=f"rejected by the database: {str(exc).splitlines()[0]}"))
-        conn.execute(f"UPDATE {s}.batches SET rejected = %s WHERE id = %s",
-                     (sum(1 for r in results if not r.ok), batch_id))
+        _run(conn, q.batch_rejected, batch_id, sum(1 for r in results if not r.ok))
     return BatchResult(batch_id, results)
 
 
-def _one(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    return None if row is None else row[0]
+def _run(conn: psycopg.Connection[Any], statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one of the pipeline's statements ($n parameters, hence a RawCursor); its rows, if any."""
+    with psycopg.RawCursor(conn) as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
 
 
-def _document_row(conn: psycopg.Connection[Any], prep: _Prepared, batch_id: int, plan: _Plan, s: str) -> int:
+def _one(conn: psycopg.Connection[Any], statement: str, *params: Any) -> Any:
+    rows = _run(conn, statement, *params)
+    return rows[0][0] if rows else None
+
+
+def _document_row(conn: psycopg.Connection[Any], q: DocumentSQL, prep: _Prepared, batch_id: int,
+                  plan: _Plan) -> int:
     """Insert the document, or lock and update the existing one with the same content."""
-    find = (f"SELECT id, content IS NOT NULL FROM {s}.documents "
-            "WHERE COALESCE(owner, '') = COALESCE(%s, '') AND content_digest = %s FOR UPDATE")
-    row = conn.execute(find, (plan.owner, prep.content_digest)).fetchone()
     meta = (batch_id, prep.name, len(prep.data), prep.format, prep.kind, plan.parser, prep.units)
-    if row is None:
-        new_id = _one(conn, f"""
-            INSERT INTO {s}.documents (batch_id, name, size, format, kind, parser, pages, content_digest,
-                                       content, uri, owner)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT ((COALESCE(owner, '')), content_digest) DO NOTHING RETURNING id""",
-            (*meta, prep.content_digest, None if prep.uri else prep.data, prep.uri, plan.owner))
+    rows = _run(conn, q.find_document, plan.owner, prep.content_digest)
+    if not rows:
+        new_id = _one(conn, q.insert_document, *meta, prep.content_digest, None if prep.uri else prep.data,
+                      prep.uri, plan.owner)
         if new_id is not None:
             return int(new_id)
-        row = conn.execute(find, (plan.owner, prep.content_digest)).fetchone()  # a concurrent call won
-        assert row is not None
-    doc_id, stored = int(row[0]), bool(row[1])
-    live = _one(conn, f"SELECT count(*) FROM {s}.tasks WHERE doc_id = %s AND status = ANY(%s)", (doc_id, list(LIVE)))
+        rows = _run(conn, q.find_document, plan.owner, prep.content_digest)  # a concurrent call won
+        assert rows
+    doc_id, stored = int(rows[0][0]), bool(rows[0][1])
+    live = _one(conn, q.live_task_count, doc_id)
     if live:
         raise DocumentError(f"document {doc_id} has the same content and is still being processed ({live} live "
                             f"task(s)); wait for it or run `jobq cancel --doc {doc_id}`")
-    # The bytes travel again only when the storage mode changes.
-    storage, params = ("content = NULL, uri = %s", [prep.uri]) if prep.uri else (
-        ("uri = uri", []) if stored else ("content = %s, uri = NULL", [prep.data]))
-    conn.execute(f"""UPDATE {s}.documents SET batch_id = %s, name = %s, size = %s, format = %s, kind = %s,
-                     parser = %s, pages = %s, {storage}, updated_at = now() WHERE id = %s""",
-                 (*meta, *params, doc_id))
+    # The bytes travel again only when the storage mode changes (see update_document).
+    _run(conn, q.update_document, doc_id, *meta, prep.uri, None if prep.uri or stored else prep.data)
     return doc_id
 
 
-def _reuse(conn: psycopg.Connection[Any], s: str, old_id: int, batch_id: int, plan: _Plan,
+def _reuse(conn: psycopg.Connection[Any], q: DocumentSQL, old_id: int, batch_id: int, plan: _Plan,
            lo: int | None, hi: int | None) -> tuple[int, int]:
     """Record a new task done at once with the chunks of finished task `old_id`; returns (id, chunks)."""
-    new_id = int(_one(conn, f"""
-        INSERT INTO {s}.tasks (type, priority, payload, status, progress, finished_at, process_duration, doc_id,
-                               batch_id, from_page, to_page, owner, digest, result, max_retries, labels)
-        SELECT type, %s, payload, 'done', 1, now(), 0, doc_id, %s, from_page, to_page, %s, digest, result,
-               max_retries, labels
-        FROM {s}.tasks WHERE id = %s RETURNING id""", (plan.priority, batch_id, plan.owner, old_id)))
-    moved = conn.execute(f"UPDATE {s}.chunks SET task_id = %s WHERE task_id = %s", (new_id, old_id)).rowcount
+    new_id = int(_one(conn, q.reuse_task, old_id, plan.priority, batch_id, plan.owner))
+    moved = int(_one(conn, q.move_chunks, old_id, new_id))
     line = _stamp(f"{_range_prefix(lo, hi)}Reused {moved} chunk(s) of task {old_id}: content and settings unchanged.")
-    conn.execute(f"UPDATE {s}.tasks SET progress_msg = %s WHERE id = %s", (line, new_id))
+    _run(conn, q.set_progress_message, new_id, line)
     return new_id, moved
 
 
-def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch_id: int, plan: _Plan,
-           s: str) -> FileResult:
-    doc_id = _document_row(conn, prep, batch_id, plan, s)
+def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: _Prepared, batch_id: int,
+           plan: _Plan) -> FileResult:
+    doc_id = _document_row(conn, q, prep, batch_id, plan)
     reusable: dict[tuple[str, str], int] = {}
     if not plan.force:
-        for tid, ttype, digest in conn.execute(
-                f"SELECT id, type, digest FROM {s}.tasks WHERE doc_id = %s AND status = 'done' AND digest IS NOT NULL "
-                "ORDER BY id", (doc_id,)).fetchall():
+        for tid, ttype, digest in _run(conn, q.reusable_tasks, doc_id):
             reusable[(ttype, digest)] = tid
 
     kept: list[int] = []
@@ -280,7 +283,7 @@ def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch
         digest = splitter.task_digest(prep.content_digest, {"type": DATAFLOW, **plan.payload}, lo, hi)
         old = reusable.get((DATAFLOW, digest))
         if old is not None:
-            new_id, _ = _reuse(conn, s, old, batch_id, plan, lo, hi)
+            new_id, _ = _reuse(conn, q, old, batch_id, plan, lo, hi)
             kept.append(new_id)
         else:
             specs.append(TaskSpec(payload=plan.payload, priority=plan.priority, doc_id=doc_id, batch_id=batch_id,
@@ -294,10 +297,9 @@ def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch
                                   "ranges": prep.ranges}, 0, prep.units)
         old = reusable.get((plan.then, then_digest))
         if old is not None and not specs:  # its input (every dataflow task) is unchanged too
-            then_id, _ = _reuse(conn, s, old, batch_id, plan, None, None)
+            then_id, _ = _reuse(conn, q, old, batch_id, plan, None, None)
             kept.append(then_id)
-    # The previous run's other tasks go, and with them whatever chunks no reused task took over.
-    conn.execute(f"SELECT {s}.replace_document_run(%s, %s::bigint[])", (doc_id, kept))
+    _run(conn, q.replace_document_run, doc_id, kept)
     new_ids = client.enqueue_many(DATAFLOW, specs, connection=conn) if specs else []
     flow_ids.extend(new_ids)
     if plan.then and then_id is None:
@@ -309,58 +311,32 @@ def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch
                       then_task=then_id)
 
 
-def _describe(r: FileResult) -> str:
-    parts = [f"{r.path}: document {r.doc_id}", f"{len(r.tasks)} task(s)"]
-    if r.then_task is not None:
-        parts.append(f"then task {r.then_task}")
-    if r.reused:
-        parts.append(f"{r.reused} reused")
-    parts.append(f"{r.queued} to run" if r.queued else "nothing to run")
-    return ", ".join(parts)
+@dataclass(frozen=True)
+class DocumentRow:
+    """One document as `jobq docs` lists it (the document_progress view)."""
+
+    doc_id: int
+    name: str
+    pages: int
+    status: str
+    progress: float
+    tasks: int
+    done: int
+    chunks: int
+    summaries: int
+    batch_id: int | None
+    duration: float | None
 
 
-def enqueue_files_cli(
-    files: Sequence[str],
-    *,
-    parser: str,
-    page_size: int | None,
-    pages: str | None,
-    priority: int,
-    then: str | None,
-    owner: str | None,
-    by_reference: bool,
-    force: bool,
-    wait: bool,
-    console: Console,
-    errors: Console,
-) -> int:
-    """`jobq enqueue FILE...`: one line per file; exit 1 if any file was refused or (with --wait) failed."""
-    import logging
-
-    from jobqueue.cli.app import ensure_schema
-
-    # pypdf logs its repairs of damaged files as warnings; the refusal line already says what is wrong.
-    logging.getLogger("pypdf").setLevel(logging.ERROR)
-    ensure_schema()
-    result = enqueue_files(files, parser=parser, page_size=page_size, pages=pages, priority=priority, then=then,
-                           owner=owner, by_reference=by_reference, force=force)
-    for r in result.files:
-        if r.error is not None:
-            errors.print(Text.assemble(("error:", "bold red"), f" {r.path}: {r.error}"), soft_wrap=True)
-        elif r.note is not None:
-            console.print(Text(f"{r.path}: {r.note}"), soft_wrap=True)
-        else:
-            console.print(Text(_describe(r)), soft_wrap=True)
-    code = 1 if result.errors else 0
-    if result.batch_id is not None:
-        ok = len(result.doc_ids)
-        console.print(Text(f"batch {result.batch_id}: {ok} document(s) enqueued, {len(result.errors)} refused"),
-                      soft_wrap=True)
-        if wait and ok:
-            from .watch import Target, watch
-
-            code = max(code, watch([Target("doc", d) for d in result.doc_ids], console=console))
-    return code
+def list_documents(*, batch: int | None = None, owner: str | None = None, status: str | None = None,
+                   limit: int = 50, url: str | None = None, settings: Settings | None = None) -> list[DocumentRow]:
+    """Documents, newest first, with their state; every filter is optional."""
+    settings = settings or get_settings()
+    client = Client(url, settings=settings)
+    with connect(client.url) as conn:
+        rows = _run(conn, sql(settings.schema_name).list_documents, batch, owner, status, limit)
+    return [DocumentRow(*row) for row in rows]
 
 
-__all__ = ["BatchResult", "FileResult", "enqueue_files", "enqueue_files_cli", "prepare"]
+__all__ = ["INSTALL_HINT", "BatchResult", "DocumentRow", "FileResult", "MissingExtra", "enqueue_files",
+           "list_documents", "prepare", "require_document_stack"]

@@ -17,15 +17,17 @@ import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .splitter import (
     UnsupportedDocument,
     decode_text,
-    detect_format,
     iter_table_rows,
-    open_pdf,
+    open_document,
 )
+
+if TYPE_CHECKING:
+    from pypdf import PdfReader
 
 __all__ = ["Segment", "extract", "html_to_text", "iter_extract"]
 
@@ -69,9 +71,9 @@ def iter_extract(
     """
     if from_page < 0 or to_page < from_page:
         raise ValueError(f"invalid unit range [{from_page}, {to_page})")
-    fmt = detect_format(name, data)
-    if kind == "pdf" and fmt == "pdf":
-        yield from _iter_pdf(data, from_page, to_page)
+    fmt, reader = open_document(name, data)
+    if kind == "pdf" and reader is not None:
+        yield from _iter_pdf(reader, from_page, to_page)
     elif kind == "table" and fmt in {"csv", "tsv", "xlsx", "xls"}:
         yield from _iter_table(fmt, data, from_page, to_page)
     elif kind == "text" and fmt in {"txt", "md", "html", "docx"}:
@@ -90,8 +92,7 @@ _SPACE_RUN: Final = re.compile(r"[ \t\u00a0]{2,}")
 _BLANK_RUN: Final = re.compile(r"\n{3,}")
 
 
-def _iter_pdf(data: bytes, from_page: int, to_page: int) -> Iterator[Segment]:
-    reader = open_pdf(data)
+def _iter_pdf(reader: PdfReader, from_page: int, to_page: int) -> Iterator[Segment]:
     for index in range(from_page, min(to_page, len(reader.pages))):
         page = reader.pages[index]
         try:

@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 
 from jobqueue import Context, Fail, task
 
-from .dataflow import _schema, insert_chunks, load_document
+from .dataflow import insert_chunks, load_document
+from .queries import sql
 
 if TYPE_CHECKING:
     from .raptor_tree import Node
@@ -52,19 +53,17 @@ def _build(ctx: Context, texts: list[str], payload: RaptorPayload) -> list[Node]
 async def raptor(ctx: Context, payload: RaptorPayload) -> None:
     from .chunking import count_tokens
 
-    s = _schema()
+    q = sql()
     ctx.progress(0.0, f"Task has been received (attempt {ctx.task.attempt}).")
     async with ctx.connection() as conn:
         doc = await load_document(conn, ctx.task.doc_id, with_content=False)
-        rows = await conn.fetch(
-            f"SELECT id, text, from_page, to_page FROM {s}.chunks WHERE doc_id = $1 AND level = 0 "
-            "ORDER BY from_page, position, id", doc.id)
+        rows = await conn.fetch(q.document_chunks, doc.id)
     ctx.progress(0.1, f"Building the RAPTOR tree of {doc.name} over {len(rows)} chunk(s).")
     # The clustering runs outside any transaction; the summaries commit with the completion.
     nodes = await asyncio.to_thread(_build, ctx, [r["text"] for r in rows], payload)
     ctx.raise_if_cancelled()
     async with ctx.transaction() as conn:
-        await conn.execute(f"DELETE FROM {s}.chunks WHERE doc_id = $1 AND level > 0", doc.id)
+        await conn.execute(q.delete_summaries, doc.id)
         # Each level's children index into the level below: chunk rows for level 1, then summaries.
         below = [(int(r["id"]), int(r["from_page"]), int(r["to_page"])) for r in rows]
         levels = sorted({n.level for n in nodes})
@@ -75,10 +74,7 @@ async def raptor(ctx: Context, payload: RaptorPayload) -> None:
                 (n.index, lo, hi, n.text, count_tokens(n.text), hashlib.sha256(n.text.encode()).hexdigest())
                 for n, (lo, hi) in zip(members, spans, strict=True)])
             links = [(below[c][0], ids[n.index]) for n in members for c in n.children]
-            await conn.execute(
-                f"UPDATE {s}.chunks k SET parent_id = u.parent FROM unnest($1::bigint[], $2::bigint[]) "
-                "AS u(child, parent) WHERE k.id = u.child",
-                [c for c, _ in links], [p for _, p in links])
+            await conn.execute(q.link_parents, [c for c, _ in links], [p for _, p in links])
             below = [(ids[n.index], lo, hi) for n, (lo, hi) in zip(members, spans, strict=True)]
         counts = {level: sum(1 for n in nodes if n.level == level) for level in levels}
         ctx.progress(0.95, f"Stored {len(nodes)} summaries over {len(rows)} chunk(s): "

@@ -24,11 +24,12 @@ import math
 import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from pypdf import PdfReader
-from pypdf.errors import PyPdfError
+if TYPE_CHECKING:
+    from pypdf import PdfReader
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -36,13 +37,16 @@ __all__ = [
     "PAPER_PAGE_SIZE",
     "PARSERS",
     "TABLE_ROWS_PER_TASK",
+    "Layout",
     "UnsupportedDocument",
     "content_digest",
     "count_units",
     "decode_text",
     "detect_format",
     "detect_kind",
+    "inspect",
     "iter_table_rows",
+    "open_document",
     "open_pdf",
     "parse_pages",
     "split",
@@ -170,13 +174,49 @@ def detect_format(name: str, data: bytes) -> str:
     versus plain text. Returns one of ``pdf``, ``csv``, ``tsv``, ``xlsx``,
     ``xls``, ``docx``, ``txt``, ``md`` or ``html``.
     """
+    return open_document(name, data)[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What enqueueing needs to know about a file: its format, its kind and how many units it has."""
+
+    format: str
+    kind: str
+    units: int
+
+
+def inspect(name: str, data: bytes) -> Layout:
+    """Detect, validate and count in one reading: a PDF is opened (and its pages checked) once.
+
+    Raises :class:`UnsupportedDocument` for anything a worker could not process.
+    """
+    fmt, reader = open_document(name, data)
+    kind = _FORMAT_KIND[fmt]
+    if reader is not None:
+        units = len(reader.pages)
+    elif kind == "table":
+        units = _count_rows(fmt, data)
+    else:
+        units = 1
+    return Layout(fmt, kind, units)
+
+
+def open_document(name: str, data: bytes) -> tuple[str, PdfReader | None]:
+    """The format (as :func:`detect_format`) and, for a PDF, the reader that validated it.
+
+    Handing the reader on lets callers count or read pages without parsing the file again.
+    """
+    if b"%PDF-" in data[:_PDF_HEADER_WINDOW]:
+        return "pdf", open_pdf(data)  # validates: raises for encrypted or corrupt files
+    return _sniff(name, data), None
+
+
+def _sniff(name: str, data: bytes) -> str:
+    """Every format but PDF, from magic bytes first and the extension where content cannot decide."""
     ext = PurePath(name).suffix.lower()
     if not data:
         raise UnsupportedDocument(f"empty file: {name!r} has zero bytes")
-
-    if b"%PDF-" in data[:_PDF_HEADER_WINDOW]:
-        open_pdf(data)  # validates: raises for encrypted or corrupt files
-        return "pdf"
     if ext == ".pdf":
         raise UnsupportedDocument(f"corrupt PDF: {name!r} has no PDF header")
 
@@ -257,6 +297,9 @@ def open_pdf(data: bytes) -> PdfReader:
     workers have no way to obtain it. Shared with the extraction worker so
     that enqueue-time validation and processing can never disagree.
     """
+    from pypdf import PdfReader  # deferred: a light install (no [documents] extra) can still import this module
+    from pypdf.errors import PyPdfError
+
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
@@ -327,10 +370,15 @@ def count_units(kind: str, data: bytes, *, name: str = "") -> int:
     if kind == "pdf":
         return len(open_pdf(data).pages)
     if kind == "table":
-        return max(0, sum(1 for _ in iter_table_rows(_table_format(name, data), data)) - 1)
+        return _count_rows(_table_format(name, data), data)
     if kind == "text":
         return 1
     raise ValueError(f"unknown document kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _count_rows(fmt: str, data: bytes) -> int:
+    """Data rows of a table: its non-blank rows but the header."""
+    return max(0, sum(1 for _ in iter_table_rows(fmt, data)) - 1)
 
 
 def _table_format(name: str, data: bytes) -> str:

@@ -141,7 +141,7 @@ def enqueue(
     if files:
         if type is not None:
             fail("give documents or --type, not both")
-        from jobq_workers.documents import enqueue_files_cli
+        from jobqueue.cli.documents import enqueue_files_cli
 
         code = enqueue_files_cli(
             files, parser=parser, page_size=page_size, pages=pages, priority=priority or 0, then=then,

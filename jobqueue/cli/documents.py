@@ -1,16 +1,163 @@
-"""Document commands: `jobq watch` (live progress) and `jobq docs` (the documents and their state)."""
+"""Document commands: `jobq enqueue FILE...` (its output), `jobq watch` (live progress) and `jobq docs`.
+
+The pipeline (jobq_workers) decides what there is to show; this module is where it is drawn, so
+rich stays in the CLI. The pipeline is imported inside the commands: other commands never pay for it.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+if TYPE_CHECKING:
+    from rich.console import Console, Group
+    from rich.text import Text
+
+    from jobq_workers.documents import FileResult
+    from jobq_workers.watch import Row, Target
+
+COLORS = {"done": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "white",
+          "waiting": "magenta"}
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `jobq` app."""
+    """Add this module's commands to the `jobq` app (`enqueue` itself lives in the base module)."""
     app.command()(watch)
     app.command()(docs)
+
+
+# ---------------------------------------------------------------- enqueue FILE...
+
+
+def _describe(r: FileResult) -> str:
+    parts = [f"{r.path}: document {r.doc_id}", f"{len(r.tasks)} task(s)"]
+    if r.then_task is not None:
+        parts.append(f"then task {r.then_task}")
+    if r.reused:
+        parts.append(f"{r.reused} reused")
+    parts.append(f"{r.queued} to run" if r.queued else "nothing to run")
+    return ", ".join(parts)
+
+
+def enqueue_files_cli(
+    files: Sequence[str],
+    *,
+    parser: str,
+    page_size: int | None,
+    pages: str | None,
+    priority: int,
+    then: str | None,
+    owner: str | None,
+    by_reference: bool,
+    force: bool,
+    wait: bool,
+    console: Console,
+    errors: Console,
+) -> int:
+    """`jobq enqueue FILE...`: one line per file; exit 1 if any file was refused or (with --wait) failed."""
+    import logging
+
+    from rich.text import Text
+
+    from jobq_workers.documents import enqueue_files, require_document_stack
+    from jobq_workers.watch import Target
+    from jobqueue.cli.app import ensure_schema
+
+    require_document_stack()  # before the schema check: a light install learns what to install first
+    # pypdf logs its repairs of damaged files as warnings; the refusal line already says what is wrong.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    ensure_schema()
+    result = enqueue_files(files, parser=parser, page_size=page_size, pages=pages, priority=priority, then=then,
+                           owner=owner, by_reference=by_reference, force=force)
+    for r in result.files:
+        if r.error is not None:
+            errors.print(Text.assemble(("error:", "bold red"), f" {r.path}: {r.error}"), soft_wrap=True)
+        elif r.note is not None:
+            console.print(Text(f"{r.path}: {r.note}"), soft_wrap=True)
+        else:
+            console.print(Text(_describe(r)), soft_wrap=True)
+    code = 1 if result.errors else 0
+    if result.batch_id is not None:
+        ok = len(result.doc_ids)
+        console.print(Text(f"batch {result.batch_id}: {ok} document(s) enqueued, {len(result.errors)} refused"),
+                      soft_wrap=True)
+        if wait and ok:
+            code = max(code, watch_targets([Target("doc", d) for d in result.doc_ids], console=console))
+    return code
+
+
+# ---------------------------------------------------------------- watch
+
+
+def _status(r: Row) -> Text:
+    from rich.text import Text
+
+    label = r.status
+    if r.status == "queued" and r.ahead is not None:
+        label = f"queued, {r.ahead} task(s) ahead" if r.ahead else "queued, next"
+    return Text(label, style=COLORS.get(r.status, "white"))
+
+
+def render(rows: Sequence[Row]) -> Group:
+    """Two lines per target: the bar and state, then the newest progress message (cut to one line).
+
+    Fixed column widths keep the bars aligned although every target is its own grid."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Table | Text] = []
+    for r in rows:
+        frac = max(r.progress, 0.0)
+        line = Table.grid(padding=(0, 1))
+        for width in (8, 18, 16, 4):
+            line.add_column(width=width, no_wrap=True)
+        line.add_column(min_width=9, no_wrap=True)
+        line.add_column(no_wrap=True, overflow="ellipsis")
+        chunks = f"{r.chunks} chunks" + (f" +{r.summaries} sum." if r.summaries else "")
+        line.add_row(Text(r.key), Text(r.name, overflow="ellipsis"), ProgressBar(total=1.0, completed=frac, width=16),
+                     f"{frac:4.0%}", _status(r), Text(chunks))
+        parts.append(line)
+        if r.message:
+            parts.append(Text("          " + r.message, overflow="ellipsis", no_wrap=True, style="dim"))
+    return Group(*parts)
+
+
+def watch_targets(targets: Sequence[Target], *, console: Console, url: str | None = None,
+                  refresh: float = 1.0) -> int:
+    """Show live progress until every target finished: 0 if all are done, 1 if any failed or was
+    cancelled, 130 on Ctrl-C (the tasks go on: watching never changes a task)."""
+    from rich.live import Live
+    from rich.text import Text
+
+    from jobq_workers.watch import Watcher, summary
+
+    with Watcher(targets, url=url) as watcher:
+        live_started = False
+        try:
+            rows = watcher.rows()
+            with Live(render(rows), console=console, auto_refresh=False) as live:
+                live_started = True
+                while not all(r.finished for r in rows):
+                    watcher.wait(refresh)
+                    rows = watcher.rows()
+                    live.update(render(rows), refresh=True)
+        except KeyboardInterrupt:
+            if not live_started:  # Ctrl-C came before the first frame: show where things stand
+                console.print(render(watcher.rows()))
+            console.print("stopped watching; the tasks go on")
+            return 130
+    if not console.is_terminal:
+        console.line()
+    failures = [r for r in rows if r.status != "done"]
+    for r in failures:
+        console.print(Text(f"{r.key} {r.name}: {r.status}" + (f": {r.reason}" if r.reason else ""),
+                           style=COLORS[r.status]), soft_wrap=True)
+    console.print(Text(summary(rows)))
+    return 1 if failures else 0
 
 
 def watch(
@@ -19,12 +166,14 @@ def watch(
 ) -> None:
     """Show live progress bars until everything watched has finished (exit 1 if anything failed)."""
     from jobq_workers.watch import parse_target
-    from jobq_workers.watch import watch as run
     from jobqueue.cli.app import ensure_schema, out
 
     parsed = [parse_target(t) for t in targets]
     ensure_schema()
-    raise typer.Exit(run(parsed, console=out))
+    raise typer.Exit(watch_targets(parsed, console=out))
+
+
+# ---------------------------------------------------------------- docs
 
 
 def docs(
@@ -37,31 +186,21 @@ def docs(
     from rich.table import Table
     from rich.text import Text
 
-    from jobq_workers.watch import COLORS
+    from jobq_workers.documents import list_documents
+    from jobq_workers.watch import STATUSES
     from jobqueue.cli.app import ensure_schema, fail, out
-    from jobqueue.db.connect import connect
-    from jobqueue.settings import get_settings
 
-    if status is not None and status not in COLORS:
-        fail(f"unknown status {status!r} (one of: {', '.join(COLORS)})")
+    if status is not None and status not in STATUSES:
+        fail(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
     ensure_schema()
-    s = get_settings().schema_name
-    with connect() as conn:
-        rows = conn.execute(
-            f"""SELECT doc_id, name, pages, status, progress, tasks, done, chunks, summaries, batch_id,
-                       duration
-                FROM {s}.document_progress
-                WHERE (%(b)s::bigint IS NULL OR batch_id = %(b)s) AND (%(o)s::text IS NULL OR owner = %(o)s)
-                  AND (%(st)s::text IS NULL OR status = %(st)s)
-                ORDER BY doc_id DESC LIMIT %(n)s""",
-            {"b": batch, "o": owner, "st": status, "n": limit}).fetchall()
+    rows = list_documents(batch=batch, owner=owner, status=status, limit=limit)
     table = Table(title=f"{len(rows)} document(s)")
     for col in ("id", "name", "pages", "status", "progress", "tasks", "chunks", "summaries", "batch", "took"):
         table.add_column(col, overflow="fold" if col == "name" else "ellipsis", no_wrap=col != "name",
                          min_width=16 if col == "name" else None,
                          justify="left" if col in ("name", "status") else "right")
-    for doc_id, name, pages, st, progress, tasks, done, chunks, summaries, batch_id, took in rows:
-        table.add_row(str(doc_id), Text(name), str(pages), Text(st, style=COLORS.get(st, "white")),
-                      f"{max(progress, 0):.0%}", f"{done}/{tasks}", str(chunks), str(summaries),
-                      str(batch_id or ""), f"{took:.1f}s" if took is not None else "")
+    for d in rows:
+        table.add_row(str(d.doc_id), Text(d.name), str(d.pages), Text(d.status, style=COLORS.get(d.status, "white")),
+                      f"{max(d.progress, 0):.0%}", f"{d.done}/{d.tasks}", str(d.chunks), str(d.summaries),
+                      str(d.batch_id or ""), f"{d.duration:.1f}s" if d.duration is not None else "")
     out.print(table)

@@ -1,0 +1,47 @@
+"""The pipeline's statements, kept in ``sql/documents.sql`` like the queue library's own.
+
+The documents, batches and chunks tables belong to the pipeline (jobq's migrations create them), so
+their statements live here rather than in the queue library; the file is loaded with jobq's public
+:class:`~jobqueue.SQLFile`, which checks this declaration against the file at import.
+"""
+
+from __future__ import annotations
+
+from jobqueue import SQLFile, get_settings
+
+
+class DocumentSQL(SQLFile, package="jobq_workers", filename="sql/documents.sql"):
+    """Every statement of the document pipeline (enqueue, watch, the dataflow and raptor handlers)."""
+
+    new_batch: str
+    batch_rejected: str
+    find_document: str
+    insert_document: str
+    update_document: str
+    live_task_count: str
+    reusable_tasks: str
+    reuse_task: str
+    move_chunks: str
+    set_progress_message: str
+    replace_document_run: str
+    list_documents: str
+    batch_documents: str
+    batch_exists: str
+    document_exists: str
+    task_exists: str
+    listen_progress: str
+    document_rows: str
+    task_rows: str
+    load_document: str
+    insert_chunks: str
+    document_chunks: str
+    delete_summaries: str
+    link_parents: str
+
+
+def sql(schema: str | None = None) -> DocumentSQL:
+    """The statements for `schema` (default: the configured one), built once per schema."""
+    return DocumentSQL.load(schema or get_settings().schema_name)
+
+
+__all__ = ["DocumentSQL", "sql"]
