@@ -13,7 +13,7 @@ COPY pyproject.toml README.md* ./
 COPY jobqueue ./jobqueue
 COPY migrations ./migrations
 COPY workers ./workers
-RUN pip install ".[docx]"
+RUN pip install ".[documents]"
 
 # Workers never need root; a fixed uid lets a volume's files be owned predictably.
 RUN useradd --system --uid 10001 --home-dir /var/lib/jobq --create-home jobq

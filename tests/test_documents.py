@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +202,49 @@ def test_docs_command_lists_documents(fresh: psycopg.Connection[Any]) -> None:
     assert r.returncode == 0, r.stderr
     assert "guide.md" in r.stdout and "handbook.pdf" in r.stdout and "queued" in r.stdout
     assert jobq_cli("docs", "--status", "nope").returncode == 1
+
+
+def test_enqueue_parses_each_pdf_once(fresh: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Detection, validation, page counting and splitting share one parse (it used to be three)."""
+    from jobq_workers import splitter
+
+    opened: list[int] = []
+    real = splitter.open_pdf
+
+    def counting(data: bytes) -> Any:
+        opened.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(splitter, "open_pdf", counting)
+    res = enqueue_files([HANDBOOK, INVENTORY])
+    assert not res.errors and len(res.doc_ids) == 2
+    assert opened == [Path(HANDBOOK).stat().st_size]
+
+
+# A light install (`pip install jobq`, no [documents] extra): these packages cannot be imported.
+DOCUMENT_STACK = ("pypdf", "openpyxl", "numpy", "sklearn", "docx")
+_LIGHT = ("import sys; sys.modules.update(dict.fromkeys({stack!r})); sys.argv[0] = 'jobq'; {code}")
+
+
+def light(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter where the document stack is missing."""
+    return subprocess.run([sys.executable, "-c", _LIGHT.format(stack=DOCUMENT_STACK, code=code), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_enqueue_without_the_documents_extra_says_what_to_install(fresh: psycopg.Connection[Any]) -> None:
+    r = light("from jobqueue.cli import main; main()", "enqueue", HANDBOOK)
+    assert r.returncode == 1
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "pip install 'jobq[documents]'" in r.stderr and "Traceback" not in r.stderr
+    assert fresh.execute("SELECT count(*) FROM documents").fetchone()[0] == 0
+
+
+def test_handlers_and_queue_import_without_the_documents_extra() -> None:
+    """Producers import the handler modules (entry points) to validate types; only running them needs the stack."""
+    loaded = f"sorted(m for m in sys.modules if m.split('.')[0] in {DOCUMENT_STACK!r} and sys.modules[m])"
+    r = light("import jobqueue, jobqueue.cli, jobq_workers.documents, jobq_workers.watch; "
+              "from jobqueue import registry; registry.get_type('dataflow'); registry.get_type('raptor'); "
+              f"print({loaded})")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -20,6 +20,7 @@ from jobq_workers.splitter import (
     count_units,
     detect_format,
     detect_kind,
+    inspect,
     parse_pages,
     split,
     task_digest,
@@ -54,6 +55,19 @@ def _selected(spec: str | None, units: int) -> set[int]:
 
 
 # -- detection ---------------------------------------------------------------
+
+
+def test_inspect_agrees_with_detection_and_counting(handbook_pdf: bytes, inventory_csv: bytes,
+                                                    guide_md: bytes) -> None:
+    """The one-parse path used at enqueue gives what the separate functions give."""
+    samples = {"handbook.pdf": handbook_pdf, "inventory.csv": inventory_csv, "guide.md": guide_md,
+               "sheet.xlsx": _xlsx([["a", "b"], [1, 2], [3, 4]])}
+    for name, data in samples.items():
+        layout = inspect(name, data)
+        kind = detect_kind(name, data)
+        assert (layout.format, layout.kind, layout.units) == (detect_format(name, data), kind,
+                                                              count_units(kind, data, name=name))
+    assert inspect("handbook.pdf", handbook_pdf).units == PAGES
 
 
 def test_detects_the_sample_kinds(handbook_pdf: bytes, inventory_csv: bytes, guide_md: bytes) -> None:
