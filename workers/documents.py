@@ -323,6 +323,7 @@ class DocumentRow:
     tasks: int
     done: int
     chunks: int
+    tokens: int
     summaries: int
     batch_id: int | None
     duration: float | None

@@ -73,7 +73,8 @@ SELECT {schema}.replace_document_run($1, $2::bigint[]);
 
 -- name: list_documents
 -- `jobq docs`: newest first, each filter optional.
-SELECT doc_id, name, pages, status, progress, tasks, done, chunks, summaries, batch_id, duration
+SELECT doc_id, name, pages, status, progress, tasks, done, chunks, tokens, summaries, batch_id,
+       duration::float8
 FROM {schema}.document_progress
 WHERE ($1::bigint IS NULL OR batch_id = $1) AND ($2::text IS NULL OR owner = $2)
   AND ($3::text IS NULL OR status = $3)
