@@ -248,3 +248,13 @@ def test_handlers_and_queue_import_without_the_documents_extra() -> None:
               f"print({loaded})")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_worker_without_the_extra_names_it_instead_of_a_bare_import_error() -> None:
+    r = light("from jobq_workers import splitter; from jobq_workers.extras import MissingExtra\n"
+              "try:\n"
+              f"    splitter.inspect('handbook.pdf', open({HANDBOOK!r}, 'rb').read())\n"
+              "except MissingExtra as exc:\n"
+              "    print(exc)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "pypdf is not installed (the [documents] extra): pip install 'jobq[documents]'"

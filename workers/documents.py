@@ -13,7 +13,6 @@ chunks are deleted, as RAGFlow does.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,29 +24,10 @@ import psycopg
 from jobqueue import Client, DocumentError, JobqError, Settings, TaskSpec, connect, get_settings, get_type
 
 from . import splitter
-from .queries import DocumentSQL, sql
+from .extras import require_document_stack
+from .queries import DocumentSQL, fetch, sql
 
 DATAFLOW = "dataflow"
-
-# What enqueueing reads files with; numpy and scikit-learn (raptor) are needed by workers only.
-ENQUEUE_NEEDS = ("pypdf", "openpyxl")
-INSTALL_HINT = "pip install 'jobq[documents]'"
-
-
-class MissingExtra(DocumentError):
-    """The document stack is not installed (a light `pip install jobq`)."""
-
-
-def require_document_stack() -> None:
-    """Refuse in one line, naming the install command, when the packages enqueueing reads files with are absent.
-
-    Looked up without importing them, so the check costs nothing when they are there.
-    """
-    missing = [name for name in ENQUEUE_NEEDS if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingExtra(f"documents need the [documents] extra ({', '.join(missing)} not installed): "
-                           f"{INSTALL_HINT}")
-
 
 @dataclass(frozen=True)
 class FileResult:
@@ -220,19 +200,12 @@ def enqueue_files(
                 results.append(FileResult(item.path, error=str(exc)))
             except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
                 results.append(FileResult(item.path, error=f"rejected by the database: {str(exc).splitlines()[0]}"))
-        _run(conn, q.batch_rejected, batch_id, sum(1 for r in results if not r.ok))
+        fetch(conn, q.batch_rejected, batch_id, sum(1 for r in results if not r.ok))
     return BatchResult(batch_id, results)
 
 
-def _run(conn: psycopg.Connection[Any], statement: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Run one of the pipeline's statements ($n parameters, hence a RawCursor); its rows, if any."""
-    with psycopg.RawCursor(conn) as cur:
-        cur.execute(statement, params)
-        return cur.fetchall() if cur.description else []
-
-
 def _one(conn: psycopg.Connection[Any], statement: str, *params: Any) -> Any:
-    rows = _run(conn, statement, *params)
+    rows = fetch(conn, statement, *params)
     return rows[0][0] if rows else None
 
 
@@ -240,13 +213,13 @@ def _document_row(conn: psycopg.Connection[Any], q: DocumentSQL, prep: _Prepared
                   plan: _Plan) -> int:
     """Insert the document, or lock and update the existing one with the same content."""
     meta = (batch_id, prep.name, len(prep.data), prep.format, prep.kind, plan.parser, prep.units)
-    rows = _run(conn, q.find_document, plan.owner, prep.content_digest)
+    rows = fetch(conn, q.find_document, plan.owner, prep.content_digest)
     if not rows:
         new_id = _one(conn, q.insert_document, *meta, prep.content_digest, None if prep.uri else prep.data,
                       prep.uri, plan.owner)
         if new_id is not None:
             return int(new_id)
-        rows = _run(conn, q.find_document, plan.owner, prep.content_digest)  # a concurrent call won
+        rows = fetch(conn, q.find_document, plan.owner, prep.content_digest)  # a concurrent call won
         assert rows
     doc_id, stored = int(rows[0][0]), bool(rows[0][1])
     live = _one(conn, q.live_task_count, doc_id)
@@ -254,7 +227,7 @@ def _document_row(conn: psycopg.Connection[Any], q: DocumentSQL, prep: _Prepared
         raise DocumentError(f"document {doc_id} has the same content and is still being processed ({live} live "
                             f"task(s)); wait for it or run `jobq cancel --doc {doc_id}`")
     # The bytes travel again only when the storage mode changes (see update_document).
-    _run(conn, q.update_document, doc_id, *meta, prep.uri, None if prep.uri or stored else prep.data)
+    fetch(conn, q.update_document, doc_id, *meta, prep.uri, None if prep.uri or stored else prep.data)
     return doc_id
 
 
@@ -264,7 +237,7 @@ def _reuse(conn: psycopg.Connection[Any], q: DocumentSQL, old_id: int, batch_id:
     new_id = int(_one(conn, q.reuse_task, old_id, plan.priority, batch_id, plan.owner))
     moved = int(_one(conn, q.move_chunks, old_id, new_id))
     line = _stamp(f"{_range_prefix(lo, hi)}Reused {moved} chunk(s) of task {old_id}: content and settings unchanged.")
-    _run(conn, q.set_progress_message, new_id, line)
+    fetch(conn, q.set_progress_message, new_id, line)
     return new_id, moved
 
 
@@ -273,7 +246,7 @@ def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: 
     doc_id = _document_row(conn, q, prep, batch_id, plan)
     reusable: dict[tuple[str, str], int] = {}
     if not plan.force:
-        for tid, ttype, digest in _run(conn, q.reusable_tasks, doc_id):
+        for tid, ttype, digest in fetch(conn, q.reusable_tasks, doc_id):
             reusable[(ttype, digest)] = tid
 
     kept: list[int] = []
@@ -299,7 +272,7 @@ def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: 
         if old is not None and not specs:  # its input (every dataflow task) is unchanged too
             then_id, _ = _reuse(conn, q, old, batch_id, plan, None, None)
             kept.append(then_id)
-    _run(conn, q.replace_document_run, doc_id, kept)
+    fetch(conn, q.replace_document_run, doc_id, kept)
     new_ids = client.enqueue_many(DATAFLOW, specs, connection=conn) if specs else []
     flow_ids.extend(new_ids)
     if plan.then and then_id is None:
@@ -335,9 +308,8 @@ def list_documents(*, batch: int | None = None, owner: str | None = None, status
     settings = settings or get_settings()
     client = Client(url, settings=settings)
     with connect(client.url) as conn:
-        rows = _run(conn, sql(settings.schema_name).list_documents, batch, owner, status, limit)
+        rows = fetch(conn, sql(settings.schema_name).list_documents, batch, owner, status, limit)
     return [DocumentRow(*row) for row in rows]
 
 
-__all__ = ["INSTALL_HINT", "BatchResult", "DocumentRow", "FileResult", "MissingExtra", "enqueue_files",
-           "list_documents", "prepare", "require_document_stack"]
+__all__ = ["BatchResult", "DocumentRow", "FileResult", "enqueue_files", "list_documents", "prepare"]

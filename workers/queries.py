@@ -7,6 +7,11 @@ their statements live here rather than in the queue library; the file is loaded 
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
 from jobqueue import SQLFile, get_settings
 
 
@@ -44,4 +49,21 @@ def sql(schema: str | None = None) -> DocumentSQL:
     return DocumentSQL.load(schema or get_settings().schema_name)
 
 
-__all__ = ["DocumentSQL", "sql"]
+def fetch(conn: psycopg.Connection[Any], statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on a psycopg connection; its rows, if it returns any.
+
+    A RawCursor, because the statements use PostgreSQL's $n parameters (the text asyncpg runs too).
+    """
+    with psycopg.RawCursor(conn) as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def fetch_dicts(conn: psycopg.Connection[Any], statement: str, *params: Any) -> list[dict[str, Any]]:
+    """:func:`fetch` with each row as a dict by column name."""
+    with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+__all__ = ["DocumentSQL", "fetch", "fetch_dicts", "sql"]

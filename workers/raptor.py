@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from jobqueue import Context, Fail, task
 
 from .dataflow import insert_chunks, load_document
+from .extras import missing
 from .queries import sql
 
 if TYPE_CHECKING:
@@ -35,7 +36,10 @@ class RaptorPayload(BaseModel):
 
 def _build(ctx: Context, texts: list[str], payload: RaptorPayload) -> list[Node]:
     """Runs in a thread; numpy and scikit-learn load here, not when the module is imported."""
-    from .raptor_tree import RaptorError, build_tree
+    try:
+        from .raptor_tree import RaptorError, build_tree
+    except ImportError as exc:  # a worker installed without the [documents] extra
+        raise missing(exc.name or "numpy") from None
 
     def on_level(level: int, nodes: list[Node]) -> None:
         ctx.progress(0.1 + 0.8 * level / payload.max_levels, f"Level {level}: {len(nodes)} summaries.")

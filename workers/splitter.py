@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Final
 
+from .extras import missing
+
 if TYPE_CHECKING:
     from pypdf import PdfReader
 
@@ -297,8 +299,11 @@ def open_pdf(data: bytes) -> PdfReader:
     workers have no way to obtain it. Shared with the extraction worker so
     that enqueue-time validation and processing can never disagree.
     """
-    from pypdf import PdfReader  # deferred: a light install (no [documents] extra) can still import this module
-    from pypdf.errors import PyPdfError
+    try:  # deferred: a light install (no [documents] extra) can still import this module
+        from pypdf import PdfReader
+        from pypdf.errors import PyPdfError
+    except ImportError:
+        raise missing("pypdf") from None
 
     try:
         reader = PdfReader(io.BytesIO(data))
@@ -436,7 +441,10 @@ def _iter_xlsx(data: bytes) -> Iterator[list[str]]:
     row numbering simple and stable. Read-only mode streams rows, so a large
     workbook is not materialised in memory just to be counted.
     """
-    from openpyxl import load_workbook  # deferred: only table documents need it
+    try:  # deferred: only table documents need it
+        from openpyxl import load_workbook
+    except ImportError:
+        raise missing("openpyxl") from None
 
     try:
         workbook = load_workbook(io.BytesIO(data), read_only=True, data_only=True)

@@ -16,11 +16,10 @@ from types import TracebackType
 from typing import Any, Literal
 
 import psycopg
-from psycopg.rows import dict_row
 
 from jobqueue import DocumentError, TaskNotFound, connect
 
-from .queries import DocumentSQL, sql
+from .queries import DocumentSQL, fetch_dicts, sql
 
 Kind = Literal["doc", "task", "batch"]
 FINISHED = ("done", "failed", "cancelled")
@@ -113,9 +112,7 @@ class Watcher:
         return self._conn
 
     def _fetch(self, statement: str, *params: Any) -> list[dict[str, Any]]:
-        with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
+        return fetch_dicts(self.conn, statement, *params)
 
     def _exists(self, statement: str, id: int) -> bool:
         return bool(self._fetch(statement, id)[0]["exists"])

@@ -61,7 +61,8 @@ def enqueue_files_cli(
 
     from rich.text import Text
 
-    from jobq_workers.documents import enqueue_files, require_document_stack
+    from jobq_workers.documents import enqueue_files
+    from jobq_workers.extras import require_document_stack
     from jobq_workers.watch import Target
     from jobqueue.cli.app import ensure_schema
 
