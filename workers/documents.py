@@ -29,6 +29,7 @@ from .queries import DocumentSQL, fetch, sql
 
 DATAFLOW = "dataflow"
 
+
 @dataclass(frozen=True)
 class FileResult:
     """What became of one file: a document with its tasks, or the one-line reason it was refused."""

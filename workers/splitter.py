@@ -23,7 +23,7 @@ import json
 import math
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Final
@@ -109,6 +109,8 @@ _FORMAT_KIND: Final = {
     "html": "text",
     "docx": "text",
 }
+# Delimited table formats and their delimiter (None: sniffed from the content).
+_DELIMITER: Final[dict[str, str | None]] = {"csv": None, "tsv": "\t"}
 _HTML_SNIFF: Final = re.compile(r"^\s*(<!doctype\s+html|<html[\s>])", re.IGNORECASE)
 
 
@@ -189,16 +191,18 @@ class Layout:
 
 
 def inspect(name: str, data: bytes) -> Layout:
-    """Detect, validate and count in one reading: a PDF is opened (and its pages checked) once.
+    """Detect, validate and count in one reading: a PDF is opened (and its pages checked) once, a
+    text file decoded once.
 
     Raises :class:`UnsupportedDocument` for anything a worker could not process.
     """
-    fmt, reader = open_document(name, data)
+    fmt, reader, text = _open(name, data)
     kind = _FORMAT_KIND[fmt]
     if reader is not None:
         units = len(reader.pages)
     elif kind == "table":
-        units = _count_rows(fmt, data)
+        units = _count_rows(_iter_delimited(text, _DELIMITER[fmt]) if text is not None
+                            else iter_table_rows(fmt, data))
     else:
         units = 1
     return Layout(fmt, kind, units)
@@ -209,14 +213,31 @@ def open_document(name: str, data: bytes) -> tuple[str, PdfReader | None]:
 
     Handing the reader on lets callers count or read pages without parsing the file again.
     """
+    fmt, reader, _ = _open(name, data)
+    return fmt, reader
+
+
+def _open(name: str, data: bytes) -> tuple[str, PdfReader | None, str | None]:
+    """The format, the PDF reader of a PDF, and the decoded text of a text-based format."""
     if b"%PDF-" in data[:_PDF_HEADER_WINDOW]:
-        return "pdf", open_pdf(data)  # validates: raises for encrypted or corrupt files
-    return _sniff(name, data), None
-
-
-def _sniff(name: str, data: bytes) -> str:
-    """Every format but PDF, from magic bytes first and the extension where content cannot decide."""
+        return "pdf", open_pdf(data), None  # validates: raises for encrypted or corrupt files
     ext = PurePath(name).suffix.lower()
+    binary = _binary_format(name, ext, data)
+    if binary is not None:
+        return binary, None, None
+    try:
+        text = decode_text(data)
+    except UnicodeDecodeError:
+        text = ""
+    if not text.strip() or _looks_binary(text):
+        raise UnsupportedDocument(
+            f"unsupported document: {name!r} is binary, blank or not in a known text encoding"
+        )
+    return _text_format(name, ext, text), None, text
+
+
+def _binary_format(name: str, ext: str, data: bytes) -> str | None:
+    """A format recognised by its magic bytes, or None for bytes that should be text."""
     if not data:
         raise UnsupportedDocument(f"empty file: {name!r} has zero bytes")
     if ext == ".pdf":
@@ -236,16 +257,11 @@ def _sniff(name: str, data: bytes) -> str:
     for magic, label in _BINARY_MAGIC:
         if data.startswith(magic):
             raise UnsupportedDocument(f"unsupported document: {name!r} is a {label}")
+    return None
 
-    try:
-        text = decode_text(data)
-    except UnicodeDecodeError:
-        text = ""
-    if not text.strip() or _looks_binary(text):
-        raise UnsupportedDocument(
-            f"unsupported document: {name!r} is binary, blank or not in a known text encoding"
-        )
 
+def _text_format(name: str, ext: str, text: str) -> str:
+    """Decoded text: HTML by its content, otherwise the extension decides."""
     if _HTML_SNIFF.match(text[:512]):
         return "html"
     if ext in _TABLE_EXTENSIONS:
@@ -375,15 +391,15 @@ def count_units(kind: str, data: bytes, *, name: str = "") -> int:
     if kind == "pdf":
         return len(open_pdf(data).pages)
     if kind == "table":
-        return _count_rows(_table_format(name, data), data)
+        return _count_rows(iter_table_rows(_table_format(name, data), data))
     if kind == "text":
         return 1
     raise ValueError(f"unknown document kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def _count_rows(fmt: str, data: bytes) -> int:
+def _count_rows(rows: Iterable[list[str]]) -> int:
     """Data rows of a table: its non-blank rows but the header."""
-    return max(0, sum(1 for _ in iter_table_rows(fmt, data)) - 1)
+    return max(0, sum(1 for _ in rows) - 1)
 
 
 def _table_format(name: str, data: bytes) -> str:
@@ -402,8 +418,8 @@ def iter_table_rows(fmt: str, data: bytes) -> Iterator[list[str]]:
     and a row window never skips or repeats a row. Blank rows are dropped
     because spreadsheets are full of them and they carry nothing to index.
     """
-    if fmt in {"csv", "tsv"}:
-        yield from _iter_delimited(decode_text(data), "\t" if fmt == "tsv" else None)
+    if fmt in _DELIMITER:
+        yield from _iter_delimited(decode_text(data), _DELIMITER[fmt])
     elif fmt == "xlsx":
         yield from _iter_xlsx(data)
     elif fmt == "xls":

@@ -70,6 +70,21 @@ def test_inspect_agrees_with_detection_and_counting(handbook_pdf: bytes, invento
     assert inspect("handbook.pdf", handbook_pdf).units == PAGES
 
 
+def test_inspect_decodes_a_table_once(inventory_csv: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobq_workers import splitter
+
+    decoded: list[int] = []
+    real = splitter.decode_text
+
+    def counting(data: bytes) -> str:
+        decoded.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(splitter, "decode_text", counting)
+    assert inspect("inventory.csv", inventory_csv).units == 7000
+    assert decoded == [len(inventory_csv)]
+
+
 def test_detects_the_sample_kinds(handbook_pdf: bytes, inventory_csv: bytes, guide_md: bytes) -> None:
     assert detect_kind("handbook.pdf", handbook_pdf) == "pdf"
     assert detect_kind("inventory.csv", inventory_csv) == "table"
