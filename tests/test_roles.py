@@ -20,7 +20,7 @@ from psycopg import errors
 from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 
 from jobqueue import Client, Context, task
-from jobqueue.cli.roles import scram_verifier
+from jobqueue.admin.roles import scram_verifier
 
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
@@ -221,7 +221,7 @@ def test_password_from_env_stores_a_scram_verifier(conn: psycopg.Connection[Any]
 def test_print_sql_and_missing_password(roles: str) -> None:
     res = jobq_cli("roles", "--print-sql")
     assert res.returncode == 0, res.stderr
-    assert 'GRANT SELECT ON ALL TABLES IN SCHEMA "jobq" TO "jobq_dashboard";' in res.stdout
+    assert f"GRANT SELECT ON ALL TABLES IN SCHEMA {SCHEMA} TO {SCHEMA}_dashboard;" in res.stdout
     assert "DELETE" in res.stdout and "CREATE ROLE" in res.stdout
     res = jobq_cli(
         "roles",

@@ -250,17 +250,13 @@ def _document_row(conn: psycopg.Connection[Any], prep: _Prepared, batch_id: int,
 
 def _reuse(conn: psycopg.Connection[Any], s: str, old_id: int, batch_id: int, plan: _Plan,
            lo: int | None, hi: int | None) -> tuple[int, int]:
-    """Record a new task done at once with the chunks of finished task `old_id`; returns (id, chunks)."""
-    new_id = int(_one(conn, f"""
-        INSERT INTO {s}.tasks (type, priority, payload, status, progress, finished_at, process_duration, doc_id,
-                               batch_id, from_page, to_page, owner, digest, result, max_retries, labels)
-        SELECT type, %s, payload, 'done', 1, now(), 0, doc_id, %s, from_page, to_page, %s, digest, result,
-               max_retries, labels
-        FROM {s}.tasks WHERE id = %s RETURNING id""", (plan.priority, batch_id, plan.owner, old_id)))
-    moved = conn.execute(f"UPDATE {s}.chunks SET task_id = %s WHERE task_id = %s", (new_id, old_id)).rowcount
-    line = _stamp(f"{_range_prefix(lo, hi)}Reused {moved} chunk(s) of task {old_id}: content and settings unchanged.")
-    conn.execute(f"UPDATE {s}.tasks SET progress_msg = %s WHERE id = %s", (line, new_id))
-    return new_id, moved
+    """Record a new task done at once with the chunks of finished task `old_id`; returns (id, chunks).
+    A SECURITY DEFINER function (migration 0005), so a producer needs no grant on chunks."""
+    line = _stamp(f"{_range_prefix(lo, hi)}Reused {{moved}} chunk(s) of task {old_id}: content and settings unchanged.")
+    row = conn.execute(f"SELECT id, moved FROM {s}.reuse_task(%s, %s, %s, %s, %s)",
+                       (old_id, batch_id, plan.priority, plan.owner, line)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def _store(conn: psycopg.Connection[Any], client: Client, prep: _Prepared, batch_id: int, plan: _Plan,
