@@ -8,6 +8,7 @@ pass for a refusal.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from psycopg import errors
 from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 
 from jobq_workers.documents import enqueue_files
-from jobqueue import Client, Context, task
+from jobqueue import AsyncClient, Client, Context, task
 from jobqueue.admin.roles import scram_verifier
 from jobqueue.errors import PermissionDenied
 
@@ -233,6 +234,15 @@ def test_producer_cancels_and_retries_only_its_own_tasks(
         with pytest.raises(PermissionDenied, match="may retry only its own tasks"):
             alice.retry(theirs)
         assert alice.retry(mine) == {mine: "queued"}
+
+        async def bob_async() -> None:  # the async client refuses the same way
+            async with AsyncClient(as_user(roles, producers[1])) as b:
+                with pytest.raises(PermissionDenied, match=f"task {mine} was enqueued by {producers[0]}"):
+                    await b.cancel(mine)
+                assert await b.retry(theirs) == {theirs: "queued"}
+
+        asyncio.run(bob_async())
+        assert client.get(mine).status == "queued"
         # Trusted roles (here the owner) act on every task, e.g. an operator's `jobq cancel`.
         assert client.cancel(their_many) == {i: "cancelled" for i in their_many}
     finally:
