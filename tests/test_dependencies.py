@@ -11,10 +11,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import REPO, BackgroundWorker, wait_for
+from support import REPO, SCHEMA, BackgroundWorker, wait_for
 
 from jobq_workers.documents import enqueue_files
 from jobqueue import AsyncClient, Client, Context, task
+from jobqueue.db.queries import RuntimeSQL
 from jobqueue.errors import DedupeConflict
 from jobqueue.registry import unregister
 
@@ -143,3 +144,27 @@ def test_retry_into_a_live_dedupe_key_is_a_jobq_error(conn: psycopg.Connection[A
 
     asyncio.run(via_async())
     client.cancel(first)
+
+
+def test_retry_racing_its_parents_completion_is_released(db_url: str, conn: psycopg.Connection[Any],
+                                                         client: Client) -> None:
+    """The parent finishes while the retry waits for its row: the retry must see it done (it reads the
+    parent as locked, not from its own older snapshot), or the child would wait forever."""
+    parent = client.enqueue("dep_parent", {}, delay=3600)
+    child = client.enqueue("dep_child", {}, depends_on=[parent])
+    client.cancel(child)
+    q = RuntimeSQL.load(SCHEMA)
+    outcome: dict[int, str] = {}
+    with psycopg.connect(db_url) as worker:  # a worker completing the parent, not yet committed
+        worker.execute("UPDATE tasks SET status = 'done', finished_at = now() WHERE id = %s", (parent,))
+        with psycopg.RawCursor(worker) as cur:
+            cur.execute(q.release_dependents, ([parent],))  # the child is cancelled: nothing to release
+        retry = threading.Thread(target=lambda: outcome.update(client.retry(child)))
+        retry.start()
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND datname = current_database()").fetchone()[0] == 1)
+        worker.commit()
+        retry.join(10)
+    assert outcome == {child: "queued"}
+    assert _status(conn, child) == [("queued", 0)]
+    client.cancel(child)
