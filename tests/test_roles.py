@@ -229,6 +229,9 @@ def test_producer_cancels_and_retries_only_its_own_tasks(
         with pytest.raises(PermissionDenied, match=f"task {theirs} was enqueued by {producers[1]}"):
             alice.cancel([mine, theirs])
         assert client.get(mine).status == client.get(theirs).status == "queued"  # all or nothing
+        res = jobq_cli("cancel", str(theirs), env={"JOBQ_DATABASE_URL": as_user(roles, producers[0])})
+        assert res.returncode == 1 and "Traceback" not in res.stderr
+        assert f"task {theirs} was enqueued by {producers[1]}" in res.stderr
         assert alice.cancel(mine) == {mine: "cancelled"}
         assert bob.cancel(theirs) == {theirs: "cancelled"}
         with pytest.raises(PermissionDenied, match="may retry only its own tasks"):
