@@ -16,7 +16,7 @@ from support import REPO, SCHEMA, BackgroundWorker, wait_for
 from jobq_workers.documents import enqueue_files
 from jobqueue import AsyncClient, Client, Context, task
 from jobqueue.db.queries import RuntimeSQL
-from jobqueue.errors import DedupeConflict
+from jobqueue.errors import DedupeConflict, InvalidPayload, InvalidTransition
 from jobqueue.registry import unregister
 
 HANDBOOK = str(REPO / "examples" / "samples" / "handbook.pdf")
@@ -124,6 +124,10 @@ def test_retrying_a_document_requeues_its_ranges_before_its_follow_up(conn: psyc
     retried = client.retry(doc_id=res.doc_id)
     assert retried == {**{t: "queued" for t in res.tasks}, res.then_task: "waiting"}
     assert _status(conn, res.then_task) == [("waiting", len(res.tasks))]
+    with pytest.raises(InvalidTransition, match=f"document {res.doc_id} has no failed or cancelled task"):
+        client.retry(doc_id=res.doc_id)
+    with pytest.raises(InvalidPayload, match="needs a task id or a doc_id"):
+        client.retry()
     client.cancel(doc_id=res.doc_id)
 
 

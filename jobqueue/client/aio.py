@@ -22,6 +22,7 @@ from jobqueue.client.sync import (
     _row,
     _stamp,
     not_retried,
+    retry_targets,
     rows_for,
 )
 from jobqueue.db.connect import redact, resolve_url
@@ -175,7 +176,7 @@ class AsyncClient:
     async def retry(self, task_id: int | None = None, *, doc_id: int | None = None,
                     connection: Any = None) -> dict[int, str]:
         """As :meth:`jobqueue.Client.retry`."""
-        ids = [] if task_id is None else [task_id]
+        ids = retry_targets(task_id, doc_id)
 
         async def go(conn: AnyConnection) -> dict[int, str]:
             try:

@@ -461,8 +461,8 @@ class Client:
         """Send a failed or cancelled task (or every such task of a document) back to the queue for a
         fresh set of retries. Returns {id: status}: ``queued``, or ``waiting`` for a task whose parents
         are not all done (a document's follow-up task waits for its retried ranges)."""
+        ids = retry_targets(task_id, doc_id)
         conn, _ = self._conn(connection)
-        ids = [] if task_id is None else [task_id]
         try:
             rows = self._fetch(conn, self.q.retry, (ids, doc_id, _stamp(RETRY_LINE), self.settings.progress_log_chars))
         except psycopg.errors.UniqueViolation as exc:
@@ -479,6 +479,13 @@ class Client:
 
 RETRY_LINE = "[RETRY] requeued by user"
 DEPENDENT_CANCELLED = "[Canceled] a parent task was cancelled"
+
+
+def retry_targets(task_id: int | None, doc_id: int | None) -> builtins.list[int]:
+    """The ids a retry names (shared by both clients); a retry must name something."""
+    if task_id is None and doc_id is None:
+        raise InvalidPayload("retry needs a task id or a doc_id")
+    return [] if task_id is None else [task_id]
 
 
 def not_retried(task_id: int | None, status: str | None, doc_id: int | None = None) -> InvalidTransition:
