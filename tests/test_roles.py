@@ -25,7 +25,7 @@ from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 from jobq_workers.documents import enqueue_files
 from jobqueue import AsyncClient, Client, Context, task
 from jobqueue.admin.roles import scram_verifier
-from jobqueue.errors import PermissionDenied
+from jobqueue.errors import InvalidPayload, PermissionDenied
 
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 # `jobq roles` names the roles after the schema by default (jobq_dashboard, ...).
@@ -280,6 +280,12 @@ def test_chunks_and_documents_of_another_role_are_out_of_reach(
             their_task = conn.execute("SELECT id FROM tasks WHERE doc_id = %s", (docs[bob],)).fetchone()
             assert their_task is not None
             denied(a, "SELECT * FROM reuse_task(%s, NULL, 0, NULL, 'x')", their_task[0])
+            # No task into bob's document (it would write bob's chunks): to alice it does not exist.
+            with pytest.raises(InvalidPayload, match=f"doc_id {docs[bob]} is not a document enqueued by role {alice}"):
+                Client(as_user(roles, alice)).enqueue("r_ok", {}, doc_id=docs[bob], connection=a)
+            with pytest.raises(errors.ForeignKeyViolation):
+                a.execute("INSERT INTO tasks (type, doc_id) VALUES ('r_ok', %s)", (docs[bob],))
+            assert a.execute("INSERT INTO tasks (type, doc_id) VALUES ('r_ok', %s)", (docs[alice],)).rowcount == 1
             # Its own document: replacing the finished run deletes its chunks, and nothing of bob's.
             a.execute("SELECT replace_document_run(%s, '{}'::bigint[])", (docs[alice],))
         left = conn.execute("SELECT text FROM chunks ORDER BY id").fetchall()

@@ -84,6 +84,21 @@ CREATE TRIGGER tasks_insert_guard BEFORE INSERT ON "{s}".tasks FOR EACH ROW
 CREATE TRIGGER tasks_dependents_guard BEFORE UPDATE OF has_dependents ON "{s}".tasks FOR EACH ROW
     WHEN (OLD.has_dependents AND NOT NEW.has_dependents)
     EXECUTE FUNCTION "{s}".refuse_untrusted('has_dependents cannot be cleared');
+-- A task of a document writes that document's chunks: a producer adds tasks only to its own
+-- documents. To it another role's document is as good as missing, hence a foreign key error.
+CREATE FUNCTION "{s}".refuse_foreign_document() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT "{s}".trusted(current_user::text) AND NOT EXISTS (
+        SELECT 1 FROM "{s}".documents d WHERE d.id = NEW.doc_id AND d.enqueued_by = current_user
+    ) THEN
+        RAISE EXCEPTION 'doc_id % is not a document enqueued by role %', NEW.doc_id, current_user
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tasks_document_guard BEFORE INSERT ON "{s}".tasks FOR EACH ROW
+    WHEN (NEW.doc_id IS NOT NULL) EXECUTE FUNCTION "{s}".refuse_foreign_document();
 -- A producer re-enqueueing a document updates its row; only the role that enqueued it may.
 CREATE TRIGGER documents_owner_guard BEFORE UPDATE ON "{s}".documents FOR EACH ROW
     WHEN (OLD.enqueued_by IS DISTINCT FROM current_user)
@@ -305,6 +320,8 @@ DROP VIEW IF EXISTS "{s}".own_chunks;
 DROP TRIGGER IF EXISTS documents_owner_guard ON "{s}".documents;
 DROP TRIGGER IF EXISTS tasks_dependents_guard ON "{s}".tasks;
 DROP TRIGGER IF EXISTS tasks_insert_guard ON "{s}".tasks;
+DROP TRIGGER IF EXISTS tasks_document_guard ON "{s}".tasks;
+DROP FUNCTION IF EXISTS "{s}".refuse_foreign_document();
 DROP FUNCTION IF EXISTS "{s}".refuse_untrusted();
 DROP FUNCTION IF EXISTS "{s}".may_act_for(text);
 DROP FUNCTION IF EXISTS "{s}".trusted(text);
