@@ -39,6 +39,14 @@ class InvalidTransition(JobqError):
     """The task is not in a state that allows the requested change (e.g. retry a running task)."""
 
 
+class DedupeConflict(InvalidTransition):
+    """A retry would make a second live task with a dedupe key a live task already holds."""
+
+
+class PermissionDenied(JobqError):
+    """The database refused the change to this role (e.g. a producer cancelling another role's task)."""
+
+
 class DocumentError(JobqError):
     """A file that cannot be enqueued: missing, empty, encrypted, corrupt, unsupported or too big."""
 

@@ -234,12 +234,11 @@ def _document_row(conn: psycopg.Connection[Any], q: DocumentSQL, prep: _Prepared
 
 def _reuse(conn: psycopg.Connection[Any], q: DocumentSQL, old_id: int, batch_id: int, plan: _Plan,
            lo: int | None, hi: int | None) -> tuple[int, int]:
-    """Record a new task done at once with the chunks of finished task `old_id`; returns (id, chunks)."""
-    new_id = int(_one(conn, q.reuse_task, old_id, plan.priority, batch_id, plan.owner))
-    moved = int(_one(conn, q.move_chunks, old_id, new_id))
-    line = _stamp(f"{_range_prefix(lo, hi)}Reused {moved} chunk(s) of task {old_id}: content and settings unchanged.")
-    fetch(conn, q.set_progress_message, new_id, line)
-    return new_id, moved
+    """Record a new task done at once with the chunks of finished task `old_id`; returns (id, chunks).
+    A SECURITY DEFINER function (migration 0005), so a producer needs no grant on chunks."""
+    line = _stamp(f"{_range_prefix(lo, hi)}Reused {{moved}} chunk(s) of task {old_id}: content and settings unchanged.")
+    new_id, moved = fetch(conn, q.reuse_task, old_id, batch_id, plan.priority, plan.owner, line)[0]
+    return int(new_id), int(moved)
 
 
 def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: _Prepared, batch_id: int,

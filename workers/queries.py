@@ -26,8 +26,6 @@ class DocumentSQL(SQLFile, package="jobq_workers", filename="sql/documents.sql")
     live_task_count: str
     reusable_tasks: str
     reuse_task: str
-    move_chunks: str
-    set_progress_message: str
     replace_document_run: str
     list_documents: str
     batch_documents: str

@@ -12,10 +12,29 @@ from typing import Any
 
 import asyncpg
 
-from jobqueue.client.sync import TaskSpec, _labels, _plan_dependencies, _row, _stamp, rows_for
+from jobqueue.client.sync import (
+    DEPENDENT_CANCELLED,
+    RETRY_LINE,
+    TaskSpec,
+    _first_line,
+    _labels,
+    _plan_dependencies,
+    _row,
+    _stamp,
+    not_retried,
+    retry_targets,
+    rows_for,
+)
 from jobqueue.db.connect import redact, resolve_url
 from jobqueue.db.queries import ClientSQL
-from jobqueue.errors import DatabaseUnavailable, InvalidPayload, InvalidTransition, JobqError, TaskNotFound
+from jobqueue.errors import (
+    DatabaseUnavailable,
+    DedupeConflict,
+    InvalidPayload,
+    JobqError,
+    PermissionDenied,
+    TaskNotFound,
+)
 from jobqueue.models import Task
 from jobqueue.settings import Settings, get_settings
 
@@ -144,24 +163,40 @@ class AsyncClient:
         n = self.settings.progress_log_chars
 
         async def go(conn: AnyConnection) -> dict[int, str]:
-            rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n,
-                                    _stamp("[Canceled] a parent task was cancelled"))
+            try:
+                rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n,
+                                        _stamp(DEPENDENT_CANCELLED))
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise PermissionDenied(_first_line(exc)) from None
             return {int(r[0]): str(r[1]) for r in rows}
 
         result: dict[int, str] = await self._run(connection, go)
         return result
 
-    async def retry(self, task_id: int, *, connection: Any = None) -> None:
-        async def go(conn: AnyConnection) -> None:
-            if not await conn.fetch(self.q.retry, task_id, _stamp("[RETRY] requeued by user"),
-                                    self.settings.progress_log_chars):
-                row = await conn.fetchrow(self.q.get, task_id)
-                if row is None:
-                    raise TaskNotFound(f"no task with id {task_id}")
-                raise InvalidTransition(
-                    f"task {task_id} is {row['status']}; only failed or cancelled tasks can be retried")
+    async def retry(self, task_id: int | None = None, *, doc_id: int | None = None,
+                    connection: Any = None) -> dict[int, str]:
+        """As :meth:`jobqueue.Client.retry`."""
+        ids = retry_targets(task_id, doc_id)
 
-        await self._run(connection, go)
+        async def go(conn: AnyConnection) -> dict[int, str]:
+            try:
+                rows = await conn.fetch(self.q.retry, ids, doc_id, _stamp(RETRY_LINE), self.settings.progress_log_chars)
+            except asyncpg.UniqueViolationError as exc:
+                raise DedupeConflict(_first_line(exc)) from None
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise PermissionDenied(_first_line(exc)) from None
+            result = {int(r[0]): str(r[1]) for r in rows}
+            if task_id is not None and task_id not in result:
+                status = await conn.fetchval(self.q.task_status, task_id)
+                if status is None:
+                    raise TaskNotFound(f"no task with id {task_id}")
+                raise not_retried(task_id, status)
+            if not result:
+                raise not_retried(None, None, doc_id)
+            return result
+
+        done: dict[int, str] = await self._run(connection, go)
+        return done
 
 
 __all__ = ["AsyncClient"]

@@ -24,7 +24,14 @@ from pydantic import BaseModel, ValidationError
 from jobqueue import registry
 from jobqueue.db.connect import connect, resolve_url
 from jobqueue.db.queries import ClientSQL
-from jobqueue.errors import InvalidPayload, InvalidTransition, JobqError, TaskNotFound
+from jobqueue.errors import (
+    DedupeConflict,
+    InvalidPayload,
+    InvalidTransition,
+    JobqError,
+    PermissionDenied,
+    TaskNotFound,
+)
 from jobqueue.models import Task
 from jobqueue.settings import Settings, get_settings
 
@@ -432,9 +439,11 @@ class Client:
 
     def _cancel_in(self, conn: psycopg.Connection[Any], ids: builtins.list[int], doc_id: int | None,
                    reason: str) -> dict[int, str]:
-        rows = self._fetch(conn, self.q.cancel, (ids, doc_id, _stamp(f"[Canceled] {reason}"),
-                                            self.settings.progress_log_chars,
-                                            _stamp("[Canceled] a parent task was cancelled")))
+        try:
+            rows = self._fetch(conn, self.q.cancel, (ids, doc_id, _stamp(f"[Canceled] {reason}"),
+                                                self.settings.progress_log_chars, _stamp(DEPENDENT_CANCELLED)))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PermissionDenied(_first_line(exc)) from None
         result = {int(r[0]): str(r[1]) for r in rows}
         for i in ids:
             if i not in result:
@@ -442,20 +451,52 @@ class Client:
         return result
 
     def _state_of(self, conn: psycopg.Connection[Any], task_id: int) -> str:
-        row = conn.execute(f"SELECT status FROM {self.settings.schema_name}.tasks WHERE id = %s",
-                           (task_id,)).fetchone()
-        if row is None:
-            raise TaskNotFound(f"no task with id {task_id}")
-        return str(row[0])
-
-    def retry(self, task_id: int, *, connection: Any = None) -> None:
-        """Send a failed or cancelled task back to the queue for a fresh set of retries."""
-        conn, _ = self._conn(connection)
-        line = _stamp("[RETRY] requeued by user")
-        rows = self._fetch(conn, self.q.retry, (task_id, line, self.settings.progress_log_chars))
+        rows = self._fetch(conn, self.q.task_status, (task_id,))
         if not rows:
-            status = self._state_of(conn, task_id)
-            raise InvalidTransition(f"task {task_id} is {status}; only failed or cancelled tasks can be retried")
+            raise TaskNotFound(f"no task with id {task_id}")
+        return str(rows[0][0])
+
+    def retry(self, task_id: int | None = None, *, doc_id: int | None = None,
+              connection: Any = None) -> dict[int, str]:
+        """Send a failed or cancelled task (or every such task of a document) back to the queue for a
+        fresh set of retries. Returns {id: status}: ``queued``, or ``waiting`` for a task whose parents
+        are not all done (a document's follow-up task waits for its retried ranges)."""
+        ids = retry_targets(task_id, doc_id)
+        conn, _ = self._conn(connection)
+        try:
+            rows = self._fetch(conn, self.q.retry, (ids, doc_id, _stamp(RETRY_LINE), self.settings.progress_log_chars))
+        except psycopg.errors.UniqueViolation as exc:
+            raise DedupeConflict(_first_line(exc)) from None
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PermissionDenied(_first_line(exc)) from None
+        result = {int(r[0]): str(r[1]) for r in rows}
+        if task_id is not None and task_id not in result:
+            raise not_retried(task_id, self._state_of(conn, task_id))
+        if not result:
+            raise not_retried(None, None, doc_id)
+        return result
+
+
+RETRY_LINE = "[RETRY] requeued by user"
+DEPENDENT_CANCELLED = "[Canceled] a parent task was cancelled"
+
+
+def retry_targets(task_id: int | None, doc_id: int | None) -> builtins.list[int]:
+    """The ids a retry names (shared by both clients); a retry must name something."""
+    if task_id is None and doc_id is None:
+        raise InvalidPayload("retry needs a task id or a doc_id")
+    return [] if task_id is None else [task_id]
+
+
+def not_retried(task_id: int | None, status: str | None, doc_id: int | None = None) -> InvalidTransition:
+    """Why a retry changed nothing (shared by both clients)."""
+    if task_id is None:
+        return InvalidTransition(f"document {doc_id} has no failed or cancelled task to retry")
+    return InvalidTransition(f"task {task_id} is {status}; only failed or cancelled tasks can be retried")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0]
 
 
 def _rejected(exc: psycopg.Error) -> InvalidPayload:
@@ -524,8 +565,8 @@ def cancel(task_id: int | Sequence[int] | None = None, **kwargs: Any) -> dict[in
     return default_client().cancel(task_id, **kwargs)
 
 
-def retry(task_id: int, **kwargs: Any) -> None:
-    default_client().retry(task_id, **kwargs)
+def retry(task_id: int | None = None, **kwargs: Any) -> dict[int, str]:
+    return default_client().retry(task_id, **kwargs)
 
 
 __all__ = ["Client", "TaskSpec", "cancel", "enqueue", "enqueue_many", "get", "list_tasks", "retry"]

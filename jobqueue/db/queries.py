@@ -20,6 +20,7 @@ class ClientSQL(SQLFile, package=PACKAGE, filename="sql/client.sql"):
     lock_parents: str
     cancel: str
     retry: str
+    task_status: str
     get: str
 
 
@@ -46,3 +47,16 @@ class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):
     """The maintenance services (jobqueue/runtime/maintenance/)."""
 
     rescue: str
+
+
+class AdminSQL(SQLFile, package=PACKAGE, filename="sql/admin.sql"):
+    """`jobq roles` (jobqueue/admin/roles.py): each statement returns the DDL to run."""
+
+    create_role: str
+    reset_role: str
+    grant_all_tables: str
+    grant_tables: str
+    grant_columns: str
+    grant_functions: str
+    read_only: str
+    login_password: str

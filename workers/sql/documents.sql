@@ -49,23 +49,9 @@ WHERE doc_id = $1 AND status = 'done' AND digest IS NOT NULL
 ORDER BY id;
 
 -- name: reuse_task
--- A new task recorded done at once, a copy of finished task $1 in the new batch; its chunks move next.
-INSERT INTO {schema}.tasks (type, priority, payload, status, progress, finished_at, process_duration, doc_id,
-                            batch_id, from_page, to_page, owner, digest, result, max_retries, labels)
-SELECT type, $2, payload, 'done', 1, now(), 0, doc_id, $3, from_page, to_page, $4, digest, result, max_retries,
-       labels
-FROM {schema}.tasks
-WHERE id = $1
-RETURNING id;
-
--- name: move_chunks
-WITH moved AS (
-    UPDATE {schema}.chunks SET task_id = $2 WHERE task_id = $1 RETURNING 1
-)
-SELECT count(*) FROM moved;
-
--- name: set_progress_message
-UPDATE {schema}.tasks SET progress_msg = $2 WHERE id = $1;
+-- A new task recorded done at once with the chunks of finished task $1 (a SECURITY DEFINER function of
+-- migration 0005, so a producer needs no grant on chunks); "{moved}" in the line $5 becomes the count.
+SELECT id, moved FROM {schema}.reuse_task($1, $2, $3, $4, $5);
 
 -- name: replace_document_run
 -- The previous run's other tasks go, and with them whatever chunks no reused task took over.

@@ -65,45 +65,20 @@ WHERE id = ANY($1::bigint[])
 RETURNING id, status;
 
 -- name: cancel
--- Cancel tasks by id or by document: queued and waiting ones at once; running ones get
--- cancel_requested_at and a NOTIFY on {schema}.cancel that reaches the worker holding them. Waiting
--- descendants of the tasks cancelled here are cancelled in the same statement ($5 is their line).
-WITH RECURSIVE c AS (
-    UPDATE {schema}.tasks t
-    SET status = CASE WHEN t.status = 'running' THEN 'running' ELSE 'cancelled' END,
-        finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
-        cancel_requested_at = COALESCE(t.cancel_requested_at, now()),
-        progress_msg = {schema}.append_log(t.progress_msg, $3, $4)
-    WHERE (t.id = ANY($1::bigint[]) OR t.doc_id = $2) AND t.status IN ('waiting', 'queued', 'running')
-    RETURNING t.id, t.status, t.attempt, t.has_dependents, t.doc_id, t.progress
-), doomed AS (
-    SELECT k.id FROM {schema}.tasks k JOIN c ON k.depends_on @> ARRAY[c.id]
-    WHERE c.status = 'cancelled' AND c.has_dependents AND k.status = 'waiting'
-    UNION
-    SELECT k.id FROM {schema}.tasks k JOIN doomed d ON k.depends_on @> ARRAY[d.id] WHERE k.status = 'waiting'
-), dependents AS (
-    UPDATE {schema}.tasks t
-    SET status = 'cancelled', finished_at = now(), progress_msg = {schema}.append_log(t.progress_msg, $5, $4)
-    FROM doomed
-    WHERE t.id = doomed.id AND t.status = 'waiting' AND t.id NOT IN (SELECT id FROM c)
-    RETURNING t.id
-)
-SELECT c.id, c.status, (SELECT count(*) FROM dependents) AS dependents_cancelled,
-       CASE WHEN c.status = 'running' THEN pg_notify('{schema}.cancel', c.id || ':' || c.attempt)
-            ELSE pg_notify('{schema}.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress) END
-FROM c;
+-- Cancel tasks by id ($1) or by document ($2): queued and waiting ones at once, running ones get
+-- cancel_requested_at and a NOTIFY that reaches the worker holding them; their waiting descendants
+-- are cancelled too ($5 is their line). A producer cancels only the tasks its role enqueued: the
+-- function (migration 0005) checks that and raises insufficient_privilege otherwise.
+SELECT id, status, dependents_cancelled FROM {schema}.cancel_tasks($1::bigint[], $2, $3, $4, $5);
 
 -- name: retry
--- A user's retry of a finished task: a new life in the queue (retry_count reset).
-WITH r AS (
-    UPDATE {schema}.tasks t
-    SET status = 'queued', retry_count = 0, run_at = now(), finished_at = NULL, progress = 0,
-        result = NULL, cancel_requested_at = NULL, worker_id = NULL, lease_expires_at = NULL,
-        progress_msg = {schema}.append_log(t.progress_msg, $2, $3)
-    WHERE t.id = $1 AND t.status IN ('failed', 'cancelled')
-    RETURNING t.id, t.type
-)
-SELECT r.id, pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text) FROM r;
+-- Retry failed or cancelled tasks by id ($1) or by document ($2): a new life in the queue, waiting
+-- for any parent that is not done (retried parents included). Raises unique_violation when a task's
+-- dedupe key is held by a live task, insufficient_privilege for another role's task.
+SELECT id, status FROM {schema}.retry_tasks($1::bigint[], $2, $3, $4);
+
+-- name: task_status
+SELECT status FROM {schema}.tasks WHERE id = $1;
 
 -- name: get
 SELECT * FROM {schema}.tasks WHERE id = $1;
