@@ -46,3 +46,22 @@ class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):
     """The maintenance services (jobqueue/runtime/maintenance/)."""
 
     rescue: str
+
+
+class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
+    """The snapshot of the observation views (jobqueue/observe/)."""
+
+    snapshot_begin: str
+    now: str
+    queue_depth: str
+    throughput: str
+    latency: str
+    workers: str
+    failures: str
+
+
+class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):
+    """The schema check that needs no alembic (jobqueue/admin/revision.py)."""
+
+    tables: str
+    revision: str
