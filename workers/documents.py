@@ -24,10 +24,11 @@ from rich.console import Console
 from rich.text import Text
 
 from jobqueue import registry
-from jobqueue.client.sync import LIVE, Client, TaskSpec
+from jobqueue.client.sync import Client, TaskSpec
 from jobqueue.db.connect import connect, resolve_url
 from jobqueue.errors import DocumentError, JobqError
 from jobqueue.settings import Settings, get_settings
+from jobqueue.states import LIVE
 
 from . import splitter
 

@@ -25,10 +25,10 @@ from rich.text import Text
 from jobqueue.db.connect import connect, resolve_url
 from jobqueue.errors import DocumentError, TaskNotFound
 from jobqueue.settings import get_settings
-from jobqueue.states import progress_channel
+from jobqueue.states import TERMINAL, progress_channel
 
 Kind = Literal["doc", "task", "batch"]
-FINISHED = ("done", "failed", "cancelled")
+FINISHED = TERMINAL
 COLORS = {"done": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "white",
           "waiting": "magenta"}
 _TARGET = re.compile(r"^(?:(doc|document|task|batch):)?(\d+)$")
