@@ -1,4 +1,4 @@
-"""The task type `jobq worker` claims in ``python -m bench startup`` (imported with --import)."""
+"""The task type `jobq worker` claims in ``python -m bench startup`` (copied next to the trees it times)."""
 
 from __future__ import annotations
 
