@@ -14,6 +14,7 @@ such a test flaky, while a median over interleaved runs is a figure worth compar
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,11 +42,17 @@ COMMANDS: tuple[tuple[str, ...], ...] = (
 WORKER = "jobq worker: first claim"
 
 
-def _jobq(env: dict[str, str], *args: str) -> float:
-    started = time.perf_counter()
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _jobq(env: dict[str, str], *args: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of one command; CPU time is the figure a loaded machine disturbs least."""
+    started, cpu = time.perf_counter(), _cpu()
     subprocess.run([sys.executable, "-m", "jobqueue", *args], env=env, cwd=env["BENCH_TREE"],
                    capture_output=True, text=True, timeout=120)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _cpu() - cpu
 
 
 def _first_claim(env: dict[str, str], conn: psycopg.Connection[tuple[object, ...]], schema: str) -> float:
@@ -101,7 +108,9 @@ def run(dsn: str, runs: int, against: str | None = None) -> dict[str, dict[str, 
                         _jobq(env, *args)  # warm the page cache and .pyc files
                     for _ in range(runs):
                         for label, env in envs.items():
-                            results[label].setdefault(label_of, []).append(_jobq(env, *args))
+                            wall, cpu = _jobq(env, *args)
+                            results[label].setdefault(label_of, []).append(wall)
+                            results[label].setdefault(label_of + " (CPU)", []).append(cpu)
                 for env in envs.values():
                     _first_claim(env, conn, schema)
                 for _ in range(runs):
@@ -116,8 +125,10 @@ def run(dsn: str, runs: int, against: str | None = None) -> dict[str, dict[str, 
 def report(results: dict[str, dict[str, list[float]]], runs: int) -> str:
     labels = list(results)
     head = f"{'command':<28}" + "".join(f" {label[:12]:>12}" for label in labels)
-    lines = [f"median wall seconds over {runs} interleaved runs ({os.cpu_count()} cores)", head]
-    for command in results[labels[-1]]:
+    load = os.getloadavg()[0]
+    lines = [f"median seconds over {runs} interleaved runs ({os.cpu_count()} cores, load average {load:.1f}); "
+             "(CPU) = user + system time of the process", head]
+    for command in sorted(results[labels[-1]], key=lambda c: (c.endswith("(CPU)"), c == WORKER)):
         lines.append(f"{command:<28}" + "".join(f" {statistics.median(results[label][command]):12.3f}"
                                                for label in labels))
     return "\n".join(lines)
