@@ -58,11 +58,11 @@ def _global(
     from jobqueue.settings import get_settings
 
     get_settings.cache_clear()  # main() may run several times in one process (the fuzz tests do)
-    settings = get_settings()
+    built = get_settings()
     if database_url:
-        settings = settings.model_copy(update={"database_url": database_url})
+        built = built.model_copy(update={"database_url": database_url})
     _invocation.clear()
-    _invocation.append(settings)
+    _invocation.append(built)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
