@@ -2,6 +2,7 @@
 
 Usage::
 
+    python -m bench startup [--dsn URL] [--runs 15] [--against REV]   (start-up times, bench/startup.py)
     python -m bench run [--profile short|full] [--peers procrastinate,pgqueuer,celery,pgbench,jobq]
                         [--dsn postgresql://postgres@127.0.0.1:5432/test] [--out bench/results]
 
@@ -52,7 +53,16 @@ def main(argv: list[str]) -> int:
         help="admin URL on the target server; each peer gets its own bench_<peer> database there",
     )
     run.add_argument("--out", type=Path, default=Path("bench/results"))
+    startup = sub.add_parser(
+        "startup", help="median wall time of the read-only CLI commands and a worker's first claim")
+    startup.add_argument("--dsn", default=DEFAULT_DSN, help="admin URL; a fresh database is made and dropped there")
+    startup.add_argument("--runs", type=int, default=15)
+    startup.add_argument("--against", metavar="REV", help="also time the jobqueue/ of this commit, interleaved")
     args = parser.parse_args(argv)
+    if args.command == "startup":
+        from .startup import main as startup_main
+
+        return startup_main(args.dsn, args.runs, args.against)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     Runner(args.profile, peers, args.dsn, args.out, argv).run()
     return 0

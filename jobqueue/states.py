@@ -27,7 +27,10 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 
-TERMINAL = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+# The statuses of a task that may still run, and of one that never will again (`jobq retry` excepted).
+# Tuples in the order of the state machine, so messages and SQL arrays built from them read the same.
+LIVE: tuple[Status, ...] = (Status.WAITING, Status.QUEUED, Status.RUNNING)
+TERMINAL: tuple[Status, ...] = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
 # pg_advisory_lock keys: arbitrary constants, namespaced by a fixed prefix so they are unlikely
 # to collide with an application's own advisory locks.

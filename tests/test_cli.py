@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import psycopg
 import pytest
-from support import jobq_cli
+from support import REPO, SCHEMA, create_database, drop_database, jobq_cli
 
 
 def one_line_error(r: Any) -> str:
@@ -73,11 +75,79 @@ def test_bad_url() -> None:
 
 
 def test_schema_missing_on_real_server(server_url: str) -> None:
-    from conftest import create_database, drop_database
-
     url = create_database(server_url)
     try:
         line = one_line_error(jobq_cli("ls", env={"JOBQ_DATABASE_URL": url}))
         assert "jobq migrate" in line
     finally:
         drop_database(server_url, url)
+
+
+def test_head_revision_found_without_alembic_is_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    from jobqueue.admin.migrate import alembic_config
+    from jobqueue.admin.revision import head_revision, revisions
+
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused@localhost/x", SCHEMA))
+    assert head_revision() == script.get_current_head()
+    assert set(revisions()) == {r.revision for r in script.walk_revisions()}
+
+
+@pytest.mark.parametrize(("version", "needle"), [("0001", "older revision"), ("9999_future", "newer jobq")])
+def test_schema_not_at_this_jobqs_revision(db_url: str, conn: psycopg.Connection[Any], version: str,
+                                           needle: str) -> None:
+    from jobqueue.admin.revision import head_revision
+
+    conn.execute("UPDATE alembic_version SET version_num = %s", (version,))
+    try:
+        line = one_line_error(jobq_cli("ls"))
+        assert needle in line and SCHEMA in line
+    finally:
+        conn.execute("UPDATE alembic_version SET version_num = %s", (head_revision(),))
+    assert jobq_cli("ls").returncode == 0
+
+
+READ_ONLY_IMPORTS = """
+import sys
+from jobqueue.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+heavy = sorted(m for m in ("alembic", "sqlalchemy", "asyncpg", "jobq_workers", "jobqueue.runtime.worker",
+                           "prometheus_client") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("args", [("ls",), ("status", "{id}"), ("stats", "--json")], ids=" ".join)
+def test_read_only_commands_import_no_migration_tool_or_runtime(db_url: str, conn: psycopg.Connection[Any],
+                                                               args: tuple[str, ...]) -> None:
+    """What makes `jobq ls` start fast (measured by `python -m bench startup`, not timed here)."""
+    row = conn.execute("INSERT INTO tasks (type) VALUES ('dataflow') RETURNING id").fetchone()
+    assert row is not None
+    argv = [a.format(id=row[0]) for a in args]
+    r = subprocess.run([sys.executable, "-c", READ_ONLY_IMPORTS, *argv], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout, r.stdout
+
+
+def test_database_url_option_is_used_and_not_written_to_the_environment(db_url: str) -> None:
+    """--database-url reaches the command as a setting; os.environ is left as it was."""
+    probe = """
+import os, sys
+from jobqueue.cli import main
+os.environ.pop("JOBQ_DATABASE_URL", None)
+try:
+    main(["--database-url", sys.argv[1], "ls"])
+except SystemExit as exc:
+    print("EXIT", exc.code)
+print("ENV", os.environ.get("JOBQ_DATABASE_URL"))
+"""
+    r = subprocess.run([sys.executable, "-c", probe, db_url], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert "EXIT 0" in r.stdout and "ENV None" in r.stdout, (r.stdout, r.stderr)
+    bad = "postgresql://bob:s3cret@127.0.0.1:1/elsewhere"
+    line = one_line_error(jobq_cli("--database-url", bad, "ls"))
+    assert "127.0.0.1:1/elsewhere" in line and "s3cret" not in line

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from support import REPO, jobq_cli
+from support import REPO, SCHEMA, jobq_cli
 
 from jobqueue import registry
 
@@ -103,6 +103,15 @@ EXPECTED: dict[str, list[str]] = {
 
 def panels() -> list[dict[str, Any]]:
     return list(DASHBOARD["panels"])
+
+
+def for_schema(sql: str) -> str:
+    """A dashboard query as it would read for the schema under test.
+
+    The deployed stack (compose.yaml) runs jobq in its default schema, so the dashboard legitimately
+    names `jobq.` views; under a non-default JOBQ_SCHEMA the test reads the same views in that schema.
+    """
+    return re.sub(r"\bjobq\.(?=[a-z_])", f"{SCHEMA}.", sql)
 
 
 def host_paths(service: dict[str, Any]) -> list[Path]:
@@ -226,9 +235,10 @@ def dashboard_db(db_url: str) -> str:
 def test_dashboard_query_runs_as_the_dashboard_role(dashboard_db: str, title: str) -> None:
     panel = next(p for p in panels() if p["title"] == title)
     with psycopg.connect(dashboard_db, autocommit=True) as c:
-        c.execute("SET ROLE jobq_dashboard")
+        # `jobq roles` names the roles after the schema by default (jobq_dashboard in the stack).
+        c.execute(f"SET ROLE {SCHEMA}_dashboard")
         for target in panel["targets"]:
-            cur = c.execute(target["rawSql"])
+            cur = c.execute(for_schema(target["rawSql"]))
             assert cur.description is not None
             cols = [d.name for d in cur.description]
             data = cur.fetchall()

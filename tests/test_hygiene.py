@@ -1,5 +1,6 @@
 """Hygiene: a connection URL's password never reaches a log line, a progress message, a stored error
-or the CLI's error line; and the payload ceiling holds in the database whatever writes the row.
+or the CLI's error line; the payload ceiling holds in the database whatever writes the row; and the
+layers keep their imports (typer and rich only in the CLI, whose base imports no command module).
 
 Each test first makes sure the text it inspects is really there (the warning was logged, the error
 was stored, the URL shape survived with ***), so none of them can pass by inspecting nothing.
@@ -7,6 +8,7 @@ was stored, the URL shape survived with ***), so none of them can pass by inspec
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -225,3 +227,39 @@ def test_python_limit_is_tighter_than_the_database(client: Client, conn: psycopg
     finally:
         monkeypatch.delenv("JOBQ_MAX_PAYLOAD_BYTES")
         get_settings.cache_clear()
+
+
+# ---------------------------------------------------------------- layering
+
+
+def _imported(path: Any) -> set[str]:
+    """Every module a file imports, at any depth of its code (lazy imports count too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_typer_and_rich_live_only_in_the_cli() -> None:
+    library = [p for p in (REPO / "jobqueue").rglob("*.py") if "cli" not in p.relative_to(REPO / "jobqueue").parts]
+    assert len(library) > 20
+    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imported(p) if m.split(".")[0] in ("typer", "rich"))
+                 for p in library}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_cli_base_imports_no_command_module_and_every_module_registers_one_way() -> None:
+    cli = REPO / "jobqueue" / "cli"
+    commands = {p.stem for p in cli.glob("*.py")} - {"__init__", "app", "top"}
+    assert {"tasks", "worker", "db", "observe"} <= commands
+    assert not {m for m in _imported(cli / "app.py") if m.startswith("jobqueue.cli.")}
+    for name in commands:
+        tree = ast.parse((cli / f"{name}.py").read_text(encoding="utf-8"))
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "register" for n in tree.body), name
+    init = (cli / "__init__.py").read_text(encoding="utf-8")
+    registered = init.split("for _module in (", 1)[1].split(")", 1)[0]
+    assert {m.strip() for m in registered.split(",")} == commands

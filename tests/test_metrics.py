@@ -222,3 +222,18 @@ def test_exporter_reports_a_database_it_cannot_read() -> None:
     families = list(collector.collect())
     assert [(f.name, [s.value for s in f.samples]) for f in families] == [("jobq_cluster_up", [0.0])]
     assert time.monotonic() - started < 10
+
+
+def test_importing_jobq_registers_nothing_in_the_global_registry() -> None:
+    """Metrics register when served: an application importing jobq (or the worker) keeps its registry."""
+    probe = """
+import prometheus_client
+import jobqueue.runtime.worker, jobqueue.observe.metrics as m, jobqueue.observe.exporter
+names = sorted(n for n in prometheus_client.REGISTRY._names_to_collectors if n.startswith("jobq"))
+print("BEFORE", names)
+m.register(); m.register()
+print("AFTER", "jobq_tasks_finished" in prometheus_client.REGISTRY._names_to_collectors)
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "BEFORE []" in r.stdout and "AFTER True" in r.stdout, r.stdout

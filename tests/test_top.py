@@ -16,9 +16,10 @@ import time
 
 import psycopg
 import pytest
-from support import REPO, jobq_cli
+from support import REPO, SCHEMA, jobq_cli
 
-from jobqueue.observe.dashboard import fetch, render_text, sparkline
+from jobqueue.cli.top import render_text, sparkline
+from jobqueue.observe.snapshot import fetch
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def history(db_url: str) -> str:
 
 def test_frame_renders_every_panel(history: str) -> None:
     with psycopg.connect(history, autocommit=True) as c:
-        snap = fetch(c)
+        snap = fetch(c, SCHEMA)
     text = render_text(snap, width=160)
     for title in ("queues", "throughput", "latency", "workers", "failing types"):
         assert title in text
@@ -154,3 +155,29 @@ def test_top_is_live_and_quits_cleanly(history: str, keys: bytes) -> None:
     assert took < 3
     assert b"\x1b[?1049h" in out and b"\x1b[?1049l" in out  # entered and left the alternate screen
     assert b"top_a" in out and b"Traceback" not in out
+
+
+MARKUP_ROWS = """
+    INSERT INTO tasks (type, status, finished_at, started_at, process_duration, last_error)
+    VALUES ('top_m', 'failed', now(), now(), 0.1, 'ValueError: bad [/] tag [bold]x[/bold] [link=y]');
+    INSERT INTO workers (id, host, pid, types, concurrency)
+    VALUES ('w[/]m', 'host[/red]', 4343, '{top_m}', 1);
+"""
+
+
+def test_text_from_the_database_is_never_markup(history: str) -> None:
+    """Issue 11 item 19: an error, worker id or host holding `[/]` crashed stats and top (MarkupError)."""
+    with psycopg.connect(history, autocommit=True) as c:
+        c.execute(MARKUP_ROWS)
+    try:
+        res = jobq_cli("stats", "--width", "200")
+        assert res.returncode == 0, res.stderr
+        assert "Traceback" not in res.stderr
+        for literal in ("w[/]m", "host[/red]", "bad [/] tag [bold]x[/bold]"):
+            assert literal in res.stdout, res.stdout
+        code, out, _ = _run_in_pty(history, b"q")
+        assert code == 0 and b"Traceback" not in out and b"MarkupError" not in out, out[-2000:]
+        assert b"w[/]m" in out
+    finally:
+        with psycopg.connect(history, autocommit=True) as c:
+            c.execute("DELETE FROM tasks WHERE type = 'top_m'; DELETE FROM workers WHERE id = 'w[/]m'")

@@ -18,12 +18,13 @@ from typing import Any, Literal
 import psycopg
 
 from jobqueue import DocumentError, TaskNotFound, connect
+from jobqueue.states import LIVE, TERMINAL
 
 from .queries import DocumentSQL, fetch_dicts, sql
 
 Kind = Literal["doc", "task", "batch"]
-FINISHED = ("done", "failed", "cancelled")
-STATUSES = ("waiting", "queued", "running", *FINISHED)
+FINISHED = TERMINAL
+STATUSES = (*LIVE, *TERMINAL)
 _TARGET = re.compile(r"^(?:(doc|document|task|batch):)?(\d+)$")
 
 

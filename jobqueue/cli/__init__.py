@@ -1,24 +1,26 @@
 """The ``jobq`` command line: the only layer where typer and rich live.
 
 ``app`` (the base module) defines the Typer app and the helpers every command uses and imports no
-command module; this package puts the command groups on it and runs it.
+command module. Every command module has one ``register(app)``; this package calls each of them, in
+the order the commands appear in ``jobq --help``, and runs the app.
 """
 
 from __future__ import annotations
 
 import sys
 
-from jobqueue.cli import documents, observe, roles
+from jobqueue.cli import db, documents, observe, roles, tasks, worker
 from jobqueue.cli.app import app, error_line
-from jobqueue.errors import JobqError
 
-for _module in (documents, observe, roles):
+for _module in (tasks, worker, db, observe, documents, roles):
     _module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning every error into one line and an exit code."""
     import psycopg
+
+    from jobqueue.errors import JobqError
 
     try:
         app(args=argv, standalone_mode=True, prog_name="jobq")

@@ -38,7 +38,6 @@ from jobqueue.settings import Settings, get_settings
 INT32 = 2**31 - 1
 MAX_DEPTH = 64
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-LIVE = ("waiting", "queued", "running")
 
 
 # ---------------------------------------------------------------- validation (shared by both APIs)

@@ -60,3 +60,22 @@ class AdminSQL(SQLFile, package=PACKAGE, filename="sql/admin.sql"):
     grant_functions: str
     read_only: str
     login_password: str
+
+
+class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
+    """The snapshot of the observation views (jobqueue/observe/)."""
+
+    snapshot_begin: str
+    now: str
+    queue_depth: str
+    throughput: str
+    latency: str
+    workers: str
+    failures: str
+
+
+class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):
+    """The schema check that needs no alembic (jobqueue/admin/revision.py)."""
+
+    tables: str
+    revision: str

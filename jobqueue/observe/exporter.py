@@ -1,6 +1,6 @@
 """`jobq exporter`: cluster-wide Prometheus metrics read from the observation views.
 
-A worker's own metrics (jobqueue/metrics.py) describe what that process did; queue depth, the oldest
+A worker's own metrics (observe/metrics.py) describe what that process did; queue depth, the oldest
 wait or stale workers are facts about the whole cluster, so one exporter per cluster reads them from
 the views at scrape time (a custom collector: nothing is cached, a scrape sees the database as it is
 now). Every metric here is prefixed ``jobq_cluster_`` so it never collides with a worker metric of
@@ -22,7 +22,7 @@ from prometheus_client.core import CollectorRegistry, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jobqueue.db.connect import connect, redact_text
-from jobqueue.observe.dashboard import Snapshot, fetch
+from jobqueue.observe.snapshot import Snapshot, fetch
 
 log = logging.getLogger("jobq.exporter")
 
@@ -46,8 +46,7 @@ class ViewsCollector(Collector):
 
     def _snapshot(self) -> Snapshot:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url, autocommit=True)
-            self._conn.execute("SET application_name = 'jobq exporter'")
+            self._conn = connect(self.url, autocommit=True, application_name="jobq exporter")
         return fetch(self._conn, self.schema)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

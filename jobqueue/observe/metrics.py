@@ -2,10 +2,16 @@
 
 Names follow Prometheus conventions (``jobq_`` prefix, ``_total`` counters, ``_seconds`` units).
 Cluster-wide numbers (queue depth) come from ``jobq exporter``, which reads the views instead.
+
+Nothing registers into prometheus_client's global registry at import: an application that imports
+jobq (or runs two workers in one process, or its own metrics of the same names) keeps its registry
+to itself. The metrics are always counted and are registered once, by :func:`serve`, when a process
+actually serves them.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -13,16 +19,17 @@ from datetime import datetime
 
 from prometheus_client import REGISTRY, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
+# registry=None: created unregistered; serve() registers them.
 CLAIM_BATCH = Histogram("jobq_claim_batch_size", "Tasks per claim statement",
-                        buckets=(0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000))
+                        buckets=(0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000), registry=None)
 CLAIM_SECONDS = Histogram("jobq_claim_seconds", "Claim statement latency",
-                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
-LISTEN_RECONNECTS = Counter("jobq_listen_reconnects_total", "LISTEN connection re-establishments")
-RESCUED = Counter("jobq_lease_rescues_total", "Tasks rescued from expired leases by this worker")
-PROGRESS_WRITES = Counter("jobq_progress_writes_total", "Coalesced progress statements")
-WORKER = Info("jobq_worker", "This worker")
+                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=None)
+LISTEN_RECONNECTS = Counter("jobq_listen_reconnects_total", "LISTEN connection re-establishments", registry=None)
+RESCUED = Counter("jobq_lease_rescues_total", "Tasks rescued from expired leases by this worker", registry=None)
+PROGRESS_WRITES = Counter("jobq_progress_writes_total", "Coalesced progress statements", registry=None)
+WORKER = Info("jobq_worker", "This worker", registry=None)
 
 _OUTCOME = {"done": "done", "retry": "retried", "fail": "failed", "cancelled": "cancelled", "snooze": "snoozed"}
 
@@ -90,7 +97,20 @@ def _bound(b: float) -> str:
 RUN_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.02, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 WAIT_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.02, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0)
 TASKS = _TaskMetrics()
-REGISTRY.register(TASKS)
+COLLECTORS: tuple[Collector, ...] = (CLAIM_BATCH, CLAIM_SECONDS, LISTEN_RECONNECTS, RESCUED, PROGRESS_WRITES,
+                                     WORKER, TASKS)
+_registered: set[int] = set()
+_register_lock = threading.Lock()
+
+
+def register(registry: CollectorRegistry = REGISTRY) -> None:
+    """Add this process's worker metrics to `registry` (once per registry; a second call is a no-op)."""
+    with _register_lock:
+        if id(registry) in _registered:
+            return
+        for collector in COLLECTORS:
+            registry.register(collector)
+        _registered.add(id(registry))
 
 
 def started(task_type: str, run_at: datetime) -> None:
@@ -106,6 +126,8 @@ def finished(task_type: str, outcome: str, seconds: float) -> None:
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve /metrics (these metrics plus prometheus_client's process and platform ones) on `port`."""
     from prometheus_client import start_http_server
 
+    register(REGISTRY)
     start_http_server(port, addr=addr)

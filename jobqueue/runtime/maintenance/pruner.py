@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobqueue.settings import Settings
-from jobqueue.states import PRUNER_LOCK_KEY
+from jobqueue.states import PRUNER_LOCK_KEY, TERMINAL, Status
 
 PRUNE_EVERY_SECONDS = 60.0
 BATCH = 1000
 # A batch that cannot get its locks within this gives up; the next pass tries again.
 LOCK_TIMEOUT = "2s"
-TERMINAL_STATUSES = ("done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,8 @@ _state = _State()
 
 def default_plans(settings: Settings) -> list[PrunePlan]:
     return [
-        PrunePlan(("done", "cancelled"), settings.keep_done_days * 86400),
-        PrunePlan(("failed",), settings.keep_failed_days * 86400),
+        PrunePlan((Status.DONE, Status.CANCELLED), settings.keep_done_days * 86400),
+        PrunePlan((Status.FAILED,), settings.keep_failed_days * 86400),
     ]
 
 
@@ -117,7 +116,7 @@ async def prune(
     total = batches = 0
     more = False
     for plan in plans:
-        bad = set(plan.statuses) - set(TERMINAL_STATUSES)
+        bad = set(plan.statuses) - set(TERMINAL)
         if bad:
             raise ValueError(f"only finished tasks can be pruned, not {sorted(bad)}")
         if dry_run:

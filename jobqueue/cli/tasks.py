@@ -1,0 +1,147 @@
+"""Producer commands: enqueue, status, ls, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from jobqueue.cli.app import client, err, fail, out
+from jobqueue.states import Status
+
+STATUS_STYLES: dict[str, str] = {
+    Status.DONE: "green", Status.FAILED: "red", Status.CANCELLED: "yellow", Status.RUNNING: "cyan"}
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `jobq` app."""
+    for command in (enqueue, status, ls, cancel, retry):
+        app.command()(command)
+
+
+def _parse_payload(text: str) -> Any:
+    from jobqueue.errors import InvalidPayload
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidPayload(
+            f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def enqueue(
+    files: Annotated[list[str] | None, typer.Argument(help="Documents to ingest (PDF, CSV, XLSX, TXT, MD, HTML, DOCX).",
+                                                        show_default=False)] = None,
+    type: Annotated[str | None, typer.Option("--type", "-t", help="Task type of a plain task.")] = None,
+    payload: Annotated[str, typer.Option("--payload", "-p", help="JSON payload of a plain task.")] = "{}",
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    delay: Annotated[float | None, typer.Option(help="Seconds before the task may run.")] = None,
+    dedupe_key: Annotated[str | None, typer.Option(help="At most one live task per key.")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries after the first attempt.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Owner recorded on the task(s) / document(s).")] = None,
+    parser: Annotated[str, typer.Option(help="Document parser: general, paper, book, table, one.")] = "general",
+    page_size: Annotated[int | None, typer.Option(help="Pages per task (default 12; 22 for paper).")] = None,
+    pages: Annotated[str | None, typer.Option(help="Page ranges to process, e.g. 1-20,30-40.")] = None,
+    then: Annotated[str | None, typer.Option(help="Task type to run per document after all its tasks.")] = None,
+    by_reference: Annotated[bool, typer.Option(help="Store only the file's path, not its bytes.")] = False,
+    force: Annotated[bool, typer.Option(help="Reprocess even unchanged ranges.")] = False,
+    wait: Annotated[bool, typer.Option(help="Watch the documents until they finish.")] = False,
+) -> None:
+    """Enqueue a plain task (--type/--payload) or documents (FILE...)."""
+    if files:
+        if type is not None:
+            fail("give documents or --type, not both")
+        from jobqueue.cli.documents import enqueue_files_cli
+
+        code = enqueue_files_cli(
+            files, parser=parser, page_size=page_size, pages=pages, priority=priority or 0, then=then,
+            owner=owner, by_reference=by_reference, force=force, wait=wait, console=out, errors=err,
+        )
+        raise typer.Exit(code)
+    if type is None:
+        fail("nothing to enqueue: give document files, or --type and --payload")
+    from jobqueue import registry
+
+    data = _parse_payload(payload)
+    registry.get_type(type)
+    task_id = client().enqueue(type, data, priority=priority, delay=delay, dedupe_key=dedupe_key,
+                               max_retries=max_retries, owner=owner)
+    out.print(task_id)
+
+
+def status(task_id: Annotated[int, typer.Argument(help="Task id.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print the row as JSON.")] = False) -> None:
+    """Show one task."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = client().get(task_id)
+    if as_json:
+        out.print_json(t.model_dump_json())
+        return
+    table = Table(show_header=False, box=None)
+    for k, v in t.model_dump().items():
+        if v is None or v == [] or v == "":
+            continue
+        table.add_row(Text(k, style="bold"), Text(json.dumps(v) if isinstance(v, dict | list) else str(v)))
+    out.print(table)
+
+
+def _age(ts: datetime | None) -> str:
+    if ts is None:
+        return ""
+    secs = (datetime.now(ts.tzinfo) - ts).total_seconds()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(secs) >= n:
+            return f"{secs / n:.0f}{unit}"
+    return f"{secs:.0f}s"
+
+
+def ls(
+    status: Annotated[list[str] | None, typer.Option("--status", "-s", help="Filter by status (repeatable).")] = None,
+    type: Annotated[list[str] | None, typer.Option("--type", "-t", help="Filter by type (repeatable).")] = None,
+    owner: Annotated[str | None, typer.Option(help="Filter by owner.")] = None,
+    doc: Annotated[int | None, typer.Option(help="Filter by document id.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
+) -> None:
+    """List tasks, newest first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    for s in status or []:
+        if s not in {x.value for x in Status}:
+            fail(f"unknown status {s!r} (one of: {', '.join(Status)})")
+    tasks = client().list(status=status, type=type, owner=owner, doc_id=doc, limit=limit)
+    table = Table(title=f"{len(tasks)} task(s)")
+    for col in ("id", "type", "status", "prio", "progress", "tries", "age", "last message"):
+        table.add_column(col, overflow="fold" if col == "last message" else "ellipsis")
+    for t in tasks:
+        last = t.progress_msg.rsplit("\n", 1)[-1] if t.progress_msg else ""
+        table.add_row(str(t.id), Text(t.type), Text(t.status, style=STATUS_STYLES.get(t.status, "white")),
+                      str(t.priority), f"{t.progress:.0%}" if t.progress >= 0 else "error", str(t.retry_count),
+                      _age(t.created_at), Text(last[:80]))
+    out.print(table)
+
+
+def cancel(
+    task_ids: Annotated[list[int] | None, typer.Argument(help="Task ids.", show_default=False)] = None,
+    doc: Annotated[int | None, typer.Option("--doc", help="Cancel every task of this document.")] = None,
+) -> None:
+    """Cancel tasks: queued ones at once, running ones through their worker."""
+    if not task_ids and doc is None:
+        fail("give task ids or --doc DOC")
+    result = client().cancel(task_ids or [], doc_id=doc)
+    if not result:
+        out.print("nothing to cancel")
+    for tid, st in sorted(result.items()):
+        notes: dict[str, str] = {Status.CANCELLED: "cancelled", Status.RUNNING: "cancel requested; its worker stops it"}
+        note = notes.get(st, f"already {st}")
+        out.print(f"{tid}: {note}", highlight=False)
+
+
+def retry(task_id: Annotated[int, typer.Argument(help="Task id.")]) -> None:
+    """Requeue a failed or cancelled task with a fresh set of retries."""
+    client().retry(task_id)
+    out.print(f"{task_id}: queued")

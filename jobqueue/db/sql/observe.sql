@@ -1,0 +1,28 @@
+-- What jobqueue/observe/ reads: the observation views of migration 0003, never the tasks table, so the
+-- terminal, Grafana and the exporter agree and share the views' cheap plans. Run together inside one
+-- REPEATABLE READ, READ ONLY transaction (observe/snapshot.py) so the panels agree with each other.
+
+-- name: snapshot_begin
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: now
+SELECT now() AS now;
+
+-- name: queue_depth
+SELECT * FROM {schema}.queue_depth ORDER BY type, priority DESC;
+
+-- name: throughput
+SELECT * FROM {schema}.throughput ORDER BY type, minute;
+
+-- name: latency
+SELECT * FROM {schema}.latency ORDER BY type, period_seconds;
+
+-- name: workers
+-- Stopped workers stay visible for $1 seconds, so a crash or a rolling restart remains in view.
+SELECT * FROM {schema}.worker_health
+WHERE stopped_at IS NULL OR stopped_at > now() - make_interval(secs => $1)
+ORDER BY state, worker_id;
+
+-- name: failures
+SELECT type, error, failed, retried, tasks, first_seen, last_seen, latest_task_id, latest_message
+FROM {schema}.failures ORDER BY last_seen DESC LIMIT $1;
