@@ -59,8 +59,10 @@ DATABASE_COLUMNS = ("id", "enqueued_by", "created_at")
 TABLES: dict[str, tuple[Grant, ...]] = {
     "dashboard": (),  # SELECT on everything, below; a read-only default transaction
     # Reads tasks and documents; its own chunks through the own_chunks view (none on chunks itself).
+    # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
-        Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "own_chunks")),
+        Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "own_chunks",
+                            "alembic_version")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on
@@ -69,7 +71,7 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     "worker": (
         Grant(("SELECT", "UPDATE", "DELETE"), ("tasks",)),
         Grant(("SELECT", "INSERT", "UPDATE", "DELETE"), ("workers", "chunks")),
-        Grant(("SELECT",), ("queues", "documents", "batches")),
+        Grant(("SELECT",), ("queues", "documents", "batches", "alembic_version")),
     ),
 }
 
