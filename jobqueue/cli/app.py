@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from jobqueue import registry
-from jobqueue.db.connect import is_embedded, redact, redact_text, resolve_url
+from jobqueue.db.connect import is_embedded, redact, redact_text
 from jobqueue.errors import InvalidPayload
 from jobqueue.settings import get_settings
 
@@ -73,11 +73,12 @@ def _client() -> Any:
 
 def ensure_schema() -> None:
     """The embedded server is migrated on demand; a real server must have been migrated."""
+    from jobqueue.admin.embedded import start_if_needed
     from jobqueue.admin.migrate import migrate
     from jobqueue.db.connect import check_schema, connect
 
     settings = get_settings()
-    url = resolve_url(settings)
+    url = start_if_needed(settings)  # the library never starts the embedded server: the CLI does, here
     if is_embedded(settings):
         from jobqueue.errors import SchemaMissing
 
@@ -319,4 +320,6 @@ def db_stop() -> None:
 @db_app.command("url")
 def db_url() -> None:
     """Print the URL jobq uses (starting the embedded server if needed): `psql "$(jobq db url)"`."""
-    print(redact(resolve_url()))
+    from jobqueue.admin.embedded import start_if_needed
+
+    print(redact(start_if_needed(get_settings())))
