@@ -7,6 +7,7 @@ driver) to enqueue inside the caller's transaction.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from jobqueue.models import Task, TaskSpec
 from jobqueue.settings import Settings
 
 AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
+JSONB_COLUMNS = ("payload", "result")  # the tasks table's jsonb columns (migrations/versions/0001_tasks.py)
 # Everything asyncpg raises: server errors, and its own when the connection breaks under a call
 # (InternalClientError "cannot switch to state ...", InterfaceError, a socket's OSError, timeouts).
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
@@ -161,7 +163,7 @@ class AsyncClient(ClientBase):
             row = await self._row(conn, task_id)
         if row is None:
             raise TaskNotFound(f"no task with id {task_id}")
-        return Task.model_validate(row)
+        return _task(row)
 
     async def list(
         self,
@@ -178,7 +180,7 @@ class AsyncClient(ClientBase):
         """Newest first, filtered; see :meth:`jobqueue.Client.list`."""
         params = encode.list_params(status, type, owner, doc_id, label, before_id, limit)
         async with self._using(connection) as conn:
-            return [Task.model_validate(r) for r in await self._fetch(conn, self.q.list, params)]
+            return [_task(r) for r in await self._fetch(conn, self.q.list, params)]
 
     async def cancel(self, task_id: int | Sequence[int] | None = None, *, doc_id: int | None = None,
                      reason: str = "Task stopped by user.", connection: Any = None) -> dict[int, str]:
@@ -201,6 +203,14 @@ class AsyncClient(ClientBase):
     async def _row(self, conn: AnyConnection, task_id: int) -> dict[str, Any] | None:
         row = await conn.fetchrow(self.q.get, task_id)
         return None if row is None else dict(row)
+
+
+def _task(row: dict[str, Any]) -> Task:
+    """A task from an asyncpg row: asyncpg hands jsonb over as its JSON text (psycopg decodes it)."""
+    for column in JSONB_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return Task.model_validate(row)
 
 
 def _atomic(conn: AnyConnection) -> AbstractAsyncContextManager[Any]:
