@@ -231,9 +231,11 @@ def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str)
 def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[TaskRow]:
     """Rows of an enqueue_many batch: a bare payload takes the type's defaults, computed once."""
     t = registry.get_type(task_type)
-    defaults = _row(t, TaskSpec(), settings, "")
+    d = _row(t, TaskSpec(), settings, "")
     return [_row(t, item, settings, _encode(t, item.payload, settings)) if isinstance(item, TaskSpec)
-            else defaults._replace(payload=_encode(t, item, settings)) for item in items]
+            else TaskRow(d.type, d.priority, _encode(t, item, settings), None, d.max_retries,
+                         None, None, None, None, None, None, None)
+            for item in items]
 
 
 def labels(values: Sequence[str] | None) -> list[str] | None:
@@ -294,7 +296,9 @@ def has_dedupe_keys(rows: Sequence[TaskRow]) -> bool:
 def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] | None) -> list[tuple[Any, ...]]:
     """COPY records in COPY_COLUMNS order (COPY has no column defaults: run_at defaults to now here)."""
     now = datetime.now(UTC)
-    return [(i, *r._replace(run_at=r.run_at or now), labels or []) for i, r in zip(ids, rows, strict=True)]
+    lab = labels or []
+    return [(i, r.type, r.priority, r.payload, r.run_at or now, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
+             r.from_page, r.to_page, r.owner, r.digest, lab) for i, r in zip(ids, rows, strict=True)]
 
 
 def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapping[str, Any]]) -> list[int]:
