@@ -324,6 +324,17 @@ def test_connection_lost_mid_call_is_database_unavailable(either: Any, conn: psy
     assert either.get(1).id == 1  # the client recovers: the next call gets a fresh connection
 
 
+def test_retry_into_a_live_dedupe_key_is_a_jobq_error(either: Any, conn: psycopg.Connection[Any]) -> None:
+    """Issue 11, item 14's second half: the database's unique violation reaches the user as a JobqError."""
+    old = either.enqueue("cl_plain", dedupe_key="k14b")
+    conn.execute("UPDATE tasks SET status = 'failed', finished_at = now() WHERE id = %s", (old,))
+    live = either.enqueue("cl_plain", dedupe_key="k14b")
+    assert live != old
+    with pytest.raises(JobqError, match="duplicate key"):
+        either.retry(old)
+    assert status(conn, old) == ("failed", 0)
+
+
 def test_translate_covers_asyncpg_client_side_errors() -> None:
     from jobqueue.db.errors import translate
 
