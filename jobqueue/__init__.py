@@ -14,23 +14,27 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client.aio import AsyncClient
-    from .client.sync import Client, TaskSpec, cancel, enqueue, enqueue_many, get, list_tasks, retry
+    from .client.sync import Client, cancel, enqueue, enqueue_many, get, list_tasks, retry
     from .db.connect import connect
     from .db.sqlfile import SQLFile
     from .errors import (
         Cancelled,
+        ConfigurationError,
+        DatabaseError,
         DatabaseUnavailable,
-        DedupeConflict,
         DocumentError,
+        DuplicateTask,
         Fail,
         InvalidPayload,
+        InvalidTransition,
         JobqError,
         PermissionDenied,
+        SchemaMissing,
         Snooze,
         TaskNotFound,
         UnknownTaskType,
     )
-    from .models import Task
+    from .models import Task, TaskSpec
     from .registry import get_type, task
     from .runtime.context import Context
     from .settings import Settings, get_settings
@@ -39,18 +43,37 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "AsyncClient": ".client.aio",
-    **dict.fromkeys(("Client", "TaskSpec", "cancel", "enqueue", "enqueue_many", "get", "list_tasks", "retry"),
-                    ".client.sync"),
-    **dict.fromkeys(("Cancelled", "DatabaseUnavailable", "DedupeConflict", "DocumentError", "Fail", "InvalidPayload",
-                     "JobqError", "PermissionDenied", "Snooze", "TaskNotFound", "UnknownTaskType"), ".errors"),
-    "Task": ".models",
-    "task": ".registry",
-    "get_type": ".registry",
-    "connect": ".db.connect",
-    "SQLFile": ".db.sqlfile",
+    "Cancelled": ".errors",
+    "Client": ".client.sync",
+    "ConfigurationError": ".errors",
     "Context": ".runtime.context",
+    "DatabaseError": ".errors",
+    "DatabaseUnavailable": ".errors",
+    "DocumentError": ".errors",
+    "DuplicateTask": ".errors",
+    "Fail": ".errors",
+    "InvalidPayload": ".errors",
+    "InvalidTransition": ".errors",
+    "JobqError": ".errors",
+    "PermissionDenied": ".errors",
+    "SQLFile": ".db.sqlfile",
+    "SchemaMissing": ".errors",
     "Settings": ".settings",
+    "Snooze": ".errors",
+    "Task": ".models",
+    "TaskNotFound": ".errors",
+    "TaskSpec": ".models",
+    "UnknownTaskType": ".errors",
+    "cancel": ".client.sync",
+    "connect": ".db.connect",
+    "enqueue": ".client.sync",
+    "enqueue_many": ".client.sync",
+    "get": ".client.sync",
     "get_settings": ".settings",
+    "get_type": ".registry",
+    "list_tasks": ".client.sync",
+    "retry": ".client.sync",
+    "task": ".registry",
 }
 
 
@@ -71,15 +94,19 @@ __all__ = [
     "AsyncClient",
     "Cancelled",
     "Client",
+    "ConfigurationError",
     "Context",
+    "DatabaseError",
     "DatabaseUnavailable",
-    "DedupeConflict",
     "DocumentError",
+    "DuplicateTask",
     "Fail",
     "InvalidPayload",
+    "InvalidTransition",
     "JobqError",
     "PermissionDenied",
     "SQLFile",
+    "SchemaMissing",
     "Settings",
     "Snooze",
     "Task",

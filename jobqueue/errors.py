@@ -12,7 +12,15 @@ class ConfigurationError(JobqError):
 
 
 class DatabaseUnavailable(JobqError):
-    pass
+    """The server cannot be reached, went away mid-call, or refuses connections for now: worth a retry."""
+
+
+class DatabaseError(JobqError):
+    """The database refused a statement for a reason no narrower error names (one line, no payload)."""
+
+
+class PermissionDenied(DatabaseError):
+    """The database role lacks a privilege the call needs (e.g. a read-only role enqueueing)."""
 
 
 class EmbeddedServerError(JobqError):
@@ -39,12 +47,8 @@ class InvalidTransition(JobqError):
     """The task is not in a state that allows the requested change (e.g. retry a running task)."""
 
 
-class DedupeConflict(InvalidTransition):
-    """A retry would make a second live task with a dedupe key a live task already holds."""
-
-
-class PermissionDenied(JobqError):
-    """The database refused the change to this role (e.g. a producer cancelling another role's task)."""
+class DuplicateTask(InvalidTransition):
+    """The change would make a second live task with a dedupe key that a live task already holds."""
 
 
 class DocumentError(JobqError):

@@ -1,14 +1,36 @@
-"""The task row as Python sees it (read side of the API; the columns are documented in README.md)."""
+"""A task as producers describe it (TaskSpec) and as it is read back (Task, columns documented in README.md)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of an ``enqueue_many`` batch (fields as in :meth:`jobqueue.Client.enqueue`)."""
+
+    payload: Any = None
+    priority: int | None = None
+    run_at: datetime | None = None
+    delay: float | timedelta | None = None
+    max_retries: int | None = None
+    dedupe_key: str | None = None
+    doc_id: int | None = None
+    batch_id: int | None = None
+    from_page: int | None = None
+    to_page: int | None = None
+    owner: str | None = None
+    digest: str | None = None
+
+
 class Task(BaseModel):
+    """One row of the tasks table, read by column name."""
+
+
     model_config = ConfigDict(frozen=True)
 
     id: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,8 +19,16 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 
 from jobqueue.errors import ConfigurationError, UnknownTaskType
+from jobqueue.settings import get_settings
+from jobqueue.states import type_channel
 
 ENTRY_POINT_GROUP = "jobq.tasks"
+# The tasks table's CHECK on type (migrations/versions/0001_tasks.py): a name it refuses could be
+# registered and run by nobody, so it is refused here, at registration.
+TYPE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,48}")
+# PostgreSQL's identifier limit (NAMEDATALEN - 1) applies to NOTIFY channels: `<schema>.<type>` wakes
+# the type's workers, so a longer one would make every enqueue of the type fail.
+CHANNEL_MAX_BYTES = 63
 Isolation = Literal["thread", "process"]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,8 +78,7 @@ def task(
     The handler is ``async def h(ctx, payload)`` or a plain ``def h(ctx, payload)`` (run in a thread,
     or a child process with ``isolation="process"``); its return value is stored as the result.
     """
-    if not name or len(name) > 48:
-        raise ConfigurationError(f"task type name must be 1-48 characters: {name!r}")
+    check_name(name, get_settings().schema_name)
 
     def register(fn: F) -> F:
         if isolation == "process" and asyncio.iscoroutinefunction(fn):
@@ -83,6 +91,19 @@ def task(
         return fn
 
     return register
+
+
+def check_name(name: str, schema: str) -> None:
+    """Refuse a type name the database would refuse later: at enqueue, or worse, at the first NOTIFY."""
+    if not isinstance(name, str) or not TYPE_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"task type name {name!r} must be 1-48 characters among letters, digits and _ . : -")
+    channel = type_channel(schema, name)
+    if len(channel.encode()) > CHANNEL_MAX_BYTES:
+        room = CHANNEL_MAX_BYTES - len(schema.encode()) - 1
+        raise ConfigurationError(
+            f"task type name {name!r} is too long for schema {schema!r}: its NOTIFY channel {channel!r} would be "
+            f"{len(channel.encode())} bytes, PostgreSQL allows {CHANNEL_MAX_BYTES} (at most {room} characters here)")
 
 
 def load_entry_points() -> None:

@@ -16,7 +16,7 @@ from support import REPO, SCHEMA, BackgroundWorker, wait_for
 from jobq_workers.documents import enqueue_files
 from jobqueue import AsyncClient, Client, Context, task
 from jobqueue.db.queries import RuntimeSQL
-from jobqueue.errors import DedupeConflict, InvalidPayload, InvalidTransition
+from jobqueue.errors import DuplicateTask, InvalidPayload, InvalidTransition
 from jobqueue.registry import unregister
 
 HANDBOOK = str(REPO / "examples" / "samples" / "handbook.pdf")
@@ -135,13 +135,13 @@ def test_retry_into_a_live_dedupe_key_is_a_jobq_error(conn: psycopg.Connection[A
     first = client.enqueue("dep_parent", {}, dedupe_key="dep-key", delay=3600)
     client.cancel(first)
     live = client.enqueue("dep_parent", {}, dedupe_key="dep-key", delay=3600)
-    with pytest.raises(DedupeConflict, match=f"task {first} cannot be retried: its dedupe key 'dep-key' is held by "
+    with pytest.raises(DuplicateTask, match=f"task {first} cannot be retried: its dedupe key 'dep-key' is held by "
                                              f"live task {live}"):
         client.retry(first)
 
     async def via_async() -> None:
         async with AsyncClient() as aclient:
-            with pytest.raises(DedupeConflict, match=f"held by live task {live}"):
+            with pytest.raises(DuplicateTask, match=f"held by live task {live}"):
                 await aclient.retry(first)
             await aclient.cancel(live)
             assert await aclient.retry(first) == {first: "queued"}

@@ -92,16 +92,26 @@ def _nest(depth: int) -> Any:
     return value
 
 
+def _nest_tuples(depth: int) -> Any:
+    """Tuples are JSON arrays to the encoder: as deep as lists may go, and no deeper (issue 11, item 21)."""
+    value: Any = "leaf"
+    for i in range(depth):
+        value = (value,) if i % 2 else {"k": value}
+    return value
+
+
 def json_values(text: st.SearchStrategy[str], *, finite: bool) -> st.SearchStrategy[Any]:
     leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**40), max_value=10**40),
                        st.floats(allow_nan=not finite, allow_infinity=not finite), text)
-    return st.recursive(leaves, lambda ch: st.lists(ch, max_size=5) | st.dictionaries(text, ch, max_size=5),
-                        max_leaves=25)
+    return st.recursive(leaves, lambda ch: st.lists(ch, max_size=5) | st.lists(ch, max_size=5).map(tuple)
+                        | st.dictionaries(text, ch, max_size=5), max_leaves=25)
 
 
 any_payload = st.one_of(
     json_values(any_text, finite=False),
     st.integers(min_value=1, max_value=120).map(_nest),
+    st.integers(min_value=1, max_value=120).map(_nest_tuples),
+    st.sampled_from([_nest_tuples(50_000), ({1: "int key in a tuple"},)]),
     st.integers(min_value=0, max_value=2_500_000).map(lambda n: {"blob": "x" * n}),
     st.sampled_from([set(), b"bytes", object(), float("nan"), {1: "int key"}, {"t": (1, 2)}, [{"a": 1j}]]),
 )
@@ -113,9 +123,10 @@ offsets = st.builds(timezone, st.timedeltas(min_value=timedelta(hours=-23, minut
 run_ats = st.one_of(st.none(), st.datetimes(timezones=st.one_of(st.none(), st.just(UTC), offsets)),
                     st.sampled_from([datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, tzinfo=UTC),
                                      datetime(1970, 1, 1), datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5))),
-                                     datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5)))]))
+                                     datetime(9999, 12, 31, 23, 0, tzinfo=timezone(timedelta(hours=-5)))]),
+                    st.sampled_from(["2030-01-01T00:00:00", 1_900_000_000]))  # wrong types: InvalidPayload
 delays = st.one_of(st.none(), st.floats(), st.floats(min_value=-1e6, max_value=1e6),
-                   st.sampled_from([1e300, -1e300, 1e15, float("inf"), float("nan")]))
+                   st.sampled_from([1e300, -1e300, 1e15, float("inf"), float("nan"), "5", 10**400]))
 ints = st.one_of(st.none(), st.integers(min_value=-1000, max_value=1000), st.integers(),
                  st.sampled_from([2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, -(2**63) - 1]))
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobqueue.errors import EmbeddedServerError
+from jobqueue.settings import Settings
 
 SYSTEM_USER = "jobq"
 DATABASE = "jobq"
@@ -256,6 +257,19 @@ def ensure_running(home: Path) -> ServerInfo:
             raise EmbeddedServerError(f"the embedded server did not become ready; see {pgdata / 'server.log'}")
         _ensure_database(info)
         return info
+
+
+def start_if_needed(settings: Settings) -> str:
+    """The queue's URL for the CLI and admin: the configured server, else the embedded one, started if needed.
+
+    The library's own resolution (:func:`jobqueue.db.connect.resolve_url`) never starts a server;
+    this is the one explicit place that does, called by the commands that need a database.
+    """
+    from jobqueue.db.connect import normalize
+
+    if settings.database_url:
+        return normalize(settings.database_url)
+    return ensure_running(settings.home).url()
 
 
 def _ensure_database(info: ServerInfo) -> None:

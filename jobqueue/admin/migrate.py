@@ -7,7 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from jobqueue.db.connect import normalize, redact_text, resolve_url
+from jobqueue.admin.embedded import start_if_needed
+from jobqueue.db.connect import normalize, redact_text
 from jobqueue.errors import DatabaseUnavailable
 from jobqueue.settings import get_settings
 
@@ -19,7 +20,7 @@ def alembic_config(url: str | None = None, schema: str | None = None) -> Config:
     migrations = importlib.import_module("jobqueue.migrations")
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(str(migrations.__file__)).parent))
-    cfg.attributes["url"] = normalize(url) if url else resolve_url()
+    cfg.attributes["url"] = normalize(url) if url else start_if_needed(get_settings())  # admin may start it
     cfg.attributes["schema"] = schema or get_settings().schema_name
     return cfg
 

@@ -79,9 +79,9 @@ def settings() -> Settings:
 def database_url(s: Settings | None = None) -> str:
     """The libpq URL every command connects to: the one place the CLI resolves it (and, without
     JOBQ_DATABASE_URL, starts the embedded server)."""
-    from jobqueue.db.connect import resolve_url
+    from jobqueue.admin.embedded import start_if_needed
 
-    return resolve_url(s or settings())
+    return start_if_needed(s or settings())
 
 
 def ensure_schema(s: Settings | None = None) -> str:

@@ -64,14 +64,15 @@ def enqueue_files_cli(
     from jobq_workers.documents import enqueue_files
     from jobq_workers.extras import require_document_stack
     from jobq_workers.watch import Target
-    from jobqueue.cli.app import ensure_schema
+    from jobqueue.cli.app import ensure_schema, settings
 
     require_document_stack()  # before the schema check: a light install learns what to install first
     # pypdf logs its repairs of damaged files as warnings; the refusal line already says what is wrong.
     logging.getLogger("pypdf").setLevel(logging.ERROR)
-    ensure_schema()
+    s = settings()
+    url = ensure_schema(s)
     result = enqueue_files(files, parser=parser, page_size=page_size, pages=pages, priority=priority, then=then,
-                           owner=owner, by_reference=by_reference, force=force)
+                           owner=owner, by_reference=by_reference, force=force, url=url, settings=s)
     for r in result.files:
         if r.error is not None:
             errors.print(Text.assemble(("error:", "bold red"), f" {r.path}: {r.error}"), soft_wrap=True)
@@ -85,7 +86,8 @@ def enqueue_files_cli(
         console.print(Text(f"batch {result.batch_id}: {ok} document(s) enqueued, {len(result.errors)} refused"),
                       soft_wrap=True)
         if wait and ok:
-            code = max(code, watch_targets([Target("doc", d) for d in result.doc_ids], console=console))
+            code = max(code, watch_targets([Target("doc", d) for d in result.doc_ids], console=console,
+                                                 url=url))
     return code
 
 
@@ -170,8 +172,7 @@ def watch(
     from jobqueue.cli.app import ensure_schema, out
 
     parsed = [parse_target(t) for t in targets]
-    ensure_schema()
-    raise typer.Exit(watch_targets(parsed, console=out))
+    raise typer.Exit(watch_targets(parsed, console=out, url=ensure_schema()))
 
 
 # ---------------------------------------------------------------- docs
@@ -189,12 +190,12 @@ def docs(
 
     from jobq_workers.documents import list_documents
     from jobq_workers.watch import STATUSES
-    from jobqueue.cli.app import ensure_schema, fail, out
+    from jobqueue.cli.app import ensure_schema, fail, out, settings
 
     if status is not None and status not in STATUSES:
         fail(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
-    ensure_schema()
-    rows = list_documents(batch=batch, owner=owner, status=status, limit=limit)
+    s = settings()
+    rows = list_documents(batch=batch, owner=owner, status=status, limit=limit, url=ensure_schema(s), settings=s)
     table = Table(title=f"{len(rows)} document(s)")
     for col in ("id", "name", "pages", "status", "progress", "tasks", "chunks", "summaries", "batch", "took"):
         table.add_column(col, overflow="fold" if col == "name" else "ellipsis", no_wrap=col != "name",

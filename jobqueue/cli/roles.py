@@ -39,10 +39,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Create the jobq_dashboard (read-only), jobq_producer and jobq_worker roles and grant them."""
         from jobqueue.cli.app import ensure_schema, fail, out
-        from jobqueue.db.connect import connect, resolve_url
-        from jobqueue.settings import get_settings
+        from jobqueue.cli.app import settings as cli_settings
+        from jobqueue.db.connect import connect
 
-        settings = get_settings()
+        settings = cli_settings()
         prefix = prefix or settings.schema_name
         if not re.match(r"^[a-z_][a-z0-9_]{0,40}$", prefix):
             fail(f"--prefix must be a lower-case SQL identifier, got {prefix!r}")
@@ -51,8 +51,7 @@ def register(app: typer.Typer) -> None:
             passwords = {k: os.environ[password_env(k)] for k in KINDS if os.environ.get(password_env(k))}
             if not passwords:
                 fail("--password-from-env: none of " + ", ".join(password_env(k) for k in KINDS) + " is set")
-        ensure_schema()
-        with connect(resolve_url(settings), autocommit=True) as conn:
+        with connect(ensure_schema(settings), autocommit=True) as conn:
             if print_sql:
                 for stmt in statements(conn, settings.schema_name, prefix, passwords, show_passwords=False):
                     print(stmt + ";")

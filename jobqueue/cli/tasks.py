@@ -141,7 +141,13 @@ def cancel(
         out.print(f"{tid}: {note}", highlight=False)
 
 
-def retry(task_id: Annotated[int, typer.Argument(help="Task id.")]) -> None:
-    """Requeue a failed or cancelled task with a fresh set of retries."""
-    client().retry(task_id)
-    out.print(f"{task_id}: queued")
+def retry(
+    task_id: Annotated[int | None, typer.Argument(help="Task id.", show_default=False)] = None,
+    doc: Annotated[int | None, typer.Option("--doc", help="Retry every failed or cancelled task of this document.")]
+    = None,
+) -> None:
+    """Requeue failed or cancelled tasks with a fresh set of retries (waiting while a parent is not done)."""
+    if task_id is None and doc is None:
+        fail("give a task id or --doc DOC")
+    for tid, st in sorted(client().retry(task_id, doc_id=doc).items()):
+        out.print(f"{tid}: {st}" + (" (until its parents are done)" if st == Status.WAITING else ""), highlight=False)

@@ -6,39 +6,29 @@ driver) to enqueue inside the caller's transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from jobqueue.client.sync import (
-    DEPENDENT_CANCELLED,
-    RETRY_LINE,
-    TaskSpec,
-    _first_line,
-    _labels,
-    _plan_dependencies,
-    _row,
-    _stamp,
-    not_retried,
-    retry_targets,
-    rows_for,
-)
-from jobqueue.db.connect import redact, resolve_url
-from jobqueue.db.queries import ClientSQL
-from jobqueue.errors import (
-    DatabaseUnavailable,
-    DedupeConflict,
-    InvalidPayload,
-    JobqError,
-    PermissionDenied,
-    TaskNotFound,
-)
-from jobqueue.models import Task
-from jobqueue.settings import Settings, get_settings
+from jobqueue.client import encode
+from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_retryable, status_of
+from jobqueue.db.connect import first_line, redact
+from jobqueue.db.errors import translate
+from jobqueue.errors import DatabaseError, DatabaseUnavailable, JobqError, TaskNotFound
+from jobqueue.models import Task, TaskSpec
+from jobqueue.settings import Settings
 
 AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
+JSONB_COLUMNS = ("payload", "result")  # the tasks table's jsonb columns (migrations/versions/0001_tasks.py)
+# Everything asyncpg raises: server errors, and its own when the connection breaks under a call
+# (InternalClientError "cannot switch to state ...", InterfaceError, a socket's OSError, timeouts).
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+                  OSError, asyncio.TimeoutError)
 
 
 async def asyncpg_connection(conn: Any) -> AnyConnection | None:
@@ -58,22 +48,23 @@ async def asyncpg_connection(conn: Any) -> AnyConnection | None:
     return None
 
 
-class AsyncClient:
-    """Async producer: a small asyncpg pool of its own, or the caller's connection."""
+class AsyncClient(ClientBase):
+    """Async producer: a small asyncpg pool of its own, or the caller's connection.
+
+    The same methods, arguments, results and errors as :class:`jobqueue.Client`.
+    """
 
     def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
-        self._url = url
-        self.q = ClientSQL.load(self.settings.schema_name)
+        super().__init__(url, settings=settings)
         self._pool: asyncpg.Pool | None = None
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            url = self._url or resolve_url(self.settings)
+            url = self.url
             try:
                 self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-            except (OSError, asyncpg.PostgresError) as exc:
-                raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
+            except _DRIVER_ERRORS as exc:
+                raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
         return self._pool
 
     async def close(self) -> None:
@@ -87,116 +78,154 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run(self, connection: Any, fn: Any) -> Any:
-        """Run `fn(conn)` in the caller's transaction, or in a transaction of our own."""
+    @asynccontextmanager
+    async def _using(self, connection: Any) -> AsyncIterator[AnyConnection]:
+        """The caller's connection or one of our pool's; every driver error leaves as a JobqError."""
         try:
             if connection is not None:
                 conn = await asyncpg_connection(connection)
                 if conn is None:
                     raise JobqError(f"unsupported connection type {type(connection).__name__} for the async API")
-                return await fn(conn)
+                yield conn
+                return
             pool = await self._get_pool()
-            async with pool.acquire() as conn, conn.transaction():
-                return await fn(conn)
-        except asyncpg.ForeignKeyViolationError as exc:
-            raise InvalidPayload(f"rejected by the database: {exc.detail or str(exc).splitlines()[0]}") from None
-        except (asyncpg.DataError, asyncpg.CheckViolationError, asyncpg.ProgramLimitExceededError) as exc:
-            raise InvalidPayload(f"rejected by the database: {str(exc).splitlines()[0]}") from None
+            async with pool.acquire() as conn:
+                yield conn
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from None
 
-    async def enqueue(self, type: str, payload: Any = None, *, labels: Sequence[str] | None = None,
-                      depends_on: Sequence[int] | None = None, connection: Any = None, **fields: Any) -> int:
-        """Enqueue one task; keyword fields as :meth:`jobqueue.Client.enqueue`."""
-        row = _row(type, TaskSpec(payload=payload, **fields), self.settings)
-        lab = _labels(labels)
-        deps = sorted(set(depends_on)) if depends_on else None
+    async def _fetch(self, conn: AnyConnection, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        return [dict(r) for r in await conn.fetch(sql, *params)]
 
-        async def go(conn: AnyConnection) -> int:
-            status, pending, line = "queued", 0, ""
+    async def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_retries: int | None = None,
+        dedupe_key: str | None = None,
+        doc_id: int | None = None,
+        batch_id: int | None = None,
+        from_page: int | None = None,
+        to_page: int | None = None,
+        owner: str | None = None,
+        labels: Sequence[str] | None = None,
+        digest: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        connection: Any = None,
+    ) -> int:
+        """Enqueue one task and return its id (the live task's id when `dedupe_key` collides)."""
+        spec = TaskSpec(payload, priority, run_at, delay, max_retries, dedupe_key, doc_id, batch_id,
+                        from_page, to_page, owner, digest)
+        row = encode.row(type, spec, self.settings)
+        lab = encode.labels(labels)
+        deps = encode.dependencies(depends_on)
+        async with self._using(connection) as conn, (_atomic(conn) if deps else nullcontext()):
+            plan = encode.NO_DEPENDENCIES
             if deps:
-                parents = await conn.fetch(self.q.lock_parents, deps)
-                status, pending, line = _plan_dependencies([(r[0], r[1]) for r in parents], deps)
-            params = (*row[:11], lab, row[11], status, deps, pending, line)
-            rows = await conn.fetch(self.q.enqueue, *params) or await conn.fetch(self.q.enqueue, *params)
-            return int(rows[0][0])
-
-        return int(await self._run(connection, go))
+                plan = encode.plan_dependencies(await self._fetch(conn, self.q.lock_parents, (deps,)), deps)
+            params = encode.enqueue_params(row, lab, deps, plan)
+            for _ in range(RACE_RETRIES):
+                rows = await self._fetch(conn, self.q.enqueue, params)
+                if rows:  # empty: the live duplicate finished between the conflict and the look-up
+                    return int(rows[0]["id"])
+        raise DatabaseError(f"enqueue of {type!r} kept losing a dedupe race on {dedupe_key!r}")
 
     async def enqueue_many(self, type: str, items: Iterable[Any], *, labels: Sequence[str] | None = None,
                            connection: Any = None) -> list[int]:
-        rows = rows_for(type, items, self.settings)
-        lab = _labels(labels) or []
+        """Enqueue many tasks of one type in one transaction; see :meth:`jobqueue.Client.enqueue_many`."""
+        rows = encode.rows_for(type, items, self.settings)
+        lab = encode.labels(labels)
         if not rows:
             return []
-        schema = self.settings.schema_name
-
-        async def go(conn: AnyConnection) -> list[int]:
-            if any(r[5] is not None for r in rows):
-                cols = [list(c) for c in zip(*rows, strict=True)]
-                return [int(r[1]) for r in await conn.fetch(self.q.enqueue_many, *cols, lab)]
-            ids = [r[0] for r in await conn.fetch(
-                f"SELECT nextval('{schema}.tasks_id_seq') FROM generate_series(1, $1)", len(rows))]
-            now = datetime.now(UTC)
+        async with self._using(connection) as conn, _atomic(conn):
+            if encode.has_dedupe_keys(rows):
+                ids: list[int | None] = [None] * len(rows)
+                todo = list(range(len(rows)))
+                for _ in range(RACE_RETRIES):
+                    found = await self._fetch(conn, self.q.enqueue_many,
+                                              encode.enqueue_many_params([rows[i] for i in todo], lab))
+                    todo = encode.merge_batch_ids(ids, todo, found)
+                    if not todo:
+                        return [i for i in ids if i is not None]
+                raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
+            new = [int(r["id"]) for r in await self._fetch(conn, self.q.reserve_ids, (len(rows),))]
             await conn.copy_records_to_table(
-                "tasks", schema_name=schema,
-                columns=["id", "type", "priority", "payload", "run_at", "max_retries", "dedupe_key", "doc_id",
-                         "batch_id", "from_page", "to_page", "owner", "digest", "labels"],
-                records=[(i, r[0], r[1], r[2], r[3] or now, *r[4:], lab) for i, r in zip(ids, rows, strict=True)],
-            )
-            return [int(i) for i in ids]
-
-        result: list[int] = await self._run(connection, go)
-        return result
+                "tasks", schema_name=self.settings.schema_name, columns=list(encode.COPY_COLUMNS),
+                records=encode.copy_records(new, rows, lab))
+            return new
 
     async def get(self, task_id: int, *, connection: Any = None) -> Task:
-        async def go(conn: AnyConnection) -> Task:
-            row = await conn.fetchrow(self.q.get, task_id)
-            if row is None:
-                raise TaskNotFound(f"no task with id {task_id}")
-            return Task.model_validate(dict(row))
+        async with self._using(connection) as conn:
+            row = await self._row(conn, task_id)
+        if row is None:
+            raise TaskNotFound(f"no task with id {task_id}")
+        return _task(row)
 
-        task: Task = await self._run(connection, go)
-        return task
+    async def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        owner: str | None = None,
+        doc_id: int | None = None,
+        label: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+        connection: Any = None,
+    ) -> list[Task]:
+        """Newest first, filtered; see :meth:`jobqueue.Client.list`."""
+        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit)
+        async with self._using(connection) as conn:
+            return [_task(r) for r in await self._fetch(conn, self.q.list, params)]
 
     async def cancel(self, task_id: int | Sequence[int] | None = None, *, doc_id: int | None = None,
                      reason: str = "Task stopped by user.", connection: Any = None) -> dict[int, str]:
-        ids = [task_id] if isinstance(task_id, int) else list(task_id or [])
-        n = self.settings.progress_log_chars
-
-        async def go(conn: AnyConnection) -> dict[int, str]:
-            try:
-                rows = await conn.fetch(self.q.cancel, ids, doc_id, _stamp(f"[Canceled] {reason}"), n,
-                                        _stamp(DEPENDENT_CANCELLED))
-            except asyncpg.InsufficientPrivilegeError as exc:
-                raise PermissionDenied(_first_line(exc)) from None
-            return {int(r[0]): str(r[1]) for r in rows}
-
-        result: dict[int, str] = await self._run(connection, go)
+        """Cancel tasks by id and/or document; the same report as :meth:`jobqueue.Client.cancel`."""
+        ids = encode.cancel_ids(task_id)
+        async with self._using(connection) as conn:
+            result = id_statuses(await self._fetch(conn, self.q.cancel,
+                                                     encode.cancel_params(ids, doc_id, reason, self.settings)))
+            for i in ids:
+                if i not in result:
+                    result[i] = status_of(i, await self._row(conn, i))
         return result
 
     async def retry(self, task_id: int | None = None, *, doc_id: int | None = None,
                     connection: Any = None) -> dict[int, str]:
         """As :meth:`jobqueue.Client.retry`."""
-        ids = retry_targets(task_id, doc_id)
-
-        async def go(conn: AnyConnection) -> dict[int, str]:
-            try:
-                rows = await conn.fetch(self.q.retry, ids, doc_id, _stamp(RETRY_LINE), self.settings.progress_log_chars)
-            except asyncpg.UniqueViolationError as exc:
-                raise DedupeConflict(_first_line(exc)) from None
-            except asyncpg.InsufficientPrivilegeError as exc:
-                raise PermissionDenied(_first_line(exc)) from None
-            result = {int(r[0]): str(r[1]) for r in rows}
+        ids = encode.retry_ids(task_id, doc_id)
+        async with self._using(connection) as conn:
+            result = id_statuses(await self._fetch(conn, self.q.retry, encode.retry_params(ids, doc_id, self.settings)))
             if task_id is not None and task_id not in result:
-                status = await conn.fetchval(self.q.task_status, task_id)
-                if status is None:
-                    raise TaskNotFound(f"no task with id {task_id}")
-                raise not_retried(task_id, status)
-            if not result:
-                raise not_retried(None, None, doc_id)
-            return result
+                raise not_retryable(task_id, await self._row(conn, task_id), doc_id)
+        if not result:
+            raise not_retryable(None, None, doc_id)
+        return result
 
-        done: dict[int, str] = await self._run(connection, go)
-        return done
+    async def _row(self, conn: AnyConnection, task_id: int) -> dict[str, Any] | None:
+        row = await conn.fetchrow(self.q.get, task_id)
+        return None if row is None else dict(row)
+
+
+def _task(row: dict[str, Any]) -> Task:
+    """A task from an asyncpg row: asyncpg hands jsonb over as its JSON text (psycopg decodes it)."""
+    for column in JSONB_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return Task.model_validate(row)
+
+
+def _atomic(conn: AnyConnection) -> AbstractAsyncContextManager[Any]:
+    """A transaction when the connection is not in one (asyncpg's default is autocommit); see the sync
+    client's ``_atomic`` for why enqueueing with dependencies needs it (issue 11, item 13)."""
+    if conn.is_in_transaction():
+        return nullcontext()
+    tx: AbstractAsyncContextManager[Any] = conn.transaction()
+    return tx
 
 
 __all__ = ["AsyncClient"]

@@ -1,8 +1,11 @@
 """Which database jobq talks to, and how it connects.
 
-``JOBQ_DATABASE_URL`` names a real server; without it jobq uses (and starts if needed) the
-embedded server under ``JOBQ_HOME``. Connection errors become :class:`DatabaseUnavailable` with the
-password removed from the URL, so a URL never leaks into a log line or an error message.
+``JOBQ_DATABASE_URL`` names a real server; without it jobq uses the embedded server under
+``JOBQ_HOME`` if it is already running. Resolving a URL never starts anything: only the CLI and
+admin start the embedded server (:func:`jobqueue.admin.embedded.start_if_needed`), so a library
+call cannot fork a PostgreSQL server as a side effect. Connection errors become
+:class:`DatabaseUnavailable` with the password removed from the URL, so a URL never leaks into a
+log line or an error message.
 """
 
 from __future__ import annotations
@@ -52,11 +55,17 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def resolve_url(settings: Settings | None = None) -> str:
-    """The libpq URL of the queue's database, starting the embedded server when none is set."""
+    """The libpq URL of the queue's database: the configured one, else the running embedded server's."""
     settings = settings or get_settings()
     if settings.database_url:
         return normalize(settings.database_url)
-    return embedded.ensure_running(settings.home).url()
+    info = embedded.read_running(embedded.pgdata_dir(settings.home))
+    if info is None:
+        raise ConfigurationError(
+            "no database: set JOBQ_DATABASE_URL, or run `jobq db start` to start the embedded server "
+            f"under {settings.home}"
+        )
+    return info.url()
 
 
 def is_embedded(settings: Settings | None = None) -> bool:
@@ -69,9 +78,9 @@ def connect(url: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
     except psycopg.ProgrammingError as exc:
-        raise ConfigurationError(f"bad database URL {redact(url)}: {_first_line(exc)}") from None
+        raise ConfigurationError(f"bad database URL {redact(url)}: {first_line(exc)}") from None
 
 
 async def aconnect(url: str | None = None, **kwargs: Any) -> Any:
@@ -82,10 +91,11 @@ async def aconnect(url: str | None = None, **kwargs: Any) -> Any:
     try:
         return await asyncpg.connect(url, **kwargs)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {_first_line(exc)}") from None
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An error's first line with any URL password removed: the CLI prints one line, never a payload."""
     text = str(exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
 

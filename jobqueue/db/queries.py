@@ -17,11 +17,13 @@ class ClientSQL(SQLFile, package=PACKAGE, filename="sql/client.sql"):
 
     enqueue: str
     enqueue_many: str
+    reserve_ids: str
+    copy_tasks: str
     lock_parents: str
     cancel: str
     retry: str
-    task_status: str
     get: str
+    list: str
 
 
 class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):

@@ -57,12 +57,26 @@ LEFT JOIN {schema}.tasks live ON mine.id IS NULL AND same.id IS NULL AND live.de
      AND live.status IN ('waiting', 'queued', 'running')
 ORDER BY i.ord;
 
+-- name: reserve_ids
+-- Ids for a COPY batch (COPY cannot return them), in order.
+SELECT nextval('{schema}.tasks_id_seq') AS id FROM generate_series(1, $1::int);
+
+-- name: copy_tasks
+-- The COPY of a batch without dedupe keys; the columns are jobqueue.client.encode.COPY_COLUMNS.
+COPY {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
+                     from_page, to_page, owner, digest, labels) FROM STDIN;
+
 -- name: lock_parents
--- Marks the parents of a new dependent task. The row lock this takes orders the insert against a
--- parent's completion, so a child can never miss its parent's release.
-UPDATE {schema}.tasks SET has_dependents = true
-WHERE id = ANY($1::bigint[])
-RETURNING id, status;
+-- Marks the parents of a new dependent task, locking them in id order (like every statement that
+-- locks several task rows). The lock orders the insert that follows, in the same transaction,
+-- against a parent's completion, so a child can never miss its parent's release.
+WITH locked AS (
+    SELECT id FROM {schema}.tasks WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
+)
+UPDATE {schema}.tasks t SET has_dependents = true
+FROM locked
+WHERE t.id = locked.id
+RETURNING t.id, t.status;
 
 -- name: cancel
 -- Cancel tasks by id ($1) or by document ($2): queued and waiting ones at once, running ones get
@@ -77,8 +91,17 @@ SELECT id, status, dependents_cancelled FROM {schema}.cancel_tasks($1::bigint[],
 -- dedupe key is held by a live task, insufficient_privilege for another role's task.
 SELECT id, status FROM {schema}.retry_tasks($1::bigint[], $2, $3, $4);
 
--- name: task_status
-SELECT status FROM {schema}.tasks WHERE id = $1;
-
 -- name: get
-SELECT * FROM {schema}.tasks WHERE id = $1;
+SELECT * FROM {schema}.tasks WHERE id = $1::bigint;
+
+-- name: list
+-- Newest first; a NULL filter is off. Keyset pagination: pass the last id seen as $6 (before_id).
+SELECT * FROM {schema}.tasks
+WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
+  AND ($2::text[] IS NULL OR type = ANY($2::text[]))
+  AND ($3::text IS NULL OR owner = $3::text)
+  AND ($4::bigint IS NULL OR doc_id = $4::bigint)
+  AND ($5::text IS NULL OR labels @> ARRAY[$5::text])
+  AND ($6::bigint IS NULL OR id < $6::bigint)
+ORDER BY id DESC
+LIMIT $7::bigint;

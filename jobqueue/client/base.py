@@ -1,0 +1,51 @@
+"""What the sync and async clients share: settings, statements, URL, and the cancel report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from jobqueue.db.connect import normalize, resolve_url
+from jobqueue.db.queries import ClientSQL
+from jobqueue.errors import InvalidTransition, TaskNotFound
+from jobqueue.settings import Settings, get_settings
+
+# How often a batch's rows that lost a dedupe race are re-run before giving up (each run resolves
+# every row whose rival committed before it started; a new rival per run is practically impossible).
+RACE_RETRIES = 5
+
+
+class ClientBase:
+    """Settings, the statements for the configured schema, and the database URL (resolved lazily)."""
+
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._url = normalize(url) if url else None
+        self.q = ClientSQL.load(self.settings.schema_name)
+
+    @property
+    def url(self) -> str:
+        """The configured URL, else the running embedded server's (a library client never starts one)."""
+        if self._url is None:
+            self._url = resolve_url(self.settings)
+        return self._url
+
+
+def id_statuses(rows: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """{id: status} from the cancel statement (``cancelled``, or ``running`` while the worker stops it)
+    or the retry statement (``queued``, or ``waiting`` for a parent that is not done)."""
+    return {int(r["id"]): str(r["status"]) for r in rows}
+
+
+def status_of(task_id: int, row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        raise TaskNotFound(f"no task with id {task_id}")
+    return str(row["status"])
+
+
+def not_retryable(task_id: int | None, row: Mapping[str, Any] | None, doc_id: int | None) -> InvalidTransition:
+    """Why a retry changed nothing: the named task is not failed or cancelled, or the document has none."""
+    if task_id is None:
+        return InvalidTransition(f"document {doc_id} has no failed or cancelled task to retry")
+    return InvalidTransition(
+        f"task {task_id} is {status_of(task_id, row)}; only failed or cancelled tasks can be retried")

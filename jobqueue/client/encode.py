@@ -1,0 +1,351 @@
+"""Turn a producer's call into the parameters of client.sql's statements, once for both clients.
+
+Everything a user can get wrong is checked here, before the first write, so a bad call writes
+nothing and says why in one line (an :class:`InvalidPayload`). The sync and async clients differ
+only in how they send the parameters built here (procrastinate's shared kwargs builder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ValidationError
+
+from jobqueue import registry
+from jobqueue.errors import InvalidPayload, TaskNotFound
+from jobqueue.models import TaskSpec
+from jobqueue.settings import Settings
+from jobqueue.states import Status
+
+INT32 = 2**31 - 1
+MAX_DEPTH = 64
+LIVE = (Status.WAITING.value, Status.QUEUED.value, Status.RUNNING.value)
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_SCALARS = (str, int, float, bool, type(None))
+# JSON arrays: json.dumps writes a tuple as an array, so it gets the same checks as a list.
+_ARRAYS = (list, tuple)
+
+
+class TaskRow(NamedTuple):
+    """A validated task, named by its columns of the tasks table (COPY writes them in this order)."""
+
+    type: str
+    priority: int
+    payload: str  # JSON text for jsonb
+    run_at: datetime | None
+    max_retries: int
+    dedupe_key: str | None
+    doc_id: int | None
+    batch_id: int | None
+    from_page: int | None
+    to_page: int | None
+    owner: str | None
+    digest: str | None
+
+
+# The columns of client.sql's copy_tasks, in order: a reserved id, the row, the batch's labels.
+COPY_COLUMNS = ("id", *TaskRow._fields, "labels")
+
+
+class Plan(NamedTuple):
+    """How a new task starts, from its parents' states."""
+
+    status: str
+    pending: int
+    line: str
+
+
+NO_DEPENDENCIES = Plan(Status.QUEUED.value, 0, "")
+
+
+# ---------------------------------------------------------------- scalar fields
+
+
+def _text(field: str, value: str | None, *, limit: int = 1000) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{field} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidPayload(f"{field} contains a NUL character, which PostgreSQL text cannot store")
+    if len(value) > limit:
+        raise InvalidPayload(f"{field} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPayload(f"{field} is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _int32(field: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{field} must be an integer, got {type(value).__name__}")
+    if not -INT32 - 1 <= value <= INT32:
+        raise InvalidPayload(f"{field} {value} does not fit in 32 bits")
+    return value
+
+
+def _bigint(field: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(f"{field} must be an integer, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise InvalidPayload(f"{field} {value} does not fit in 64 bits")
+    return value
+
+
+def _run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
+    if run_at is not None and delay is not None:
+        raise InvalidPayload("give run_at or delay, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta):
+            raise InvalidPayload(f"delay must be seconds or a timedelta, got {type(delay).__name__}")
+        try:
+            seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        except OverflowError:
+            raise InvalidPayload("delay is out of range") from None
+        if not math.isfinite(seconds):
+            raise InvalidPayload("delay must be a finite number of seconds")
+        try:
+            return datetime.now(UTC) + timedelta(seconds=seconds)
+        except OverflowError:
+            raise InvalidPayload(f"delay of {seconds:g}s is out of range") from None
+    if run_at is None:
+        return None
+    if not isinstance(run_at, datetime):
+        raise InvalidPayload(f"run_at must be a datetime, got {type(run_at).__name__}")
+    if run_at.tzinfo is None:
+        return run_at.replace(tzinfo=UTC)  # naive times are taken as UTC
+    try:  # 0001-01-01 00:00+05 is year 0 in UTC: PostgreSQL stores it, but no client can read it back
+        return run_at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidPayload(f"run_at {run_at.isoformat()} is outside years 1-9999 in UTC") from None
+
+
+def _max_retries(t: registry.TaskType, value: int | None, settings: Settings) -> int:
+    v = _int32("max_retries", value if value is not None
+               else (t.max_retries if t.max_retries is not None else settings.max_retries))
+    if v is None or v < 0:
+        raise InvalidPayload("max_retries must be >= 0")
+    return v
+
+
+# ---------------------------------------------------------------- payload
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse payloads nested deeper than `limit` (iteratively: a deep payload cannot overflow the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list | tuple):
+            if d > limit:
+                raise InvalidPayload(f"payload is nested deeper than {limit} levels")
+            if isinstance(v, dict):
+                # json.dumps would turn 1, 1.5, True, None into "1", "1.5", "true", "null": get() would
+                # return a different object than the one enqueued.
+                if not all(isinstance(k, str) for k in v):
+                    bad = next(k for k in v if not isinstance(k, str))
+                    raise InvalidPayload(f"payload object keys must be strings, got {type(bad).__name__} {bad!r}")
+                stack.extend((c, d + 1) for c in v.values())
+            else:
+                stack.extend((c, d + 1) for c in v)
+
+
+def encode_payload(task_type: str, payload: Any, settings: Settings) -> str:
+    """Validate against the type's payload model (if any) and encode as JSON text for jsonb."""
+    return _encode(registry.get_type(task_type), payload, settings)
+
+
+def _encode(spec: registry.TaskType, payload: Any, settings: Settings) -> str:
+    if spec.payload is not None:
+        try:
+            model = payload if isinstance(payload, spec.payload) else spec.payload.model_validate(payload)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "payload"
+            raise InvalidPayload(f"invalid payload for {spec.name!r}: {where}: {err['msg']}") from None
+        except RecursionError:
+            raise InvalidPayload(f"payload is nested deeper than {MAX_DEPTH} levels") from None
+        payload = model.model_dump(mode="json")
+    elif isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    if payload is None:
+        payload = {}
+    # A flat object of scalars (the common payload) cannot be too deep; skip the walk.
+    if not (isinstance(payload, dict) and all(type(k) is str and isinstance(v, _SCALARS) for k, v in payload.items())):
+        _depth(payload)
+    try:
+        text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(f"payload is not JSON-serialisable: {exc}") from None
+    except RecursionError:  # an object nested inside something json walks but _depth does not
+        raise InvalidPayload(f"payload is nested deeper than {MAX_DEPTH} levels") from None
+    if _JSON_NUL.search(text):  # an escaped NUL, not a literal backslash followed by "u0000"
+        raise InvalidPayload("payload contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidPayload("payload contains invalid Unicode (a lone surrogate)") from None
+    if size > settings.max_payload_bytes:
+        raise InvalidPayload(f"payload is {size} bytes, over the limit of {settings.max_payload_bytes}")
+    return text
+
+
+# ---------------------------------------------------------------- rows
+
+
+def row(task_type: str, spec: TaskSpec, settings: Settings) -> TaskRow:
+    """One task spec, validated into its named row."""
+    t = registry.get_type(task_type)
+    return _row(t, spec, settings, _encode(t, spec.payload, settings))
+
+
+def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str) -> TaskRow:
+    priority = _int32("priority", spec.priority if spec.priority is not None else t.priority)
+    assert priority is not None
+    return TaskRow(
+        type=t.name,
+        priority=priority,
+        payload=payload,
+        run_at=_run_at(spec.run_at, spec.delay),
+        max_retries=_max_retries(t, spec.max_retries, settings),
+        dedupe_key=_text("dedupe_key", spec.dedupe_key),
+        doc_id=_bigint("doc_id", spec.doc_id),
+        batch_id=_bigint("batch_id", spec.batch_id),
+        from_page=_int32("from_page", spec.from_page),
+        to_page=_int32("to_page", spec.to_page),
+        owner=_text("owner", spec.owner, limit=200),
+        digest=_text("digest", spec.digest, limit=200),
+    )
+
+
+def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[TaskRow]:
+    """Rows of an enqueue_many batch: a bare payload takes the type's defaults, computed once."""
+    t = registry.get_type(task_type)
+    d = _row(t, TaskSpec(), settings, "")
+    return [_row(t, item, settings, _encode(t, item.payload, settings)) if isinstance(item, TaskSpec)
+            else TaskRow(d.type, d.priority, _encode(t, item, settings), None, d.max_retries,
+                         None, None, None, None, None, None, None)
+            for item in items]
+
+
+def labels(values: Sequence[str] | None) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        raise InvalidPayload("labels must be a list of strings")
+    return [_text("label", v, limit=200) or "" for v in values]
+
+
+def dependencies(depends_on: Sequence[int] | None) -> list[int] | None:
+    """The parents in id order: the order lock_parents locks them in."""
+    if not depends_on:
+        return None
+    if isinstance(depends_on, int | str):
+        raise InvalidPayload("depends_on must be a list of task ids")
+    ids = {_bigint("depends_on", p) for p in depends_on}
+    return sorted(i for i in ids if i is not None)
+
+
+def stamp(msg: str) -> str:
+    """A progress-log line as the runtime writes them."""
+    return f"{datetime.now().strftime('%H:%M:%S')} {msg}"
+
+
+def plan_dependencies(parents: Iterable[Mapping[str, Any]], wanted: Sequence[int]) -> Plan:
+    """Status, pending count and log line of a new task from its locked parents' rows (id, status)."""
+    found = {int(p["id"]): str(p["status"]) for p in parents}
+    missing = [p for p in wanted if p not in found]
+    if missing:
+        raise TaskNotFound(f"depends_on names unknown task(s): {', '.join(map(str, missing))}")
+    dead = [p for p, s in found.items() if s in (Status.FAILED, Status.CANCELLED)]
+    if dead:
+        return Plan(Status.CANCELLED.value, 0, stamp(f"[Canceled] parent task {dead[0]} is {found[dead[0]]}"))
+    pending = sum(1 for s in found.values() if s != Status.DONE)
+    return Plan(Status.WAITING.value if pending else Status.QUEUED.value, pending, "")
+
+
+# ---------------------------------------------------------------- statement parameters
+
+
+def enqueue_params(r: TaskRow, labels: list[str] | None, deps: list[int] | None, plan: Plan) -> tuple[Any, ...]:
+    """client.sql `enqueue` ($1..$17)."""
+    return (r.type, r.priority, r.payload, r.run_at, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
+            r.from_page, r.to_page, r.owner, labels, r.digest, plan.status, deps, plan.pending, plan.line)
+
+
+def enqueue_many_params(rows: Sequence[TaskRow], labels: list[str] | None) -> tuple[Any, ...]:
+    """client.sql `enqueue_many`: one array per column ($1..$12), then the labels ($13)."""
+    return (*([getattr(r, f) for r in rows] for f in TaskRow._fields), labels)
+
+
+def has_dedupe_keys(rows: Sequence[TaskRow]) -> bool:
+    """Batches with dedupe keys need the conflict handling of `enqueue_many`; the others can COPY."""
+    return any(r.dedupe_key is not None for r in rows)
+
+
+def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] | None) -> list[tuple[Any, ...]]:
+    """COPY records in COPY_COLUMNS order (COPY has no column defaults: run_at defaults to now here)."""
+    now = datetime.now(UTC)
+    lab = labels or []
+    return [(i, r.type, r.priority, r.payload, r.run_at or now, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
+             r.from_page, r.to_page, r.owner, r.digest, lab) for i, r in zip(ids, rows, strict=True)]
+
+
+def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapping[str, Any]]) -> list[int]:
+    """Fill `ids` from an `enqueue_many` run over the rows `todo`; return the rows still unresolved.
+
+    A row comes back without an id when its dedupe key conflicted with a task another producer
+    committed after this statement's snapshot was taken: ON CONFLICT sees that task, the statement's
+    look-up does not. Running the statement again for those rows (a new snapshot) finds it, or, if
+    it finished meanwhile, inserts the row (issue 11, item 14).
+    """
+    for i, r in zip(todo, found, strict=True):
+        ids[i] = None if r["id"] is None else int(r["id"])
+    return [i for i in todo if ids[i] is None]
+
+
+def list_params(status: str | Sequence[str] | None, type: str | Sequence[str] | None, owner: str | None,
+                doc_id: int | None, label: str | None, before_id: int | None, limit: int) -> tuple[Any, ...]:
+    """client.sql `list` ($1..$7); a None filter is off."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise InvalidPayload(f"limit must be a non-negative integer, got {limit!r}")
+    return (_many(status), _many(type), _text("owner", owner, limit=200), _bigint("doc_id", doc_id),
+            _text("label", label, limit=200), _bigint("before_id", before_id), limit)
+
+
+def _many(value: str | Sequence[str] | None) -> list[str] | None:
+    if not value:
+        return None
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def cancel_params(ids: Sequence[int], doc_id: int | None, reason: str, settings: Settings) -> tuple[Any, ...]:
+    """client.sql `cancel` ($1..$5)."""
+    return (list(ids), doc_id, stamp(f"[Canceled] {reason}"), settings.progress_log_chars,
+            stamp("[Canceled] a parent task was cancelled"))
+
+
+def cancel_ids(task_id: int | Sequence[int] | None) -> list[int]:
+    return [task_id] if isinstance(task_id, int) else list(task_id or [])
+
+
+def retry_ids(task_id: int | None, doc_id: int | None) -> list[int]:
+    """The ids a retry names; a retry must name a task or a document."""
+    if task_id is None and doc_id is None:
+        raise InvalidPayload("retry needs a task id or a doc_id")
+    return [] if task_id is None else [task_id]
+
+
+def retry_params(ids: Sequence[int], doc_id: int | None, settings: Settings) -> tuple[Any, ...]:
+    """client.sql `retry` ($1..$4)."""
+    return (list(ids), doc_id, stamp("[RETRY] requeued by user"), settings.progress_log_chars)
