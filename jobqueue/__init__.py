@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .registry import get_type, task
     from .runtime.context import Context
     from .settings import Settings, get_settings
+    from .states import LIVE, TERMINAL, Status
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,9 @@ _WHERE = {
     "TaskNotFound": ".errors",
     "TaskSpec": ".models",
     "UnknownTaskType": ".errors",
+    "LIVE": ".states",
+    "TERMINAL": ".states",
+    "Status": ".states",
     "cancel": ".client.sync",
     "connect": ".db.connect",
     "enqueue": ".client.sync",
@@ -91,6 +95,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "LIVE",
+    "TERMINAL",
     "AsyncClient",
     "Cancelled",
     "Client",
@@ -109,6 +115,7 @@ __all__ = [
     "SchemaMissing",
     "Settings",
     "Snooze",
+    "Status",
     "Task",
     "TaskNotFound",
     "TaskSpec",

@@ -21,7 +21,7 @@ from support import SCHEMA, create_database, drop_database, wait_for
 
 from jobqueue import AsyncClient, Client, DatabaseUnavailable, InvalidPayload, JobqError, TaskNotFound, TaskSpec, task
 from jobqueue.db.queries import RuntimeSQL
-from jobqueue.errors import ConfigurationError
+from jobqueue.errors import ConfigurationError, DuplicateTask
 from jobqueue.settings import Settings, get_settings
 
 
@@ -330,7 +330,7 @@ def test_retry_into_a_live_dedupe_key_is_a_jobq_error(either: Any, conn: psycopg
     conn.execute("UPDATE tasks SET status = 'failed', finished_at = now() WHERE id = %s", (old,))
     live = either.enqueue("cl_plain", dedupe_key="k14b")
     assert live != old
-    with pytest.raises(JobqError, match="duplicate key"):
+    with pytest.raises(DuplicateTask, match=f"held by live task {live}"):
         either.retry(old)
     assert status(conn, old) == ("failed", 0)
 

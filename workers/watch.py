@@ -17,8 +17,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from jobqueue import DocumentError, TaskNotFound, connect
-from jobqueue.states import LIVE, TERMINAL
+from jobqueue import LIVE, TERMINAL, DocumentError, TaskNotFound, connect
 
 from .queries import DocumentSQL, fetch_dicts, sql
 
