@@ -69,7 +69,6 @@ class Context:
         self.is_cancelled = False
         self.cancel_reason: str | None = None
         self.result: Any = None
-        self.completed_in_transaction = False
         self._transaction = transaction
         self._connection = connection
         self._on_progress = on_progress
