@@ -64,10 +64,13 @@ SELECT min(run_at) FROM {schema}.tasks WHERE status = 'queued' AND type = ANY($1
 -- statement after the parents' update, so its snapshot sees children enqueued concurrently.
 WITH parents AS (
     SELECT unnest($1::bigint[]) AS id
-), child AS (
+), child AS MATERIALIZED (
+    -- Children locked in id order: two workers releasing overlapping children cannot deadlock.
     SELECT c.id, (SELECT count(*) FROM parents p WHERE p.id = ANY (c.depends_on)) AS k
     FROM {schema}.tasks c
     WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
 ), released AS (
     UPDATE {schema}.tasks t
     SET pending_deps = t.pending_deps - child.k,
@@ -86,11 +89,17 @@ WITH RECURSIVE doomed AS (
     SELECT c.id FROM {schema}.tasks c WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
     UNION
     SELECT c.id FROM {schema}.tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
+), locked AS MATERIALIZED (
+    -- Locked in id order, like every statement that locks several task rows.
+    SELECT t.id FROM {schema}.tasks t
+    WHERE t.id IN (SELECT id FROM doomed) AND t.status = 'waiting'
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
 )
 UPDATE {schema}.tasks t
 SET status = 'cancelled', finished_at = now(), progress_msg = {schema}.append_log(t.progress_msg, $2, $3)
-FROM doomed
-WHERE t.id = doomed.id AND t.status = 'waiting'
+FROM locked
+WHERE t.id = locked.id AND t.status = 'waiting'
 RETURNING t.id, pg_notify('{schema}.progress', t.id || ',' || COALESCE(t.doc_id, 0) || ',' || t.progress);
 
 -- name: finish_many
