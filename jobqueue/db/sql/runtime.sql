@@ -116,22 +116,19 @@ WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $7::float8[], $8::float8[])
         AS d(id, attempt, outcome, result, error, line, secs, cap)
-), mine AS MATERIALIZED (
-    SELECT t.id, t.retry_count, t.max_retries, t.cancel_requested_at IS NOT NULL AS cancel_pending
+), n AS MATERIALIZED (
+    SELECT d.*,
+           CASE WHEN d.outcome = 'done' THEN 'done'
+                WHEN d.outcome = 'released' THEN 'queued'
+                WHEN d.outcome = 'cancelled' OR t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN d.outcome = 'snoozed' THEN 'queued'
+                WHEN d.outcome = 'retry' AND t.retry_count < t.max_retries THEN 'queued'
+                ELSE 'failed' END AS status,
+           d.outcome IN ('retry', 'failed') AS errored
     FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
     WHERE t.status = 'running' AND t.worker_id = $10
     ORDER BY t.id
     FOR NO KEY UPDATE OF t
-), n AS (
-    SELECT d.*, m.retry_count, m.max_retries,
-           CASE WHEN d.outcome = 'done' THEN 'done'
-                WHEN d.outcome = 'released' THEN 'queued'
-                WHEN d.outcome = 'cancelled' OR m.cancel_pending THEN 'cancelled'
-                WHEN d.outcome = 'snoozed' THEN 'queued'
-                WHEN d.outcome = 'retry' AND m.retry_count < m.max_retries THEN 'queued'
-                ELSE 'failed' END AS status,
-           d.outcome IN ('retry', 'failed') AS errored
-    FROM d JOIN mine m USING (id)
 ), u AS (
     UPDATE {schema}.tasks t
     SET status = n.status,
@@ -186,7 +183,7 @@ FROM u;
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
 ), mine AS MATERIALIZED (
-    SELECT t.id FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
+    SELECT d.* FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
     WHERE t.worker_id = $6 AND t.status NOT IN ('queued', 'waiting')
     ORDER BY t.id
     FOR NO KEY UPDATE OF t
@@ -197,7 +194,7 @@ WITH d AS (
                         WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
                         ELSE greatest(t.progress, least(d.progress, 1)) END,
         progress_msg = {schema}.append_log(t.progress_msg, d.lines, $5)
-    FROM d JOIN mine USING (id)
+    FROM mine d
     WHERE t.id = d.id
     RETURNING t.id, t.attempt, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
 )
