@@ -109,11 +109,13 @@ class Worker:
         self.log_chars = s.progress_log_chars
 
         # The attempts this worker runs, by task id: at most one attempt per id (a re-claim of an id
-        # whose older attempt still runs waits in _deferred). A hard-timed-out sync handler stays here
-        # (abandoned) until its thread returns: it still holds a thread and counts against capacity.
+        # whose older attempt still runs waits in _deferred until that attempt has ended).
         self._running: dict[int, Attempt] = {}
         self._running_by_type = dict.fromkeys(self.types, 0)
         self._deferred: dict[int, asyncpg.Record] = {}
+        # Hard-timed-out sync handlers whose thread has not returned: no longer ours in the database,
+        # but each still holds a thread, so it keeps counting against capacity (and its type's).
+        self._abandoned: set[Attempt] = set()
         self.completer = Completer(self.q, worker_id=self.id, log_chars=self.log_chars, stats=self.stats,
                                    db=self._db, connection=self._handler_connection,
                                    on_requeued=self._wake_at)
@@ -285,7 +287,7 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     def _free(self) -> dict[str, int]:
-        total = self.concurrency - len(self._running)
+        total = self.concurrency - len(self._running) - len(self._abandoned)
         return {t: max(0, min(total, self.limits[t] - self._running_by_type[t])) for t in self.types}
 
     async def _claim_loop(self) -> None:
@@ -373,9 +375,9 @@ class Worker:
     # ------------------------------------------------------------------ running handlers
 
     def running_pairs(self) -> list[tuple[int, int]]:
-        """The (id, attempt) pairs this worker owns, the ones the heartbeat renews: attempts running
-        (not the abandoned), re-claims waiting for their older attempt, and acks not written yet."""
-        pairs = [a.key for a in self._running.values() if not a.abandoned]
+        """The (id, attempt) pairs this worker owns, the ones the heartbeat renews: attempts running,
+        re-claims waiting for their older attempt, and acks not written yet."""
+        pairs = [a.key for a in self._running.values()]
         pairs += [(row["id"], row["attempt"]) for row in self._deferred.values()]
         pairs += [(ack.id, ack.attempt) for ack in self.completer.pending]
         return pairs
@@ -438,11 +440,17 @@ class Worker:
             ack = self.executor.ack(a, Outcome.RETRY, exc)
         finally:
             thread = a.thread
-            if thread is not None and not thread.done():
+            lingering = thread is not None and not thread.done()
+            self._forget(a, keep_slot=lingering)
+            if thread is not None and lingering:
+                self._abandoned.add(a)
                 loop = asyncio.get_running_loop()
-                thread.add_done_callback(lambda _: loop.call_soon_threadsafe(self._forget, a))
-            else:
-                self._forget(a)
+
+                def returned(_: object) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: the worker has stopped
+                        loop.call_soon_threadsafe(self._thread_returned, a)
+
+                thread.add_done_callback(returned)
         if ack is not None:
             if ack.outcome is not Outcome.RELEASED:
                 metrics.finished(a.ctx.task.type, ack.outcome, time.monotonic() - a.started)
@@ -450,21 +458,32 @@ class Worker:
         elif a.completed_in_transaction:
             metrics.finished(a.ctx.task.type, Outcome.DONE, time.monotonic() - a.started)
 
-    def _forget(self, a: Attempt) -> None:
-        """The attempt's handler has returned (for a sync one: its thread): free its slot, and start
-        the newer attempt of the same task if one was claimed meanwhile."""
+    def _forget(self, a: Attempt, *, keep_slot: bool = False) -> None:
+        """The attempt has ended: free its slot (unless its thread lingers), and start the newer
+        attempt of the same task if one was claimed meanwhile."""
         task_id = a.ctx.id
         if self._running.get(task_id) is a:
             del self._running[task_id]
-            self._running_by_type[a.ctx.task.type] -= 1
+            if not keep_slot:
+                self._running_by_type[a.ctx.task.type] -= 1
             row = self._deferred.pop(task_id, None)
             if row is not None and self._stopping:
-                self.completer.add(Ack(Outcome.RELEASED, row["id"], row["attempt"], row["type"],
-                                       f"{clock()} [INFO] released by worker shutdown"))
+                self._release_deferred(row)
             elif row is not None:
                 self._start(row)
         if self._backlog or not self._stopping:
             self._wake.set()
+
+    def _thread_returned(self, a: Attempt) -> None:
+        """An abandoned sync handler's thread has returned at last: its slot is free."""
+        self._abandoned.discard(a)
+        self._running_by_type[a.ctx.task.type] -= 1
+        self._wake.set()
+
+    def _release_deferred(self, row: asyncpg.Record) -> None:
+        self._running_by_type[row["type"]] -= 1
+        self.completer.add(Ack(Outcome.RELEASED, row["id"], row["attempt"], row["type"],
+                               f"{clock()} [INFO] released by worker shutdown"))
 
     def _wake_at(self, when: datetime) -> None:
         self._schedule_wake(max(0.0, when.timestamp() - time.time()))
@@ -504,7 +523,7 @@ class Worker:
             await asyncio.sleep(0.05)
 
     def _owned(self) -> list[Attempt]:
-        return [a for a in self._running.values() if not a.abandoned]
+        return list(self._running.values())
 
     @contextlib.asynccontextmanager
     async def _handler_connection(self) -> AsyncIterator[Any]:
