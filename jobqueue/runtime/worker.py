@@ -5,16 +5,20 @@ One asyncio loop per process. The moving parts, each a coroutine:
 - the claimer takes up to the free slots in one statement (priority order, SKIP LOCKED), woken by
   NOTIFY, by a timer for the next scheduled task, by a freed slot while a backlog remains, or by the
   fallback poll;
-- each claimed task runs as an asyncio task (async handlers) or in a thread (sync handlers);
-- the completer writes finished tasks in batches (one statement for all that finished meanwhile),
-  and releases their dependents in the same transaction;
-- the progress writer flushes every running task's coalesced progress in one statement;
+- each claimed row is decoded on its own and runs as an Attempt (executor.py): an asyncio task for
+  async handlers, a thread for sync ones, a child process with isolation; the executor returns an
+  Ack and writes nothing;
+- the completer (completer.py) writes every outcome kind in batches, one statement for all acks that
+  arrived meanwhile, and releases or cancels their dependents in the same transaction;
+- the progress writer (progress.py) flushes every running task's coalesced progress in one statement;
 - the heartbeat renews all our leases in one statement, learns of cancels it may have missed, and
   runs the maintenance services (rescuer, pruner) when it wins their advisory lock;
 - the listener keeps the LISTEN connection alive.
 
-Every write about a task is guarded by its fencing token (id, attempt): a worker that lost a task to
-the rescuer can no longer complete, fail or report progress on it, and its handler is cancelled.
+Every write about a task is guarded by its fencing token (id, attempt) and the worker id: a worker
+that lost a task to the rescuer can no longer complete, fail or report progress on it, and its
+handler is cancelled. Attempts are tracked by (id, attempt); this worker never runs two attempts of
+one task at once. Statements that lock several task rows lock them in id order.
 """
 
 from __future__ import annotations
