@@ -55,6 +55,12 @@ async def o_progress(ctx: Context, payload: Any) -> Any:
     return None
 
 
+@task("o_huge_progress")
+async def o_huge_progress(ctx: Context, payload: Any) -> Any:
+    ctx.progress(1e300, "huge")
+    await asyncio.sleep(0.6)  # the progress writer flushes meanwhile
+
+
 @task("o_snooze")
 async def o_snooze(ctx: Context, payload: Any) -> Any:
     raise Snooze(payload["s"])
@@ -142,6 +148,15 @@ def test_nul_in_progress_line_is_written(client: Client, reset: None) -> None:
         w.thread.join(30)
     t = client.get(tid)
     assert t.status == "done" and "bad\ufffdline" in t.progress_msg
+
+
+def test_progress_out_of_range_does_not_stop_the_progress_writer(client: Client, reset: None) -> None:
+    tid = client.enqueue("o_huge_progress", {})
+    with BackgroundWorker(["o_huge_progress"]) as w:
+        wait_for(lambda: client.get(tid).status == "done", timeout=10)
+        assert w.worker is not None and not any(t.done() for t in w.worker._tasks)  # every loop alive
+    t = client.get(tid)
+    assert t.progress == 1 and "huge" in t.progress_msg
 
 
 def test_snooze_out_of_range_fails_with_the_reason(client: Client, reset: None) -> None:

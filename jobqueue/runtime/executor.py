@@ -6,7 +6,8 @@ into an ``Ack`` (oban-py's ack action). It writes no SQL: the completer writes a
 
 Values PostgreSQL would refuse are dealt with here, before they can reach a batch: NUL characters are
 replaced in log lines and error texts, a result containing one (jsonb cannot store it) or that is not
-JSON fails the attempt with that reason, and a snooze outside [0, 100 years] fails the attempt.
+JSON fails the attempt with that reason, a snooze beyond 100 years (or NaN) fails the attempt, and
+progress values are clamped to the column's range.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def take_pending(ctx: Context) -> tuple[float | None, str]:
     """The task's pending progress and message lines, with any password in a postgres URL removed
     (a handler's messages end up in progress_msg, which every dashboard shows) and NULs replaced."""
     value, lines = ctx.take_pending()
-    if value is not None and not math.isfinite(value):
-        value = None
+    if value is not None:  # the column is a real in [-1, 1]: 1e300 would overflow the whole flush
+        value = max(-1.0, min(1.0, value)) if math.isfinite(value) else None
     return value, clean_text(redact_text(lines)) if lines else lines
 
 
@@ -148,8 +149,8 @@ class Executor:
         error: str | None = None
         if outcome is Outcome.SNOOZED:
             assert isinstance(value, Snooze)
-            secs = float(value.seconds)
-            if not 0 <= secs <= MAX_SNOOZE_SECONDS:  # also NaN
+            secs = max(0.0, float(value.seconds))
+            if not secs <= MAX_SNOOZE_SECONDS:  # also NaN
                 outcome, value = Outcome.FAILED, Fail(f"Snooze({value.seconds!r}) is out of range: "
                                                       f"seconds must be between 0 and {MAX_SNOOZE_SECONDS:.0f}")
         if outcome is Outcome.DONE:
