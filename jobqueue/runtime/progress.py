@@ -28,7 +28,6 @@ class ProgressWriter:
         worker_id: str,
         log_chars: int,
         interval: float,
-        running: dict[int, Attempt],
         db: Callable[..., Awaitable[Any]],
         on_rows: Callable[[list[asyncpg.Record], list[tuple[int, int]]], None],
     ) -> None:
@@ -36,7 +35,7 @@ class ProgressWriter:
         self.worker_id = worker_id
         self.log_chars = log_chars
         self.interval = interval
-        self._running = running
+        self.running: dict[int, Attempt] = {}  # the dispatcher's map of running attempts (set by it)
         self._db = db
         self._on_rows = on_rows
         self._dirty: set[int] = set()
@@ -68,7 +67,7 @@ class ProgressWriter:
 
     async def flush(self) -> None:
         ids, self._dirty = self._dirty, set()
-        batch = sorted(((a.ctx, *take_pending(a.ctx)) for i in ids if (a := self._running.get(i)) is not None),
+        batch = sorted(((a.ctx, *take_pending(a.ctx)) for i in ids if (a := self.running.get(i)) is not None),
                        key=lambda b: b[0].id)
         if not batch:
             return

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -43,15 +42,14 @@ import asyncpg
 from jobqueue import __version__, registry
 from jobqueue.db.connect import normalize, redact_text, resolve_url
 from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
-from jobqueue.errors import Fail, LeaseLost
 from jobqueue.observe import metrics
 from jobqueue.runtime.completer import Completer
-from jobqueue.runtime.context import ClaimedTask, Context, clock
-from jobqueue.runtime.executor import Ack, Attempt, Executor
+from jobqueue.runtime.dispatcher import Dispatcher
+from jobqueue.runtime.executor import Executor
 from jobqueue.runtime.maintenance import pruner, rescuer
 from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.settings import Settings, get_settings
-from jobqueue.states import CancelReason, Outcome, cancel_channel, type_channel
+from jobqueue.states import CancelReason, cancel_channel, type_channel
 
 log = logging.getLogger("jobq.worker")
 
@@ -112,23 +110,21 @@ class Worker:
         self.stats = WorkerStats()
         self.log_chars = s.progress_log_chars
 
-        # The attempts this worker runs, by task id: at most one attempt per id (a re-claim of an id
-        # whose older attempt still runs waits in _deferred until that attempt has ended).
-        self._running: dict[int, Attempt] = {}
-        self._running_by_type = dict.fromkeys(self.types, 0)
-        self._deferred: dict[int, asyncpg.Record] = {}
-        # Hard-timed-out sync handlers whose thread has not returned: no longer ours in the database,
-        # but each still holds a thread, so it keeps counting against capacity (and its type's).
-        self._abandoned: set[Attempt] = set()
         self.completer = Completer(self.q, worker_id=self.id, log_chars=self.log_chars, stats=self.stats,
                                    db=self._db, connection=self._handler_connection,
                                    on_requeued=self._wake_at)
         self.progress = ProgressWriter(self.q, worker_id=self.id, log_chars=self.log_chars,
-                                       interval=s.progress_interval, running=self._running, db=self._db,
-                                       on_rows=self._apply_flags)
+                                       interval=s.progress_interval, db=self._db, on_rows=self._apply_flags)
+        self.dispatcher = Dispatcher(self.specs, executor=self.executor, completer=self.completer,
+                                     progress=self.progress, stats=self.stats, connection=self._handler_connection,
+                                     freed=self._slot_freed, stopping=lambda: self._stopping)
+        # What the fetcher counts: attempts running (by id and by type) and abandoned threads.
+        self._running = self.dispatcher.running
+        self._running_by_type = self.dispatcher.by_type
+        self._abandoned = self.dispatcher.abandoned
         self._wake = asyncio.Event()
         self._backlog = True
-        self._stopping = False
+        self._stopping: bool = False
         self._stopped = asyncio.Event()
         self._capped: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -137,7 +133,6 @@ class Worker:
         self._handler_pool: asyncpg.Pool | None = None
         self._handler_pool_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._handles: set[asyncio.Task[Any]] = set()
         self._signals = 0
         from jobqueue.runtime.listener import Listener
 
@@ -216,7 +211,7 @@ class Worker:
         self._wake.set()
 
     async def _shutdown(self) -> None:
-        await self._drain()
+        await self.dispatcher.drain(self.grace if not self.burst else 0)
         await self.completer.flush()
         await self.progress.flush()
         for t in self._tasks:
@@ -376,158 +371,24 @@ class Worker:
         if when is not None:
             self._schedule_wake(max(0.0, when.timestamp() - time.time()))
 
-    # ------------------------------------------------------------------ running handlers
+    # ------------------------------------------------------------------ the running attempts
 
     def running_pairs(self) -> list[tuple[int, int]]:
-        """The (id, attempt) pairs this worker owns, the ones the heartbeat renews: attempts running,
-        re-claims waiting for their older attempt, and acks not written yet."""
-        pairs = [a.key for a in self._running.values()]
-        pairs += [(row["id"], row["attempt"]) for row in self._deferred.values()]
-        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending]
-        return pairs
+        """The (id, attempt) pairs the heartbeat renews (see Dispatcher.running_pairs)."""
+        return self.dispatcher.running_pairs()
 
     def _dispatch(self, row: asyncpg.Record) -> None:
-        """Start a claimed row. Its payload is decoded here, row by row: one that Python cannot decode
-        fails alone. An id whose older attempt still runs here (its lease expired and we re-claimed it)
-        waits until that attempt has ended: never two attempts of one task in one worker."""
-        self._running_by_type[row["type"]] += 1
-        self.stats.claimed += 1
-        old = self._running.get(row["id"])
-        if old is not None:
-            self._deferred[row["id"]] = row
-            self.executor.cancel(old, CancelReason.LOST)  # its writes would be rejected anyway
-            return
-        self._start(row)
+        self.dispatcher.dispatch(row)
 
-    def _start(self, row: asyncpg.Record) -> None:
-        spec = self.specs[row["type"]]
-        try:
-            payload, bad = json.loads(row["payload"]), None
-        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, 2,000 nested arrays
-            payload, bad = None, Fail(f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}")
-        task = ClaimedTask(
-            id=row["id"], type=row["type"], priority=row["priority"], payload=payload,
-            attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
-            created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
-            from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
-            digest=row["digest"],
-        )
-        ctx = Context(task, log=log, transaction=self._transaction, on_progress=self.progress.mark,
-                      connection=self._handler_connection)
-        attempt = Attempt(ctx=ctx, spec=spec)
-        metrics.started(task.type, task.run_at)
-        if bad is not None:
-            self._running_by_type[task.type] -= 1
-            metrics.finished(task.type, Outcome.FAILED, 0.0)
-            self.completer.add(self.executor.ack(attempt, Outcome.FAILED, bad))
-            return
-        self._running[task.id] = attempt
-        if row["cancel_requested"]:
-            ctx.request_cancel(CancelReason.USER)
-        # The running map holds the attempt's record; the set keeps the asyncio task itself alive.
-        handle = asyncio.create_task(self._execute(attempt), name=f"jobq-task-{task.id}")
-        self._handles.add(handle)
-        handle.add_done_callback(self._handles.discard)
+    def _apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
+        self.dispatcher.apply_flags(rows, asked)
 
-    def _transaction(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Any]:
-        a = self._running.get(ctx.id)
-        if a is None or a.ctx is not ctx:
-            raise LeaseLost(f"task {ctx.id} attempt {ctx.attempt} is no longer running here")
-        return self.completer.transaction(a)
-
-    async def _execute(self, a: Attempt) -> None:
-        ack: Ack | None
-        try:
-            ack = await self.executor.run(a)
-        except Exception as exc:  # a bug of the runtime must cost this attempt, not the worker
-            log.exception("task %d: the executor failed", a.ctx.id)
-            ack = self.executor.ack(a, Outcome.RETRY, exc)
-        finally:
-            thread = a.thread
-            lingering = thread is not None and not thread.done()
-            self._forget(a, keep_slot=lingering)
-            if thread is not None and lingering:
-                self._abandoned.add(a)
-                loop = asyncio.get_running_loop()
-
-                def returned(_: object) -> None:
-                    with contextlib.suppress(RuntimeError):  # the loop is gone: the worker has stopped
-                        loop.call_soon_threadsafe(self._thread_returned, a)
-
-                thread.add_done_callback(returned)
-        if ack is not None:
-            if ack.outcome is not Outcome.RELEASED:
-                metrics.finished(a.ctx.task.type, ack.outcome, time.monotonic() - a.started)
-            self.completer.add(ack)
-        elif a.completed_in_transaction:
-            metrics.finished(a.ctx.task.type, Outcome.DONE, time.monotonic() - a.started)
-
-    def _forget(self, a: Attempt, *, keep_slot: bool = False) -> None:
-        """The attempt has ended: free its slot (unless its thread lingers), and start the newer
-        attempt of the same task if one was claimed meanwhile."""
-        task_id = a.ctx.id
-        if self._running.get(task_id) is a:
-            del self._running[task_id]
-            if not keep_slot:
-                self._running_by_type[a.ctx.task.type] -= 1
-            row = self._deferred.pop(task_id, None)
-            if row is not None and self._stopping:
-                self._release_deferred(row)
-            elif row is not None:
-                self._start(row)
+    def _slot_freed(self) -> None:
         if self._backlog or not self._stopping:
             self._wake.set()
 
-    def _thread_returned(self, a: Attempt) -> None:
-        """An abandoned sync handler's thread has returned at last: its slot is free."""
-        self._abandoned.discard(a)
-        self._running_by_type[a.ctx.task.type] -= 1
-        self._wake.set()
-
-    def _release_deferred(self, row: asyncpg.Record) -> None:
-        self._running_by_type[row["type"]] -= 1
-        self.completer.add(Ack(Outcome.RELEASED, row["id"], row["attempt"], row["type"],
-                               f"{clock()} [INFO] released by worker shutdown"))
-
     def _wake_at(self, when: datetime) -> None:
         self._schedule_wake(max(0.0, when.timestamp() - time.time()))
-
-    def _apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
-        """Cancel handlers whose task was cancelled, or that are no longer ours (the zombie case):
-        `rows` are the tasks the heartbeat or the progress flush found ours, out of `asked`."""
-        ours = {r["id"] for r in rows}
-        for r in rows:
-            if r["cancel_requested"] and (a := self._running.get(r["id"])) is not None and not a.abandoned:
-                self.executor.cancel(a, CancelReason.USER)
-        for task_id, attempt in asked:
-            a = self._running.get(task_id)
-            if (task_id not in ours and a is not None and a.ctx.attempt == attempt and not a.abandoned
-                    and not a.completed_in_transaction):
-                log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
-                self.executor.cancel(a, CancelReason.LOST)
-
-    async def _drain(self) -> None:
-        """Shutdown: the running attempts get the grace period; then they are asked to stop and
-        released. A sync handler in a thread cannot be stopped: its task stays ours (the heartbeat
-        goes on renewing it) until the handler returns, or the process exits (a second signal)."""
-        deadline = time.monotonic() + (self.grace if not self.burst else 0)
-        while self._owned() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        left = self._owned()
-        if not left:
-            return
-        for a in left:
-            self.executor.cancel(a, CancelReason.SHUTDOWN)
-        warned = False
-        while left := self._owned():
-            if not warned and all(a.in_thread for a in left):
-                log.warning("%d sync handler(s) still running after the grace period; their tasks stay "
-                            "owned until they return (send the signal again to exit now)", len(left))
-                warned = True
-            await asyncio.sleep(0.05)
-
-    def _owned(self) -> list[Attempt]:
-        return list(self._running.values())
 
     @contextlib.asynccontextmanager
     async def _handler_connection(self) -> AsyncIterator[Any]:
@@ -538,6 +399,8 @@ class Worker:
                     self._handler_pool = await self._create_pool(for_handlers=True)
         async with self._handler_pool.acquire() as conn:
             yield conn
+
+    # ------------------------------------------------------------------ heartbeat and maintenance
 
     # ------------------------------------------------------------------ heartbeat and maintenance
 
