@@ -89,16 +89,20 @@ class Completer:
     async def _write_safely(self, batch: list[Ack], *, last_resort: bool = False) -> None:
         try:
             await self._db(self._write_tx, batch)
-        except asyncpg.PostgresError as exc:
+        except BaseException as exc:
             if not row_error(exc):
+                self.pending[:0] = batch  # not written: a restarted completer writes it
                 raise
-            if len(batch) > 1:
+            if len(batch) > 1:  # split until the refused ack is alone
                 half = len(batch) // 2
-                await self._write_safely(batch[:half])
+                try:
+                    await self._write_safely(batch[:half])
+                except BaseException:
+                    self.pending.extend(batch[half:])  # the first half put itself back
+                    raise
                 await self._write_safely(batch[half:])
                 return
-            ack = batch[0]
-            reason = redact_text(str(exc))
+            ack, reason = batch[0], redact_text(str(exc))
             if last_resort:
                 log.error("task %d: could not record even the failure of attempt %d (%s); its lease will "
                           "expire and the rescuer requeues it", ack.id, ack.attempt, reason)
