@@ -32,6 +32,30 @@ class Status(StrEnum):
 LIVE: tuple[Status, ...] = (Status.WAITING, Status.QUEUED, Status.RUNNING)
 TERMINAL: tuple[Status, ...] = (Status.DONE, Status.FAILED, Status.CANCELLED)
 
+
+class Outcome(StrEnum):
+    """How one attempt ended, as the executor reports it and the completer writes it.
+
+    ``retry`` becomes ``failed`` in the database once the retries are spent; ``retry``, ``failed`` and
+    ``snoozed`` become ``cancelled`` when a cancel was requested while the attempt ran.
+    """
+
+    DONE = "done"
+    RETRY = "retry"  # an error: back to queued after a backoff while retries remain
+    FAILED = "failed"  # non-retryable (Fail, a refused result or payload)
+    SNOOZED = "snoozed"
+    CANCELLED = "cancelled"
+    RELEASED = "released"  # given back on shutdown, no retry spent
+
+
+class CancelReason(StrEnum):
+    """Why the runtime asked a handler to stop."""
+
+    USER = "user"  # jobq cancel / Client.cancel
+    TIMEOUT = "timeout"  # the soft timeout
+    SHUTDOWN = "shutdown"  # the grace period ended
+    LOST = "lost"  # the attempt is no longer ours (rescued, or re-claimed)
+
 # pg_advisory_lock keys: arbitrary constants, namespaced by a fixed prefix so they are unlikely
 # to collide with an application's own advisory locks.
 MIGRATION_LOCK_KEY = 0x6A6F6271_0001  # "jobq" + 1

@@ -146,3 +146,15 @@ async def t_snooze(ctx: Context, payload: Any) -> Any:
 async def t_capped(ctx: Context, payload: Any) -> Any:
     await record_run(ctx)
     await asyncio.sleep(0.3)
+
+
+@task("t_stubborn", max_retries=3, backoff_base=0.1, backoff_max=0.2)
+def t_stubborn(ctx: Context, payload: Any) -> Any:
+    """A sync handler that never looks at its cancel flag: sleeps, then ends as `payload["end"]` says."""
+    time.sleep(payload.get("s", 1.0))
+    end = payload.get("end", "return")
+    if end == "raise":
+        raise ValueError("stubborn handler failed")
+    if end == "snooze":
+        raise Snooze(30, "stubborn handler snoozed")
+    return "finished"

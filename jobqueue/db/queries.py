@@ -33,16 +33,12 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     running_count: str
     capped_types: str
     next_run_at: str
-    complete_many: str
+    finish_many: str
     release_dependents: str
     cancel_dependents: str
-    fail: str
-    snooze: str
-    mark_cancelled: str
     progress_many: str
     heartbeat: str
     worker_stopped: str
-    release: str
 
 
 class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):

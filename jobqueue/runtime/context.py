@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from jobqueue.errors import Cancelled
+from jobqueue.states import CancelReason
 
 if TYPE_CHECKING:
     import asyncpg
@@ -51,7 +52,13 @@ class ClaimedTask:
 
 
 class Context:
-    """Passed to every handler as its first argument."""
+    """Passed to every handler as its first argument.
+
+    Everything here is the handler's API, plus the two ends of its channels to the runtime:
+    ``take_pending()`` (the progress writer takes what ``progress()`` buffered) and ``request_cancel()``
+    (what ``cancelled``, ``raise_if_cancelled()`` and ``progress()`` report). The runtime's own state of
+    the attempt (its future, thread, timing, how it was completed) lives in runtime.executor.Attempt.
+    """
 
     def __init__(
         self,
@@ -67,16 +74,15 @@ class Context:
         self._logger = log
         self._cancelled: threading.Event | None = None
         self.is_cancelled = False
-        self.cancel_reason: str | None = None
+        self.cancel_reason: CancelReason | None = None
         self.result: Any = None
-        self.completed_in_transaction = False
         self._transaction = transaction
         self._connection = connection
         self._on_progress = on_progress
         self._lock = threading.Lock()
         self._pending_progress: float | None = None
         self._pending_lines: deque[str] = deque(maxlen=MAX_PENDING_LINES)
-        self.dirty = False
+        self._dirty = False
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -118,14 +124,14 @@ class Context:
                 self._pending_progress = float(fraction)
             if message:
                 self._pending_lines.append(self.line(message))
-            first = not self.dirty
-            self.dirty = True
+            first = not self._dirty
+            self._dirty = True
         if first and self._on_progress is not None:
             self._on_progress(self)
 
     def raise_if_cancelled(self) -> None:
         if self.is_cancelled:
-            if self.cancel_reason == "timeout":
+            if self.cancel_reason == CancelReason.TIMEOUT:
                 raise TimeoutError(f"task {self.id} exceeded its soft timeout")
             raise Cancelled(f"task {self.id} was cancelled ({self.cancel_reason or 'requested'})")
 
@@ -135,10 +141,10 @@ class Context:
             value, lines = self._pending_progress, "\n".join(self._pending_lines)
             self._pending_progress = None
             self._pending_lines.clear()
-            self.dirty = False
+            self._dirty = False
         return value, lines
 
-    def request_cancel(self, reason: str) -> None:
+    def request_cancel(self, reason: CancelReason) -> None:
         if not self.is_cancelled:
             self.cancel_reason = reason
             self.is_cancelled = True

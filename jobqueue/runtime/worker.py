@@ -5,48 +5,51 @@ One asyncio loop per process. The moving parts, each a coroutine:
 - the claimer takes up to the free slots in one statement (priority order, SKIP LOCKED), woken by
   NOTIFY, by a timer for the next scheduled task, by a freed slot while a backlog remains, or by the
   fallback poll;
-- each claimed task runs as an asyncio task (async handlers) or in a thread (sync handlers);
-- the completer writes finished tasks in batches (one statement for all that finished meanwhile),
-  and releases their dependents in the same transaction;
-- the progress writer flushes every running task's coalesced progress in one statement;
+- each claimed row is decoded on its own and runs as an Attempt (executor.py): an asyncio task for
+  async handlers, a thread for sync ones, a child process with isolation; the executor returns an
+  Ack and writes nothing;
+- the completer (completer.py) writes every outcome kind in batches, one statement for all acks that
+  arrived meanwhile, and releases or cancels their dependents in the same transaction;
+- the progress writer (progress.py) flushes every running task's coalesced progress in one statement;
 - the heartbeat renews all our leases in one statement, learns of cancels it may have missed, and
   runs the maintenance services (rescuer, pruner) when it wins their advisory lock;
 - the listener keeps the LISTEN connection alive.
 
-Every write about a task is guarded by its fencing token (id, attempt): a worker that lost a task to
-the rescuer can no longer complete, fail or report progress on it, and its handler is cancelled.
+Every write about a task is guarded by its fencing token (id, attempt) and the worker id: a worker
+that lost a task to the rescuer can no longer complete, fail or report progress on it, and its
+handler is cancelled. Attempts are tracked by (id, attempt); this worker never runs two attempts of
+one task at once. Statements that lock several task rows lock them in id order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import json
 import logging
 import os
 import random
 import signal
 import socket
 import time
-import traceback
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
-from pydantic import ValidationError
 
 from jobqueue import __version__, registry
 from jobqueue.db.connect import normalize, redact_text, resolve_url
 from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
-from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
 from jobqueue.observe import metrics
-from jobqueue.runtime.context import ClaimedTask, Context
+from jobqueue.runtime.completer import Completer
+from jobqueue.runtime.dispatcher import Dispatcher
+from jobqueue.runtime.executor import Executor
 from jobqueue.runtime.maintenance import pruner, rescuer
+from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.settings import Settings, get_settings
-from jobqueue.states import cancel_channel, type_channel
+from jobqueue.states import CancelReason, cancel_channel, type_channel
 
 log = logging.getLogger("jobq.worker")
 
@@ -58,23 +61,6 @@ DB_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, a
 
 
 @dataclass
-class _Running:
-    ctx: Context
-    spec: registry.TaskType
-    started: float
-    future: asyncio.Future[Any] | None = None
-    abandoned: bool = False
-
-
-@dataclass
-class _Done:
-    id: int
-    attempt: int
-    result: str | None
-    line: str
-
-
-@dataclass
 class WorkerStats:
     claimed: int = 0
     done: int = 0
@@ -83,27 +69,6 @@ class WorkerStats:
     cancelled: int = 0
     rescued: int = 0
     claims: int = 0
-
-
-def _json_result(value: Any) -> str | None:
-    if value is None:
-        return None
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _take_pending(ctx: Context) -> tuple[float | None, str]:
-    """The task's pending progress and message lines, with any password in a postgres URL removed:
-    a handler's messages end up in progress_msg, which every dashboard shows."""
-    value, lines = ctx.take_pending()
-    return value, redact_text(lines) if lines else lines
-
-
-def _short_traceback(exc: BaseException, frames: int = 6) -> str:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
-    text = "".join(tb)
-    return text[-4000:]
 
 
 class Worker:
@@ -138,25 +103,28 @@ class Worker:
         self.heartbeat_every = heartbeat_seconds if heartbeat_seconds is not None else s.heartbeat_seconds
         self.grace = grace_seconds if grace_seconds is not None else s.grace_seconds
         self.maintenance = maintenance
-        # "process" runs every sync handler in a killable child process, whatever its @task says.
-        self.isolation = isolation
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix="jobq-handler")
+        self.executor = Executor(s, concurrency=self.concurrency, isolation=isolation)
         self.host = socket.gethostname()
         self.id = name or f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.limits = {t: min(self.specs[t].concurrency or self.concurrency, self.concurrency) for t in self.types}
         self.stats = WorkerStats()
         self.log_chars = s.progress_log_chars
 
-        self._running: dict[int, _Running] = {}
-        self._running_by_type = dict.fromkeys(self.types, 0)
-        self._done: list[_Done] = []
-        self._done_event = asyncio.Event()
-        self._flush_lock = asyncio.Lock()
-        self._dirty: set[int] = set()
+        self.completer = Completer(self.q, worker_id=self.id, log_chars=self.log_chars, stats=self.stats,
+                                   db=self._db, connection=self._handler_connection,
+                                   on_requeued=self._wake_at)
+        self.progress = ProgressWriter(self.q, worker_id=self.id, log_chars=self.log_chars,
+                                       interval=s.progress_interval, db=self._db, on_rows=self._apply_flags)
+        self.dispatcher = Dispatcher(self.specs, executor=self.executor, completer=self.completer,
+                                     progress=self.progress, stats=self.stats, connection=self._handler_connection,
+                                     freed=self._slot_freed, stopping=lambda: self._stopping)
+        # What the fetcher counts: attempts running (by id and by type) and abandoned threads.
+        self._running = self.dispatcher.running
+        self._running_by_type = self.dispatcher.by_type
+        self._abandoned = self.dispatcher.abandoned
         self._wake = asyncio.Event()
         self._backlog = True
-        self._stopping = False
+        self._stopping: bool = False
         self._stopped = asyncio.Event()
         self._capped: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -165,7 +133,6 @@ class Worker:
         self._handler_pool: asyncpg.Pool | None = None
         self._handler_pool_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._handles: set[asyncio.Task[Any]] = set()
         self._signals = 0
         from jobqueue.runtime.listener import Listener
 
@@ -179,13 +146,14 @@ class Worker:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._pool = await self._create_pool()
+        self.progress.start()
         self._install_signals()
         await self._heartbeat_once()
         metrics.worker_info(self.id, self.types)
         self._tasks = [
             asyncio.create_task(self.listener.run(), name="jobq-listener"),
-            asyncio.create_task(self._completer(), name="jobq-completer"),
-            asyncio.create_task(self._progress_writer(), name="jobq-progress"),
+            asyncio.create_task(self.completer.run(), name="jobq-completer"),
+            asyncio.create_task(self.progress.run(), name="jobq-progress"),
             asyncio.create_task(self._heartbeat_loop(), name="jobq-heartbeat"),
         ]
         log.info("worker %s started: types=%s concurrency=%d", self.id, ",".join(self.types), self.concurrency)
@@ -243,26 +211,16 @@ class Worker:
         self._wake.set()
 
     async def _shutdown(self) -> None:
-        deadline = time.monotonic() + (self.grace if not self.burst else 0)
-        while self._running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        leftover = list(self._running.values())
-        if leftover:
-            for r in leftover:
-                r.ctx.request_cancel("shutdown")
-                if r.future is not None and not r.future.done() and r.spec.is_async:
-                    r.future.cancel()
-            await self._db(self._release, [r.ctx for r in leftover])
-            log.info("released %d running task(s) back to the queue", len(leftover))
-        await self._flush_done()
-        await self._flush_progress()
+        await self.dispatcher.drain(self.grace if not self.burst else 0)
+        await self.completer.flush()
+        await self.progress.flush()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.listener.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
         if self._pool is not None:
             with contextlib.suppress(*DB_ERRORS, asyncpg.PostgresError):
                 async with self._pool.acquire() as conn:
@@ -292,8 +250,8 @@ class Worker:
             task_id, _, attempt = payload.partition(":")
             with contextlib.suppress(ValueError):
                 r = self._running.get(int(task_id))
-                if r is not None and (not attempt or int(attempt) == r.ctx.attempt):
-                    self._cancel(r, "user")
+                if r is not None and not r.abandoned and (not attempt or int(attempt) == r.ctx.attempt):
+                    self.executor.cancel(r, CancelReason.USER)
             return
         with contextlib.suppress(ValueError):
             when = float(payload)
@@ -328,7 +286,7 @@ class Worker:
     # ------------------------------------------------------------------ claiming
 
     def _free(self) -> dict[str, int]:
-        total = self.concurrency - len(self._running)
+        total = self.concurrency - len(self._running) - len(self._abandoned)
         return {t: max(0, min(total, self.limits[t] - self._running_by_type[t])) for t in self.types}
 
     async def _claim_loop(self) -> None:
@@ -361,13 +319,13 @@ class Worker:
             self._backlog = False
             await self._arm_timer()
             if self.burst:
-                if self._running or self._done:
+                if self._running or self.completer.pending:
                     idle_claims = 0  # what runs now may release dependents or fail into a retry
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.05)
                     self._wake.clear()
                 else:
-                    await self._flush_done()
+                    await self.completer.flush()
                     idle_claims += 1
                     if idle_claims >= 2:  # two empty claims in a row with nothing running or unwritten
                         return
@@ -413,159 +371,24 @@ class Worker:
         if when is not None:
             self._schedule_wake(max(0.0, when.timestamp() - time.time()))
 
-    # ------------------------------------------------------------------ running handlers
+    # ------------------------------------------------------------------ the running attempts
+
+    def running_pairs(self) -> list[tuple[int, int]]:
+        """The (id, attempt) pairs the heartbeat renews (see Dispatcher.running_pairs)."""
+        return self.dispatcher.running_pairs()
 
     def _dispatch(self, row: asyncpg.Record) -> None:
-        spec = self.specs[row["type"]]
-        task = ClaimedTask(
-            id=row["id"], type=row["type"], priority=row["priority"], payload=json.loads(row["payload"]),
-            attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
-            created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
-            from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
-            digest=row["digest"],
-        )
-        ctx = Context(task, log=log, transaction=self._complete_tx, on_progress=self._progress_dirty,
-                      connection=self._handler_connection)
-        running = _Running(ctx=ctx, spec=spec, started=time.monotonic())
-        self._running[task.id] = running
-        self._running_by_type[task.type] += 1
-        self.stats.claimed += 1
-        metrics.started(task.type, task.run_at)
-        if row["cancel_requested"]:
-            ctx.request_cancel("user")
-        # The running map holds the task's record; the set keeps the asyncio task itself alive.
-        handle = asyncio.create_task(self._execute(running), name=f"jobq-task-{task.id}")
-        self._handles.add(handle)
-        handle.add_done_callback(self._handles.discard)
+        self.dispatcher.dispatch(row)
 
-    def _progress_dirty(self, ctx: Context) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            running_loop = asyncio.get_running_loop()
-        except RuntimeError:
-            running_loop = None
-        if running_loop is loop:
-            self._dirty.add(ctx.id)
-        else:
-            loop.call_soon_threadsafe(self._dirty.add, ctx.id)
+    def _apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
+        self.dispatcher.apply_flags(rows, asked)
 
-    def _cancel(self, r: _Running, reason: str) -> None:
-        r.ctx.request_cancel(reason)
-        if r.spec.is_async and r.future is not None and not r.future.done():
-            r.future.cancel()
+    def _slot_freed(self) -> None:
+        if self._backlog or not self._stopping:
+            self._wake.set()
 
-    async def _execute(self, r: _Running) -> None:
-        ctx = r.ctx
-        try:
-            outcome, value = await self._invoke(r)
-        finally:
-            r.future = None  # from here on a cancel can no longer interrupt this task's own writes
-            self._running.pop(ctx.id, None)
-            self._running_by_type[ctx.task.type] -= 1
-            if self._backlog or not self._stopping:
-                self._wake.set()
-        if ctx.cancel_reason == "shutdown" or ctx.cancel_reason == "lost":
-            return  # released by the shutdown, or no longer ours: nothing to write
-        duration = time.monotonic() - r.started
-        metrics.finished(ctx.task.type, outcome, duration)
-        if outcome == "done":
-            if ctx.completed_in_transaction:
-                self.stats.done += 1
-                return
-            try:
-                result = _json_result(value if value is not None else ctx.result)
-            except (TypeError, ValueError) as exc:
-                await self._db(self._fail, ctx, Fail(f"result is not JSON-serialisable: {exc}"), True)
-                return
-            _, lines = _take_pending(ctx)
-            self._done.append(_Done(ctx.id, ctx.attempt, result, "\n".join(filter(None, [lines, ctx.line(
-                f"Done in {duration:.2f}s.")]))))
-            self._done_event.set()
-        elif outcome == "cancelled":
-            await self._db(self._mark_cancelled, ctx)
-        elif outcome == "snooze":
-            await self._db(self._snooze, ctx, value)
-        else:
-            await self._db(self._fail, ctx, value, outcome == "fail")
-
-    async def _invoke(self, r: _Running) -> tuple[str, Any]:
-        """Run the handler with its timeouts; returns (outcome, value or exception)."""
-        ctx, spec = r.ctx, r.spec
-        payload: Any = ctx.payload
-        if spec.payload is not None:
-            try:
-                payload = spec.payload.model_validate(payload)
-            except ValidationError as exc:
-                return "fail", Fail(f"malformed payload: {exc.errors()[0]['msg']} at "
-                                    f"{'.'.join(map(str, exc.errors()[0]['loc']))}")
-        if ctx.is_cancelled:
-            return "cancelled", None
-        loop = asyncio.get_running_loop()
-        if spec.is_async and spec.timeout is None and spec.hard_timeout is None:
-            # The common case runs the handler inside this task: no second task per run.
-            r.future = asyncio.current_task()
-            fut: asyncio.Future[Any] | None = None
-        elif spec.is_async:
-            fut = asyncio.ensure_future(spec.handler(ctx, payload))
-        elif spec.isolation == "process" or self.isolation == "process":
-            from jobqueue.runtime.isolation import run_in_process
-
-            fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
-        else:
-            fut = asyncio.ensure_future(loop.run_in_executor(self._executor, spec.handler, ctx, payload))
-        try:
-            if fut is None:
-                value = await spec.handler(ctx, payload)
-            else:
-                r.future = fut
-                value = await self._await_with_timeouts(r, fut)
-        except Snooze as exc:
-            return "snooze", exc
-        except Fail as exc:
-            return "fail", exc
-        except (Cancelled, asyncio.CancelledError) as exc:
-            if fut is None and isinstance(exc, asyncio.CancelledError) and (task := asyncio.current_task()):
-                task.uncancel()  # the cancel was aimed at the handler; this task goes on to record it
-            if ctx.cancel_reason == "timeout":
-                return "retry", TimeoutError(f"soft timeout of {spec.timeout}s exceeded")
-            if ctx.cancel_reason in ("user", "shutdown", "lost"):
-                return "cancelled", None
-            return "retry", exc if isinstance(exc, Exception) else RuntimeError("handler was cancelled")
-        except LeaseLost:
-            ctx.request_cancel("lost")
-            return "cancelled", None
-        except Exception as exc:
-            return "retry", exc
-        if ctx.is_cancelled and ctx.cancel_reason in ("lost", "shutdown"):
-            return "cancelled", None
-        return "done", value
-
-    async def _await_with_timeouts(self, r: _Running, fut: asyncio.Future[Any]) -> Any:
-        spec = r.spec
-        soft, hard = spec.timeout, spec.hard_timeout
-        if soft is None and hard is None:
-            return await fut
-        first = soft if soft is not None else hard
-        assert first is not None
-        done, _ = await asyncio.wait({fut}, timeout=first)
-        if done:
-            return fut.result()
-        if soft is not None:
-            r.ctx.request_cancel("timeout")
-            if spec.is_async:
-                fut.cancel()
-            remaining = (hard - soft) if hard is not None else None
-            done, _ = await asyncio.wait({fut}, timeout=remaining)
-            if done:
-                return fut.result()
-        # Hard timeout: abandon the attempt. A thread cannot be killed; its late result is dropped.
-        r.abandoned = True
-        fut.cancel()
-        raise TimeoutError(f"hard timeout of {hard}s exceeded; attempt abandoned")
-
-    # ------------------------------------------------------------------ writes
+    def _wake_at(self, when: datetime) -> None:
+        self._schedule_wake(max(0.0, when.timestamp() - time.time()))
 
     @contextlib.asynccontextmanager
     async def _handler_connection(self) -> AsyncIterator[Any]:
@@ -577,129 +400,13 @@ class Worker:
         async with self._handler_pool.acquire() as conn:
             yield conn
 
-    @contextlib.asynccontextmanager
-    async def _complete_tx(self, ctx: Context) -> AsyncIterator[Any]:
-        async with self._handler_connection() as conn, conn.transaction():
-            yield conn
-            if ctx.is_cancelled and ctx.cancel_reason in ("user", "lost", "shutdown"):
-                raise asyncio.CancelledError()
-            _, lines = _take_pending(ctx)
-            rows = await conn.fetch(
-                self.q.complete_many, [ctx.id], [ctx.attempt], [_json_result(ctx.result)],
-                ["\n".join(filter(None, [lines, ctx.line("Done.")]))], self.log_chars, self.id)
-            if not rows:
-                raise LeaseLost(f"task {ctx.id} attempt {ctx.attempt} is no longer ours")
-            if rows[0]["has_dependents"]:
-                await conn.fetch(self.q.release_dependents, [ctx.id])
-        ctx.completed_in_transaction = True
-
-    async def _completer(self) -> None:
-        while True:
-            await self._done_event.wait()
-            self._done_event.clear()
-            await self._flush_done()
-
-    async def _flush_done(self) -> None:
-        """Write every finished task; returns only when nothing is pending or in flight (the lock
-        makes a caller wait for a flush another coroutine started)."""
-        async with self._flush_lock:
-            while self._done:
-                batch, self._done = self._done[:2000], self._done[2000:]
-                await self._db(self._complete_batch, batch)
-
-    async def _complete_batch(self, conn: asyncpg.Connection, batch: list[_Done]) -> None:
-        async with conn.transaction():
-            rows = await conn.fetch(
-                self.q.complete_many, [d.id for d in batch], [d.attempt for d in batch],
-                [d.result for d in batch], [d.line for d in batch], self.log_chars, self.id)
-            parents = [r["id"] for r in rows if r["has_dependents"]]
-            if parents:
-                await conn.fetch(self.q.release_dependents, parents)
-        self.stats.done += len(rows)
-        if len(rows) < len(batch):
-            log.warning("%d completion(s) rejected: lease lost to the rescuer", len(batch) - len(rows))
-
-    async def _fail(self, conn: asyncpg.Connection, ctx: Context, exc: BaseException, final: bool) -> None:
-        spec = self.specs[ctx.task.type]
-        base = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
-        cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
-        summary = f"{type(exc).__name__}: {exc}"
-        _, lines = _take_pending(ctx)
-        line = "\n".join(filter(None, [lines, ctx.line(f"[ERROR] {redact_text(summary)[:500]}")]))
-        error = redact_text(summary if isinstance(exc, Fail) else _short_traceback(exc))
-        async with conn.transaction():
-            row = await conn.fetchrow(self.q.fail, ctx.id, ctx.attempt, final, base, cap, error, line,
-                                      self.log_chars, self.id)
-            if row is None:
-                return
-            if row["status"] == "failed":
-                self.stats.failed += 1
-                if row["has_dependents"]:
-                    await conn.fetch(self.q.cancel_dependents, [ctx.id],
-                                     ctx.line(f"[Canceled] parent task {ctx.id} failed"), self.log_chars)
-            else:
-                self.stats.retried += 1
-                self._schedule_wake(max(0.0, row["run_at"].timestamp() - time.time()))
-
-    async def _mark_cancelled(self, conn: asyncpg.Connection, ctx: Context) -> None:
-        _, lines = _take_pending(ctx)
-        line = "\n".join(filter(None, [lines, ctx.line("[Canceled] Task has been canceled.")]))
-        async with conn.transaction():
-            row = await conn.fetchrow(self.q.mark_cancelled, ctx.id, ctx.attempt, line, self.log_chars)
-            if row is not None:
-                self.stats.cancelled += 1
-                if row["has_dependents"]:
-                    await conn.fetch(self.q.cancel_dependents, [ctx.id],
-                                     ctx.line(f"[Canceled] parent task {ctx.id} was cancelled"), self.log_chars)
-
-    async def _snooze(self, conn: asyncpg.Connection, ctx: Context, exc: Snooze) -> None:
-        _, lines = _take_pending(ctx)
-        line = "\n".join(filter(None, [lines, ctx.line(f"[SNOOZE] {exc}")]))
-        await conn.fetch(self.q.snooze, ctx.id, ctx.attempt, float(exc.seconds), line, self.log_chars)
-        self._schedule_wake(max(0.0, exc.seconds))
-
-    async def _release(self, conn: asyncpg.Connection, ctxs: list[Context]) -> None:
-        await conn.fetch(self.q.release, [c.id for c in ctxs], self.id,
-                         ctxs[0].line("[INFO] released by worker shutdown"), self.log_chars)
-
-    async def _progress_writer(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.progress_interval)
-            if self._dirty:
-                await self._flush_progress()
-
-    async def _flush_progress(self) -> None:
-        ids, self._dirty = self._dirty, set()
-        batch = [(r.ctx, *_take_pending(r.ctx)) for i in ids if (r := self._running.get(i)) is not None]
-        if not batch:
-            return
-
-        async def write(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-            rows: list[asyncpg.Record] = await conn.fetch(
-                self.q.progress_many, [c.id for c, _, _ in batch], [c.attempt for c, _, _ in batch],
-                [p for _, p, _ in batch], [lines for _, _, lines in batch], self.log_chars)
-            return rows
-
-        rows = await self._db(write)
-        metrics.PROGRESS_WRITES.inc()
-        self._apply_flags(rows, [c.id for c, _, _ in batch])
-
-    def _apply_flags(self, rows: list[asyncpg.Record], asked: list[int]) -> None:
-        """Cancel handlers whose task was cancelled, or was rescued from us (the zombie case)."""
-        ours = {r["id"] for r in rows}
-        for r in rows:
-            if r["cancel_requested"] and (run := self._running.get(r["id"])) is not None:
-                self._cancel(run, "user")
-        for task_id in asked:
-            run = self._running.get(task_id)
-            if task_id not in ours and run is not None and not run.ctx.completed_in_transaction:
-                log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
-                self._cancel(run, "lost")
+    # ------------------------------------------------------------------ heartbeat and maintenance
 
     # ------------------------------------------------------------------ heartbeat and maintenance
 
     async def _heartbeat_once(self) -> None:
-        ids = list(self._running)
+        pairs = self.running_pairs()
+        ids = [i for i, _ in pairs]
 
         async def beat(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await conn.fetch(
@@ -709,7 +416,7 @@ class Worker:
             return rows
 
         rows = await self._db(beat)
-        self._apply_flags(rows, ids)
+        self._apply_flags(rows, pairs)
 
     async def _heartbeat_loop(self) -> None:
         while True:

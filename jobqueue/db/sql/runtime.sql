@@ -58,39 +58,19 @@ SELECT type FROM {schema}.queues WHERE type = ANY($1::text[]) AND max_running IS
 -- When the earliest scheduled (or backed-off) task of these types becomes runnable.
 SELECT min(run_at) FROM {schema}.tasks WHERE status = 'queued' AND type = ANY($1::text[]);
 
--- name: complete_many
--- Batched success: done, progress 1, result, duration and the worker's counter, in one statement.
-WITH d AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[]) AS d(id, attempt, result, line)
-), done AS (
-    UPDATE {schema}.tasks t
-    SET status = 'done', progress = 1, result = d.result::jsonb, finished_at = now(),
-        process_duration = extract(epoch FROM now() - t.started_at), lease_expires_at = NULL,
-        progress_msg = {schema}.append_log(t.progress_msg, d.line, $5)
-    FROM d
-    -- The worker id joins the fencing check: a claim lost in a server crash (claims commit
-    -- asynchronously) could hand the same attempt number out twice, never to the same worker id.
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
-    RETURNING t.id, t.has_dependents, t.doc_id
-), counted AS (
-    UPDATE {schema}.workers SET done = done + (SELECT count(*) FROM done), last_seen = now()
-    WHERE id = $6
-)
--- Document tasks also tell watchers (`jobq watch`) that they finished.
-SELECT id, has_dependents,
-       CASE WHEN doc_id IS NOT NULL THEN pg_notify('{schema}.progress', id || ',' || doc_id || ',1') END
-FROM done;
-
 -- name: release_dependents
 -- Parents $1 finished as done: count them off their waiting children; a child whose last parent is
 -- done becomes queued (and wakes its type) in the parent's transaction. Must run as its own
 -- statement after the parents' update, so its snapshot sees children enqueued concurrently.
 WITH parents AS (
     SELECT unnest($1::bigint[]) AS id
-), child AS (
+), child AS MATERIALIZED (
+    -- Children locked in id order: two workers releasing overlapping children cannot deadlock.
     SELECT c.id, (SELECT count(*) FROM parents p WHERE p.id = ANY (c.depends_on)) AS k
     FROM {schema}.tasks c
     WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
 ), released AS (
     UPDATE {schema}.tasks t
     SET pending_deps = t.pending_deps - child.k,
@@ -109,76 +89,104 @@ WITH RECURSIVE doomed AS (
     SELECT c.id FROM {schema}.tasks c WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
     UNION
     SELECT c.id FROM {schema}.tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
+), locked AS MATERIALIZED (
+    -- Locked in id order, like every statement that locks several task rows.
+    SELECT t.id FROM {schema}.tasks t
+    WHERE t.id IN (SELECT id FROM doomed) AND t.status = 'waiting'
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
 )
 UPDATE {schema}.tasks t
 SET status = 'cancelled', finished_at = now(), progress_msg = {schema}.append_log(t.progress_msg, $2, $3)
-FROM doomed
-WHERE t.id = doomed.id AND t.status = 'waiting'
+FROM locked
+WHERE t.id = locked.id AND t.status = 'waiting'
 RETURNING t.id, pg_notify('{schema}.progress', t.id || ',' || COALESCE(t.doc_id, 0) || ',' || t.progress);
 
--- name: fail
--- A failed attempt: back to queued after a backoff while retries remain ($3 = false), else failed.
--- $3 = true fails at once (non-retryable). The backoff is base * 2^retry_count capped at $5, with
--- jitter in [0.5, 1.0] so a burst of failures does not come back as a burst.
-WITH f AS (
+-- name: finish_many
+-- Every outcome of a batch of attempts in one statement (River's JobSetStateIfRunningMany): done,
+-- retry, failed, snoozed, cancelled, released. Inputs, one element per attempt: $1 id, $2 attempt,
+-- $3 outcome, $4 result (JSON text, done only), $5 error (last_error, retry/failed only), $6 log line,
+-- $7 seconds (the snooze, or the backoff base of a retry), $8 the backoff cap; $9 log size, $10 worker.
+-- Guarded by (id, attempt, worker_id, status = 'running'): a claim lost in a server crash (claims
+-- commit asynchronously) could hand the same attempt number out twice, never to the same worker id.
+-- A cancel requested while the attempt ran wins over a retry, a failure or a snooze. The rows are
+-- locked in id order first (the heartbeat and the progress flush lock in the same order), so two of
+-- the worker's own statements can never deadlock on a large table. Returns one row per row written.
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::float8[], $8::float8[])
+        AS d(id, attempt, outcome, result, error, line, secs, cap)
+), n AS MATERIALIZED (
+    SELECT d.*,
+           CASE WHEN d.outcome = 'done' THEN 'done'
+                WHEN d.outcome = 'released' THEN 'queued'
+                WHEN d.outcome = 'cancelled' OR t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                WHEN d.outcome = 'snoozed' THEN 'queued'
+                WHEN d.outcome = 'retry' AND t.retry_count < t.max_retries THEN 'queued'
+                ELSE 'failed' END AS status,
+           d.outcome IN ('retry', 'failed') AS errored
+    FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
+    WHERE t.status = 'running' AND t.worker_id = $10
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
+), u AS (
     UPDATE {schema}.tasks t
-    SET retry_count = t.retry_count + 1,
-        status = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN 'queued' ELSE 'failed' END,
-        run_at = CASE WHEN NOT $3 AND t.retry_count < t.max_retries
-                      THEN now() + make_interval(secs => least($4 * power(2, t.retry_count), $5)
-                                                        * (0.5 + random() * 0.5))
-                      ELSE t.run_at END,
-        progress = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN t.progress ELSE -1 END,
-        finished_at = CASE WHEN NOT $3 AND t.retry_count < t.max_retries THEN NULL ELSE now() END,
-        process_duration = extract(epoch FROM now() - t.started_at),
-        last_error = $6, worker_id = CASE WHEN NOT $3 AND t.retry_count < t.max_retries
-                                          THEN NULL ELSE t.worker_id END,
+    SET status = n.status,
+        result = CASE WHEN n.status = 'done' THEN n.result::jsonb ELSE t.result END,
+        progress = CASE n.status WHEN 'done' THEN 1 WHEN 'failed' THEN -1 ELSE t.progress END,
+        retry_count = t.retry_count + CASE WHEN n.errored THEN 1 ELSE 0 END,
+        -- The backoff is base * 2^retry_count capped, with jitter in [0.5, 1.0] so a burst of failures
+        -- does not come back as a burst; the exponent is capped so 2^n cannot overflow a float8.
+        run_at = CASE WHEN n.status <> 'queued' THEN t.run_at
+                      WHEN n.outcome = 'released' THEN now()
+                      WHEN n.outcome = 'snoozed' THEN now() + make_interval(secs => n.secs)
+                      ELSE now() + make_interval(secs => least(n.secs * power(2::float8, least(t.retry_count, 60)),
+                                                               n.cap) * (0.5 + random() * 0.5)) END,
+        finished_at = CASE WHEN n.status = 'queued' THEN NULL ELSE now() END,
+        process_duration = CASE WHEN n.outcome IN ('released', 'snoozed') THEN t.process_duration
+                                ELSE extract(epoch FROM now() - t.started_at) END,
+        last_error = CASE WHEN n.errored THEN n.error ELSE t.last_error END,
+        worker_id = CASE WHEN n.status = 'queued' THEN NULL ELSE t.worker_id END,
         lease_expires_at = NULL,
         progress_msg = {schema}.append_log(t.progress_msg,
-            $7 || CASE WHEN NOT $3 AND t.retry_count < t.max_retries
-                       THEN ' (retry ' || (t.retry_count + 1) || ' of ' || t.max_retries || ')'
-                       ELSE '' END, $8)
-    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
-    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents, t.worker_id, t.doc_id, t.progress
+            n.line || CASE WHEN n.errored AND n.status = 'queued'
+                           THEN ' (retry ' || (t.retry_count + 1) || ' of ' || t.max_retries || ')'
+                           WHEN n.status = 'cancelled' AND n.outcome <> 'cancelled'
+                           THEN ' [Canceled] cancel requested while it ran'
+                           ELSE '' END, $9)
+    FROM n
+    WHERE t.id = n.id AND t.status = 'running'
+    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents, t.doc_id, t.progress, n.outcome
 ), counted AS (
-    UPDATE {schema}.workers SET failed = failed + 1 WHERE id = $9 AND EXISTS (SELECT 1 FROM f WHERE f.status = 'failed')
+    UPDATE {schema}.workers
+    SET done = done + (SELECT count(*) FROM u WHERE u.status = 'done'),
+        failed = failed + (SELECT count(*) FROM u WHERE u.status = 'failed'), last_seen = now()
+    WHERE id = $10
+), woken AS (
+    -- Whatever went back to queued wakes its type's workers with the earliest run_at.
+    SELECT pg_notify('{schema}.' || u.type, extract(epoch FROM min(u.run_at))::text)
+    FROM u WHERE u.status = 'queued' GROUP BY u.type
 )
-SELECT f.status, f.run_at, f.has_dependents,
-       CASE WHEN f.status = 'queued' THEN pg_notify('{schema}.' || f.type, extract(epoch FROM f.run_at)::text)
-            ELSE pg_notify('{schema}.progress', f.id || ',' || COALESCE(f.doc_id, 0) || ',' || f.progress) END
-FROM f;
-
--- name: snooze
--- Run again after $3 seconds without counting a retry (the attempt still counts as a claim).
-WITH s AS (
-    UPDATE {schema}.tasks t
-    SET status = 'queued', run_at = now() + make_interval(secs => $3), worker_id = NULL,
-        lease_expires_at = NULL, progress_msg = {schema}.append_log(t.progress_msg, $4, $5)
-    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
-    RETURNING t.type, t.run_at
-)
-SELECT pg_notify('{schema}.' || s.type, extract(epoch FROM s.run_at)::text) FROM s;
-
--- name: mark_cancelled
--- The worker stopped a running task because a cancel was requested.
-WITH c AS (
-    UPDATE {schema}.tasks t
-    SET status = 'cancelled', finished_at = now(), process_duration = extract(epoch FROM now() - t.started_at),
-        lease_expires_at = NULL, progress_msg = {schema}.append_log(t.progress_msg, $3, $4)
-    WHERE t.id = $1 AND t.attempt = $2 AND t.status = 'running'
-    RETURNING t.id, t.doc_id, t.progress, t.has_dependents
-)
-SELECT c.has_dependents, pg_notify('{schema}.progress', c.id || ',' || COALESCE(c.doc_id, 0) || ',' || c.progress)
-FROM c;
+SELECT u.id, u.status, u.outcome, u.run_at, u.has_dependents,
+       -- Finished document tasks tell watchers (`jobq watch`); failures and cancels tell everyone.
+       CASE WHEN u.status IN ('failed', 'cancelled') OR (u.status = 'done' AND u.doc_id IS NOT NULL)
+            THEN pg_notify('{schema}.progress', u.id || ',' || COALESCE(u.doc_id, 0) || ',' || u.progress) END,
+       (SELECT count(*) FROM woken) AS woken
+FROM u;
 
 -- name: progress_many
--- Coalesced progress for many tasks in one statement. Progress never goes backwards except to -1,
--- and -1 sticks unless a value >= 1 arrives. Returns, per task still ours, whether a cancel was
--- requested; a task missing from the result is no longer ours (lease lost). The same attempt may
--- still append its last lines once it finished (a flush racing the handler's own completion), but
--- no longer moves the progress.
+-- Coalesced progress for many tasks in one statement, rows locked in id order (see finish_many).
+-- Progress never goes backwards except to -1, and -1 sticks unless a value >= 1 arrives. Returns,
+-- per task still ours, whether a cancel was requested; a task missing from the result is no longer
+-- ours (lease lost, or another worker holds it). The same attempt may still append its last lines
+-- once it finished (a flush racing the handler's own completion), but no longer moves the progress.
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
+), mine AS MATERIALIZED (
+    SELECT d.* FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
+    WHERE t.worker_id = $6 AND t.status NOT IN ('queued', 'waiting')
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
 ), u AS (
     UPDATE {schema}.tasks t
     SET progress = CASE WHEN t.status <> 'running' OR d.progress IS NULL THEN t.progress
@@ -186,11 +194,11 @@ WITH d AS (
                         WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
                         ELSE greatest(t.progress, least(d.progress, 1)) END,
         progress_msg = {schema}.append_log(t.progress_msg, d.lines, $5)
-    FROM d
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status NOT IN ('queued', 'waiting')
-    RETURNING t.id, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
+    FROM mine d
+    WHERE t.id = d.id
+    RETURNING t.id, t.attempt, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
 )
-SELECT u.id, u.cancel_requested,
+SELECT u.id, u.attempt, u.cancel_requested,
        pg_notify('{schema}.progress', u.id || ',' || COALESCE(u.doc_id, 0) || ',' || u.progress)
 FROM u;
 
@@ -212,14 +220,3 @@ SELECT l.id, l.cancel_requested FROM l, w;
 
 -- name: worker_stopped
 UPDATE {schema}.workers SET stopped_at = now(), last_seen = now() WHERE id = $1;
-
--- name: release
--- Graceful shutdown: give running tasks back without spending a retry.
-WITH r AS (
-    UPDATE {schema}.tasks t
-    SET status = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
-        progress_msg = {schema}.append_log(t.progress_msg, $3, $4)
-    WHERE t.id = ANY($1::bigint[]) AND t.worker_id = $2 AND t.status = 'running'
-    RETURNING t.id, t.type
-)
-SELECT r.id, pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text) FROM r;

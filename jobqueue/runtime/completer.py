@@ -1,0 +1,171 @@
+"""The completer: writes the executor's acks, every outcome kind, in batches.
+
+All acks that arrived while the previous batch was being written go out together in ONE statement
+(``finish_many``, River's ``JobSetStateIfRunningMany``): done, retry, failed, snoozed, cancelled and
+released alike, guarded by (id, attempt, worker_id, status = 'running') and locked in id order. In the
+same transaction the dependents of the batch's tasks are released (done) or cancelled (failed,
+cancelled). A row the database refuses does not cost the batch: the batch is split until the bad
+ack is alone, which is then recorded as a failure carrying the database's reason.
+
+``transaction()`` is the other way in: ``ctx.transaction()`` writes its task's done row on the
+handler's own connection, so the handler's writes commit with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from jobqueue.db.connect import redact_text
+from jobqueue.db.queries import RuntimeSQL
+from jobqueue.errors import LeaseLost
+from jobqueue.runtime.context import clock
+from jobqueue.runtime.executor import Ack, Attempt, clean_text, json_result, take_pending
+from jobqueue.states import CancelReason, Outcome, Status
+
+if TYPE_CHECKING:
+    from jobqueue.runtime.worker import WorkerStats
+
+log = logging.getLogger("jobq.worker")
+
+BATCH = 2000
+# SQLSTATE classes of errors caused by one row's values (data exception, integrity, program limit):
+# retrying the same batch cannot help, so the row is isolated and recorded as failed instead.
+ROW_ERROR_CLASSES = ("22", "23", "54")
+
+
+def row_error(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and str(getattr(exc, "sqlstate", ""))[:2] in ROW_ERROR_CLASSES
+
+
+class Completer:
+    def __init__(
+        self,
+        q: RuntimeSQL,
+        *,
+        worker_id: str,
+        log_chars: int,
+        stats: WorkerStats,
+        db: Callable[..., Awaitable[Any]],
+        connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+        on_requeued: Callable[[datetime], None],
+    ) -> None:
+        self.q = q
+        self.worker_id = worker_id
+        self.log_chars = log_chars
+        self.stats = stats
+        self._db = db  # Worker._db: retries what is transient
+        self._connection = connection
+        self._on_requeued = on_requeued
+        self.pending: list[Ack] = []
+        self._event = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def add(self, ack: Ack) -> None:
+        self.pending.append(ack)
+        self._event.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write every pending ack; returns only when nothing is pending or in flight (the lock makes
+        a caller wait for a flush another coroutine started)."""
+        async with self._lock:
+            while self.pending:
+                batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
+                await self._write_safely(batch)
+
+    async def _write_safely(self, batch: list[Ack], *, last_resort: bool = False) -> None:
+        try:
+            await self._db(self._write_tx, batch)
+        except BaseException as exc:
+            if not row_error(exc):
+                self.pending[:0] = batch  # not written: a restarted completer writes it
+                raise
+            if len(batch) > 1:  # split until the refused ack is alone
+                half = len(batch) // 2
+                try:
+                    await self._write_safely(batch[:half])
+                except BaseException:
+                    self.pending.extend(batch[half:])  # the first half put itself back
+                    raise
+                await self._write_safely(batch[half:])
+                return
+            ack, reason = batch[0], redact_text(str(exc))
+            if last_resort:
+                log.error("task %d: could not record even the failure of attempt %d (%s); its lease will "
+                          "expire and the rescuer requeues it", ack.id, ack.attempt, reason)
+                return
+            log.error("task %d: the database refused outcome %s of attempt %d (%s); recording it as failed",
+                      ack.id, ack.outcome, ack.attempt, reason)
+            error = clean_text(f"the worker could not record this attempt's outcome ({ack.outcome}): {reason}")
+            failed = dataclasses.replace(ack, outcome=Outcome.FAILED, result=None, error=error,
+                                         line=f"{clock()} [ERROR] {error[:500]}")
+            await self._write_safely([failed], last_resort=True)
+
+    async def _write_tx(self, conn: asyncpg.Connection, batch: list[Ack]) -> None:
+        async with conn.transaction():
+            rows = await self.write(conn, batch)
+        if len(rows) < len(batch):
+            log.warning("%d outcome(s) rejected: the attempt is no longer ours (lease lost)", len(batch) - len(rows))
+
+    async def write(self, conn: asyncpg.Connection, batch: list[Ack]) -> list[asyncpg.Record]:
+        """finish_many and the dependents, on `conn` inside the caller's transaction."""
+        rows: list[asyncpg.Record] = await conn.fetch(
+            self.q.finish_many, [a.id for a in batch], [a.attempt for a in batch], [a.outcome.value for a in batch],
+            [a.result for a in batch], [a.error for a in batch], [a.line for a in batch],
+            [a.seconds for a in batch], [a.cap for a in batch], self.log_chars, self.worker_id)
+        done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
+        if done:
+            await conn.fetch(self.q.release_dependents, done)
+        for status, verb in ((Status.FAILED, "failed"), (Status.CANCELLED, "was cancelled")):
+            dead = [r["id"] for r in rows if r["status"] == status and r["has_dependents"]]
+            if dead:
+                names = ", ".join(map(str, dead[:20])) + (", ..." if len(dead) > 20 else "")
+                await conn.fetch(self.q.cancel_dependents, dead,
+                                 f"{clock()} [Canceled] parent task {names} {verb}", self.log_chars)
+        self._count(rows)
+        return rows
+
+    def _count(self, rows: list[asyncpg.Record]) -> None:
+        requeued: list[datetime] = []
+        for r in rows:
+            status = r["status"]
+            if status == Status.DONE:
+                self.stats.done += 1
+            elif status == Status.FAILED:
+                self.stats.failed += 1
+            elif status == Status.CANCELLED:
+                self.stats.cancelled += 1
+            elif status == Status.QUEUED:
+                requeued.append(r["run_at"])
+                if r["outcome"] == Outcome.RETRY:
+                    self.stats.retried += 1
+        if requeued:
+            self._on_requeued(min(requeued))
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, a: Attempt) -> AsyncIterator[Any]:
+        """ctx.transaction(): the handler's writes and its task's done row commit together."""
+        ctx = a.ctx
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+            if ctx.cancel_reason in (CancelReason.USER, CancelReason.LOST, CancelReason.SHUTDOWN):
+                raise asyncio.CancelledError()
+            _, lines = take_pending(ctx)
+            ack = Ack(Outcome.DONE, ctx.id, ctx.attempt, ctx.task.type,
+                      "\n".join(filter(None, [lines, ctx.line("Done.")])), json_result(ctx.result))
+            if not await self.write(conn, [ack]):
+                raise LeaseLost(f"task {ctx.id} attempt {ctx.attempt} is no longer ours")
+        a.completed_in_transaction = True

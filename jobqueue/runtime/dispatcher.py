@@ -1,0 +1,217 @@
+"""The dispatcher: the runtime's record of the attempts this worker runs, from claim to end.
+
+It starts each claimed row as an :class:`~jobqueue.runtime.executor.Attempt` (decoding its payload on
+its own, so a payload Python cannot decode fails alone), hands the executor's ack to the completer,
+and frees the slot. Attempts are tracked by (id, attempt): a re-claim of an id whose older attempt
+still runs here waits until that attempt has ended, so one worker never runs two attempts of a task
+at once; ``running_pairs()`` is what the heartbeat renews. A hard-timed-out sync handler's thread
+cannot be killed: it leaves the running map but keeps its slot until it returns. On shutdown,
+``drain()`` gives the attempts the grace period, then stops what can be stopped (async handlers,
+process-isolated children) and releases it; a sync handler in a thread stays owned until it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from jobqueue import registry
+from jobqueue.errors import Fail, LeaseLost
+from jobqueue.observe import metrics
+from jobqueue.runtime.completer import Completer
+from jobqueue.runtime.context import ClaimedTask, Context, clock
+from jobqueue.runtime.executor import Ack, Attempt, Executor
+from jobqueue.runtime.progress import ProgressWriter
+from jobqueue.states import CancelReason, Outcome
+
+if TYPE_CHECKING:
+    from jobqueue.runtime.worker import WorkerStats
+
+log = logging.getLogger("jobq.worker")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        specs: dict[str, registry.TaskType],
+        *,
+        executor: Executor,
+        completer: Completer,
+        progress: ProgressWriter,
+        stats: WorkerStats,
+        connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+        freed: Callable[[], None],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self.specs = specs
+        self.executor = executor
+        self.completer = completer
+        self.progress = progress
+        self.stats = stats
+        self._connection = connection
+        self._freed = freed  # a slot is free: the fetcher may claim
+        self._stopping = stopping
+        # The attempts running, by task id (at most one per id); their count per type, which also
+        # counts deferred re-claims and abandoned threads (both hold a slot); re-claims waiting for
+        # their older attempt; hard-timed-out threads that have not returned.
+        self.running: dict[int, Attempt] = {}
+        self.by_type = dict.fromkeys(specs, 0)
+        self.deferred: dict[int, asyncpg.Record] = {}
+        self.abandoned: set[Attempt] = set()
+        # The asyncio tasks of the attempts (the event loop keeps only weak references).
+        self._handles: set[asyncio.Task[Any]] = set()
+        progress.running = self.running
+
+    def running_pairs(self) -> list[tuple[int, int]]:
+        """The (id, attempt) pairs this worker owns, the ones the heartbeat renews: attempts running,
+        re-claims waiting for their older attempt, and acks not written yet."""
+        pairs = [a.key for a in self.running.values()]
+        pairs += [(row["id"], row["attempt"]) for row in self.deferred.values()]
+        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending]
+        return pairs
+
+    def dispatch(self, row: asyncpg.Record) -> None:
+        """Start a claimed row. Its payload is decoded here, row by row: one that Python cannot decode
+        fails alone. An id whose older attempt still runs here (its lease expired and we re-claimed it)
+        waits until that attempt has ended: never two attempts of one task in one worker."""
+        self.by_type[row["type"]] += 1
+        self.stats.claimed += 1
+        old = self.running.get(row["id"])
+        if old is not None:
+            self.deferred[row["id"]] = row
+            self.executor.cancel(old, CancelReason.LOST)  # its writes would be rejected anyway
+            return
+        self._start(row)
+
+    def _start(self, row: asyncpg.Record) -> None:
+        spec = self.specs[row["type"]]
+        try:
+            payload, bad = json.loads(row["payload"]), None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, 2,000 nested arrays
+            payload, bad = None, Fail(f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}")
+        task = ClaimedTask(
+            id=row["id"], type=row["type"], priority=row["priority"], payload=payload,
+            attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
+            created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
+            from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
+            digest=row["digest"],
+        )
+        ctx = Context(task, log=log, transaction=self._transaction, on_progress=self.progress.mark,
+                      connection=self._connection)
+        attempt = Attempt(ctx=ctx, spec=spec)
+        metrics.started(task.type, task.run_at)
+        if bad is not None:
+            self.by_type[task.type] -= 1
+            metrics.finished(task.type, Outcome.FAILED, 0.0)
+            self.completer.add(self.executor.ack(attempt, Outcome.FAILED, bad))
+            return
+        self.running[task.id] = attempt
+        if row["cancel_requested"]:
+            ctx.request_cancel(CancelReason.USER)
+        # The running map holds the attempt's record; the set keeps the asyncio task itself alive.
+        handle = asyncio.create_task(self._execute(attempt), name=f"jobq-task-{task.id}")
+        self._handles.add(handle)
+        handle.add_done_callback(self._handles.discard)
+
+    def _transaction(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Any]:
+        a = self.running.get(ctx.id)
+        if a is None or a.ctx is not ctx:
+            raise LeaseLost(f"task {ctx.id} attempt {ctx.attempt} is no longer running here")
+        return self.completer.transaction(a)
+
+    async def _execute(self, a: Attempt) -> None:
+        ack: Ack | None
+        try:
+            ack = await self.executor.run(a)
+        except Exception as exc:  # a bug of the runtime must cost this attempt, not the worker
+            log.exception("task %d: the executor failed", a.ctx.id)
+            ack = self.executor.ack(a, Outcome.RETRY, exc)
+        finally:
+            thread = a.thread
+            lingering = thread is not None and not thread.done()
+            self._forget(a, keep_slot=lingering)
+            if thread is not None and lingering:
+                self.abandoned.add(a)
+                loop = asyncio.get_running_loop()
+
+                def returned(_: object) -> None:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: the worker has stopped
+                        loop.call_soon_threadsafe(self._thread_returned, a)
+
+                thread.add_done_callback(returned)
+        if ack is not None:
+            if ack.outcome is not Outcome.RELEASED:
+                metrics.finished(a.ctx.task.type, ack.outcome, time.monotonic() - a.started)
+            self.completer.add(ack)
+        elif a.completed_in_transaction:
+            metrics.finished(a.ctx.task.type, Outcome.DONE, time.monotonic() - a.started)
+
+    def _forget(self, a: Attempt, *, keep_slot: bool = False) -> None:
+        """The attempt has ended: free its slot (unless its thread lingers), and start the newer
+        attempt of the same task if one was claimed meanwhile."""
+        task_id = a.ctx.id
+        if self.running.get(task_id) is a:
+            del self.running[task_id]
+            if not keep_slot:
+                self.by_type[a.ctx.task.type] -= 1
+            row = self.deferred.pop(task_id, None)
+            if row is not None and self._stopping():
+                self._release_deferred(row)
+            elif row is not None:
+                self._start(row)
+        self._freed()
+
+    def _thread_returned(self, a: Attempt) -> None:
+        """An abandoned sync handler's thread has returned at last: its slot is free."""
+        self.abandoned.discard(a)
+        self.by_type[a.ctx.task.type] -= 1
+        self._freed()
+
+    def _release_deferred(self, row: asyncpg.Record) -> None:
+        self.by_type[row["type"]] -= 1
+        self.completer.add(Ack(Outcome.RELEASED, row["id"], row["attempt"], row["type"],
+                               f"{clock()} [INFO] released by worker shutdown"))
+
+    def apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
+        """Cancel handlers whose task was cancelled, or that are no longer ours (the zombie case):
+        `rows` are the tasks the heartbeat or the progress flush found ours, out of `asked`."""
+        ours = {r["id"] for r in rows}
+        for r in rows:
+            if r["cancel_requested"] and (a := self.running.get(r["id"])) is not None:
+                self.executor.cancel(a, CancelReason.USER)
+        for task_id, attempt in asked:
+            a = self.running.get(task_id)
+            if (task_id not in ours and a is not None and a.ctx.attempt == attempt
+                    and not a.completed_in_transaction):
+                log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
+                self.executor.cancel(a, CancelReason.LOST)
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: the running attempts get the grace period; then they are asked to stop and
+        released. A sync handler in a thread cannot be stopped: its task stays ours (the heartbeat
+        goes on renewing it) until the handler returns, or the process exits (a second signal)."""
+        deadline = time.monotonic() + grace
+        while self.owned() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.owned()
+        if not left:
+            return
+        for a in left:
+            self.executor.cancel(a, CancelReason.SHUTDOWN)
+        warned = False
+        while left := self.owned():
+            if not warned and all(a.in_thread for a in left):
+                log.warning("%d sync handler(s) still running after the grace period; their tasks stay "
+                            "owned until they return (send the signal again to exit now)", len(left))
+                warned = True
+            await asyncio.sleep(0.05)
+
+    def owned(self) -> list[Attempt]:
+        return list(self.running.values())

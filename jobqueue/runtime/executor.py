@@ -1,0 +1,254 @@
+"""The executor: runs one handler and returns how its attempt ended, as an :class:`Ack` value.
+
+It validates the payload, applies the soft and hard timeouts, runs sync handlers in a thread (or, with
+process isolation, in a killable child) and async handlers on the loop, and turns whatever happened
+into an ``Ack`` (oban-py's ack action). It writes no SQL: the completer writes acks in batches.
+
+Values PostgreSQL would refuse are dealt with here, before they can reach a batch: NUL characters are
+replaced in log lines and error texts, a result containing one (jsonb cannot store it) or that is not
+JSON fails the attempt with that reason, a snooze beyond 100 years (or NaN) fails the attempt, and
+progress values are clamped to the column's range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from jobqueue.db.connect import redact_text
+from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
+from jobqueue.registry import TaskType
+from jobqueue.runtime.context import Context
+from jobqueue.settings import Settings
+from jobqueue.states import CancelReason, Outcome
+
+# The longest snooze a task may ask for; beyond it PostgreSQL's timestamp arithmetic overflows.
+MAX_SNOOZE_SECONDS = 100 * 365 * 86400.0
+# json.dumps writes a NUL character as \u0000; an escaped backslash before "u0000" is no NUL.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """How one attempt ended: everything the completer needs to write it, and nothing else."""
+
+    outcome: Outcome
+    id: int
+    attempt: int
+    type: str
+    line: str = ""
+    result: str | None = None  # JSON text (done)
+    error: str | None = None  # last_error (retry, failed)
+    seconds: float = 0.0  # the snooze, or the backoff base of a retry
+    cap: float = 0.0  # the backoff cap of a retry
+
+
+@dataclass(eq=False)
+class Attempt:
+    """The runtime's record of one running attempt; the handler only sees ``ctx``."""
+
+    ctx: Context
+    spec: TaskType
+    started: float = field(default_factory=time.monotonic)
+    # What a cancel interrupts: the handler's asyncio task or future (None once it cannot be interrupted).
+    future: asyncio.Future[Any] | None = None
+    # A sync handler's thread: it may outlive the attempt (hard timeout) and holds its pool slot until
+    # it returns, so the attempt stays counted against capacity until then.
+    thread: concurrent.futures.Future[Any] | None = None
+    abandoned: bool = False  # hard-timed-out: the task is no longer ours, only the thread lingers
+    completed_in_transaction: bool = False  # ctx.transaction() wrote the outcome already
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.ctx.id, self.ctx.attempt
+
+    @property
+    def in_thread(self) -> bool:
+        """A sync handler in a thread that has not returned: it can be asked to stop, never forced."""
+        return self.thread is not None and not self.thread.done()
+
+
+def clean_text(text: str) -> str:
+    """PostgreSQL text cannot hold NUL: a message with one must not cost the write it belongs to."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def json_result(value: Any) -> str | None:
+    """The result as JSON text; raises ValueError for what jsonb would refuse."""
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise ValueError("it contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store")
+    return text
+
+
+def take_pending(ctx: Context) -> tuple[float | None, str]:
+    """The task's pending progress and message lines, with any password in a postgres URL removed
+    (a handler's messages end up in progress_msg, which every dashboard shows) and NULs replaced."""
+    value, lines = ctx.take_pending()
+    if value is not None:  # the column is a real in [-1, 1]: 1e300 would overflow the whole flush
+        value = max(-1.0, min(1.0, value)) if math.isfinite(value) else None
+    return value, clean_text(redact_text(lines)) if lines else lines
+
+
+def short_traceback(exc: BaseException, frames: int = 6) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-frames)
+    return "".join(tb)[-4000:]
+
+
+class Executor:
+    """Runs handlers; one per worker (it owns the thread pool of the sync handlers)."""
+
+    def __init__(self, settings: Settings, *, concurrency: int, isolation: str | None) -> None:
+        self.settings = settings
+        self.isolation = isolation  # "process" runs every sync handler in a child, whatever its @task says
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="jobq-handler")
+
+    def cancel(self, a: Attempt, reason: CancelReason) -> None:
+        """Ask the attempt's handler to stop: an async one is interrupted, a process-isolated one
+        killed (isolation.py watches the flag); a sync one stops at its next ``progress()``."""
+        a.ctx.request_cancel(reason)
+        if a.spec.is_async and a.future is not None and not a.future.done():
+            a.future.cancel()
+
+    async def run(self, a: Attempt) -> Ack | None:
+        """Run the handler; the Ack to write, or None when there is nothing to write (the attempt is
+        no longer ours, or ``ctx.transaction()`` completed it)."""
+        outcome, value = await self._invoke(a)
+        a.future = None  # from here on a cancel can no longer interrupt this attempt's own writes
+        ctx = a.ctx
+        if ctx.cancel_reason == CancelReason.LOST or a.completed_in_transaction:
+            return None
+        if ctx.cancel_reason == CancelReason.SHUTDOWN and outcome is Outcome.CANCELLED:
+            outcome = Outcome.RELEASED
+        if outcome is Outcome.DONE:
+            try:
+                result = json_result(value if value is not None else ctx.result)
+            except (TypeError, ValueError, RecursionError) as exc:
+                return self.ack(a, Outcome.FAILED, Fail(f"result cannot be stored: {exc}"))
+            return self.ack(a, Outcome.DONE, result=result)
+        return self.ack(a, outcome, value)
+
+    def ack(self, a: Attempt, outcome: Outcome, value: Any = None, *, result: str | None = None) -> Ack:
+        """The Ack of an attempt that ended with `outcome` (`value`: the exception or the Snooze)."""
+        ctx, spec = a.ctx, a.spec
+        _, lines = take_pending(ctx)
+        secs = cap = 0.0
+        error: str | None = None
+        if outcome is Outcome.SNOOZED:
+            assert isinstance(value, Snooze)
+            secs = max(0.0, float(value.seconds))
+            if not secs <= MAX_SNOOZE_SECONDS:  # also NaN
+                outcome, value = Outcome.FAILED, Fail(f"Snooze({value.seconds!r}) is out of range: "
+                                                      f"seconds must be between 0 and {MAX_SNOOZE_SECONDS:.0f}")
+        if outcome is Outcome.DONE:
+            last = f"Done in {time.monotonic() - a.started:.2f}s."
+        elif outcome in (Outcome.RETRY, Outcome.FAILED):
+            exc = value if isinstance(value, BaseException) else RuntimeError(str(value))
+            summary = clean_text(redact_text(f"{type(exc).__name__}: {exc}"))
+            error = summary if isinstance(exc, Fail) else clean_text(redact_text(short_traceback(exc)))
+            last = f"[ERROR] {summary[:500]}"
+            secs = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
+            cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
+        elif outcome is Outcome.SNOOZED:
+            last = clean_text(f"[SNOOZE] {value}")
+        elif outcome is Outcome.RELEASED:
+            last = "[INFO] released by worker shutdown"
+        else:
+            last = "[Canceled] Task has been canceled."
+        line = "\n".join(filter(None, [lines, ctx.line(last)]))
+        return Ack(outcome, ctx.id, ctx.attempt, ctx.task.type, line, result, error, secs, cap)
+
+    async def _invoke(self, a: Attempt) -> tuple[Outcome, Any]:
+        """Run the handler with its timeouts; returns (outcome, value or exception)."""
+        ctx, spec = a.ctx, a.spec
+        payload: Any = ctx.payload
+        if spec.payload is not None:
+            try:
+                payload = spec.payload.model_validate(payload)
+            except ValidationError as exc:
+                return Outcome.FAILED, Fail(f"malformed payload: {exc.errors()[0]['msg']} at "
+                                            f"{'.'.join(map(str, exc.errors()[0]['loc']))}")
+        if ctx.is_cancelled:
+            return Outcome.CANCELLED, None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] | None
+        if spec.is_async and spec.timeout is None and spec.hard_timeout is None:
+            # The common case runs the handler inside this task: no second task per run.
+            a.future = asyncio.current_task()
+            fut = None
+        elif spec.is_async:
+            fut = asyncio.ensure_future(spec.handler(ctx, payload))
+        elif spec.isolation == "process" or self.isolation == "process":
+            from jobqueue.runtime.isolation import run_in_process
+
+            fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
+        else:
+            a.thread = self.pool.submit(spec.handler, ctx, payload)
+            fut = asyncio.wrap_future(a.thread, loop=loop)
+        try:
+            if fut is None:
+                value = await spec.handler(ctx, payload)
+            else:
+                a.future = fut
+                value = await self._await_with_timeouts(a, fut)
+        except Snooze as exc:
+            return Outcome.SNOOZED, exc
+        except Fail as exc:
+            return Outcome.FAILED, exc
+        except (Cancelled, asyncio.CancelledError) as exc:
+            if fut is None and isinstance(exc, asyncio.CancelledError) and (task := asyncio.current_task()):
+                task.uncancel()  # the cancel was aimed at the handler; this task goes on to record it
+            if ctx.cancel_reason == CancelReason.TIMEOUT:
+                return Outcome.RETRY, TimeoutError(f"soft timeout of {spec.timeout}s exceeded")
+            if ctx.cancel_reason is not None:
+                return Outcome.CANCELLED, None
+            return Outcome.RETRY, exc if isinstance(exc, Exception) else RuntimeError("handler was cancelled")
+        except LeaseLost:
+            ctx.request_cancel(CancelReason.LOST)
+            return Outcome.CANCELLED, None
+        except Exception as exc:
+            return Outcome.RETRY, exc
+        if ctx.cancel_reason == CancelReason.LOST:
+            return Outcome.CANCELLED, None
+        # A handler that returned normally did its work, even if a shutdown asked it to stop meanwhile.
+        return Outcome.DONE, value
+
+    async def _await_with_timeouts(self, a: Attempt, fut: asyncio.Future[Any]) -> Any:
+        spec = a.spec
+        soft, hard = spec.timeout, spec.hard_timeout
+        if soft is None and hard is None:
+            return await fut
+        first = soft if soft is not None else hard
+        assert first is not None
+        done, _ = await asyncio.wait({fut}, timeout=first)
+        if done:
+            return fut.result()
+        if soft is not None:
+            a.ctx.request_cancel(CancelReason.TIMEOUT)
+            if spec.is_async:
+                fut.cancel()
+            remaining = (hard - soft) if hard is not None else None
+            done, _ = await asyncio.wait({fut}, timeout=remaining)
+            if done:
+                return fut.result()
+        # Hard timeout: abandon the attempt. A thread cannot be killed: its late result is dropped, and
+        # it keeps counting against capacity until it returns (Attempt.thread).
+        a.abandoned = True
+        fut.cancel()
+        raise TimeoutError(f"hard timeout of {hard}s exceeded; attempt abandoned")
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
