@@ -84,23 +84,11 @@ SELECT r.type, pg_notify('{schema}.' || r.type, extract(epoch FROM min(r.run_at)
 FROM released r WHERE r.status = 'queued' GROUP BY r.type;
 
 -- name: cancel_dependents
--- Parents $1 failed or were cancelled: their waiting descendants are cancelled, with the reason.
-WITH RECURSIVE doomed AS (
-    SELECT c.id FROM {schema}.tasks c WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
-    UNION
-    SELECT c.id FROM {schema}.tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
-), locked AS MATERIALIZED (
-    -- Locked in id order, like every statement that locks several task rows.
-    SELECT t.id FROM {schema}.tasks t
-    WHERE t.id IN (SELECT id FROM doomed) AND t.status = 'waiting'
-    ORDER BY t.id
-    FOR NO KEY UPDATE OF t
-)
-UPDATE {schema}.tasks t
-SET status = 'cancelled', finished_at = now(), progress_msg = {schema}.append_log(t.progress_msg, $2, $3)
-FROM locked
-WHERE t.id = locked.id AND t.status = 'waiting'
-RETURNING t.id, pg_notify('{schema}.progress', t.id || ',' || COALESCE(t.doc_id, 0) || ',' || t.progress);
+-- Parents $1 failed or were cancelled: their waiting descendants are cancelled, with the reason. The
+-- recursive walk is written once, as the function cancel_dependents (migration 0005), which the
+-- producers' cancel_tasks uses too; it locks the descendants in id order.
+SELECT d.id, pg_notify('{schema}.progress', d.id || ',' || COALESCE(d.doc_id, 0) || ',' || d.progress)
+FROM {schema}.cancel_dependents($1::bigint[], $2, $3) AS d;
 
 -- name: finish_many
 -- Every outcome of a batch of attempts in one statement (River's JobSetStateIfRunningMany): done,
