@@ -61,7 +61,7 @@ def claim_time_ms(url: str) -> float:
     with psycopg.connect(url) as c:
         cur = psycopg.RawCursor(c)
         for _ in range(20):
-            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [100], 100, "bench", 30.0))
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [100], 100, "bench", 30.0, []))
             plan = cur.fetchone()
             assert plan is not None
             samples.append(float(plan[0][0]["Execution Time"]))

@@ -28,8 +28,9 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
 
     claim: str
     running_count: str
+    cap_lock: str
     capped_types: str
-    next_run_at: str
+    next_wake: str
     complete_many: str
     release_dependents: str
     cancel_dependents: str
@@ -38,6 +39,7 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     mark_cancelled: str
     progress_many: str
     heartbeat: str
+    confirm_cancel: str
     worker_stopped: str
     release: str
 
@@ -46,3 +48,8 @@ class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):
     """The maintenance services (jobqueue/runtime/maintenance/)."""
 
     rescue: str
+    prune_lock: str
+    prune_lock_timeout: str
+    prune_delete: str
+    prune_count: str
+    prune_workers: str
