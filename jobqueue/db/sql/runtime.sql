@@ -92,15 +92,23 @@ SELECT ARRAY(SELECT q.type FROM {schema}.queues q
 -- Batched success: done, progress 1, result, duration and the worker's counter, in one statement.
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[]) AS d(id, attempt, result, line)
+), locked AS MATERIALIZED (
+    -- Rows locked in id order, like every statement that locks several task rows (the heartbeat,
+    -- progress_many): two of them can never wait for each other in a cycle (issue 11, item 1).
+    SELECT t.id FROM {schema}.tasks t JOIN d ON d.id = t.id
+    -- The worker id joins the fencing check: a claim lost in a server crash (claims commit
+    -- asynchronously) could hand the same attempt number out twice, never to the same worker id.
+    WHERE t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
+    ORDER BY t.id
+    FOR UPDATE OF t
 ), done AS (
     UPDATE {schema}.tasks t
     SET status = 'done', progress = 1, result = d.result::jsonb, finished_at = now(),
         process_duration = extract(epoch FROM now() - t.started_at), lease_expires_at = NULL,
         progress_msg = {schema}.append_log(t.progress_msg, d.line, $5)
-    FROM d
-    -- The worker id joins the fencing check: a claim lost in a server crash (claims commit
-    -- asynchronously) could hand the same attempt number out twice, never to the same worker id.
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
+    FROM d, locked
+    WHERE t.id = d.id AND t.id = locked.id
+      AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
     RETURNING t.id, t.has_dependents, t.doc_id
 ), counted AS (
     UPDATE {schema}.workers SET done = done + (SELECT count(*) FROM done), last_seen = now()
@@ -211,6 +219,12 @@ FROM c;
 -- no longer moves the progress.
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
+), locked AS MATERIALIZED (
+    -- in id order, like complete_many and the heartbeat (no lock cycles between them)
+    SELECT t.id FROM {schema}.tasks t JOIN d ON d.id = t.id
+    WHERE t.attempt = d.attempt AND t.status NOT IN ('queued', 'waiting')
+    ORDER BY t.id
+    FOR UPDATE OF t
 ), u AS (
     UPDATE {schema}.tasks t
     SET progress = CASE WHEN t.status <> 'running' OR d.progress IS NULL THEN t.progress
@@ -218,8 +232,8 @@ WITH d AS (
                         WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
                         ELSE greatest(t.progress, least(d.progress, 1)) END,
         progress_msg = {schema}.append_log(t.progress_msg, d.lines, $5)
-    FROM d
-    WHERE t.id = d.id AND t.attempt = d.attempt AND t.status NOT IN ('queued', 'waiting')
+    FROM d, locked
+    WHERE t.id = d.id AND t.id = locked.id AND t.attempt = d.attempt AND t.status NOT IN ('queued', 'waiting')
     RETURNING t.id, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested
 )
 SELECT u.id, u.cancel_requested,
