@@ -97,6 +97,37 @@ def test_db_does_not_retry_a_real_bug(db_url: str) -> None:
         asyncio.run(go())
 
 
+def test_worker_waits_out_too_many_connections(client: Client, conn: psycopg.Connection[Any], db_url: str,
+                                              reset: None) -> None:
+    """53300 (a role's connection limit, or a full server) while the worker connects: it retries
+    instead of crashing, and runs the task once connections are free again (item 3)."""
+    from support import SCHEMA
+
+    role = f"jobq_limited_{uuid.uuid4().hex[:6]}"
+    conn.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 4')
+    conn.execute(f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{role}"')
+    conn.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA "{SCHEMA}" TO "{role}"')
+    conn.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA "{SCHEMA}" TO "{role}"')
+    parts = urlsplit(db_url)
+    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+    held = [psycopg.connect(as_role) for _ in range(4)]
+    try:
+        tid = client.enqueue("t_record", {})
+        with BackgroundWorker(["t_record"], url=as_role) as w:
+            time.sleep(2.0)  # every connection attempt of the worker meets 53300 meanwhile
+            assert w.thread.is_alive() and w.error is None
+            for c in held:
+                c.close()
+            held = []
+            wait_for(lambda: status(conn, tid) == "done", timeout=20)
+        assert w.error is None
+    finally:
+        for c in held:
+            c.close()
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
 # ------------------------------------------------------------------ heartbeat vs row locks (items 1, 6)
 
 

@@ -17,6 +17,8 @@
 -- The claim commits without waiting for the WAL flush (synchronous_commit off for this transaction
 -- only): a claim lost in a server crash is the same as a worker that crashed right after claiming,
 -- which leases, rescue and the fencing token already handle; the completion stays fully durable.
+-- Rows are locked with SKIP LOCKED, never waited for, so the priority order in which they are taken
+-- cannot be part of a deadlock with the id-ordered statements (heartbeat, progress, completion).
 WITH wanted AS (
     SELECT w.type, w.n
     FROM unnest($1::text[], $2::int[]) AS w(type, n),
