@@ -152,6 +152,19 @@ def test_heartbeat_does_not_wait_on_a_locked_row(client: Client, conn: psycopg.C
                                    "WHERE id = %s", a), timeout=3)
 
 
+def test_heartbeat_renews_by_attempt_not_by_id(client: Client, conn: psycopg.Connection[Any], reset: None) -> None:
+    """The lease belongs to an attempt: once the row carries another attempt of the same task (this
+    worker re-claimed it after losing it), the old attempt's beat must not keep that lease alive."""
+    tid = client.enqueue("t_sleep", {"s": 4})
+    with BackgroundWorker(["t_sleep"], lease_seconds=1.5, heartbeat_seconds=0.2, maintenance=False):
+        wait_for(lambda: status(conn, tid) == "running")
+        conn.execute("UPDATE tasks SET attempt = attempt + 1, lease_expires_at = now() + interval '0.5 s' "
+                     "WHERE id = %s", (tid,))
+        time.sleep(1.2)
+        assert one(conn, "SELECT lease_expires_at < now() FROM tasks WHERE id = %s", tid), \
+            "a beat for attempt 1 renewed attempt 2's lease"
+
+
 # ------------------------------------------------------------------ cancel hints (item 10)
 
 
