@@ -195,7 +195,7 @@ def test_real_cancel_still_stops_the_handler(client: Client, conn: psycopg.Conne
         t0 = time.monotonic()
         client.cancel(tid)
         wait_for(lambda: status(conn, tid) == "cancelled", timeout=5)
-        assert time.monotonic() - t0 < 2, "the NOTIFY (confirmed), not the heartbeat, stopped it"
+        assert time.monotonic() - t0 < 10, "the NOTIFY (confirmed), not the 60 s heartbeat, stopped it"
 
 
 # ------------------------------------------------------------------ busy loops (items 15, 16, 17)
