@@ -152,6 +152,23 @@ def test_heartbeat_does_not_wait_on_a_locked_row(client: Client, conn: psycopg.C
                                    "WHERE id = %s", a), timeout=3)
 
 
+def test_heartbeat_does_not_wait_on_its_worker_row(client: Client, conn: psycopg.Connection[Any], db_url: str,
+                                                    reset: None) -> None:
+    """The worker's own row locked elsewhere (e.g. a completer transaction waiting on something else)
+    must not hold back the lease renewals either."""
+    tid = client.enqueue("t_sleep", {"s": 5})
+    with BackgroundWorker(["t_sleep"], name="hb-row", lease_seconds=1.5, heartbeat_seconds=0.3, maintenance=False):
+        wait_for(lambda: status(conn, tid) == "running")
+        with psycopg.connect(db_url) as holder:
+            holder.execute("SELECT 1 FROM workers WHERE id = 'hb-row' FOR UPDATE")
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                left = one(conn, "SELECT extract(epoch FROM lease_expires_at - now()) FROM tasks WHERE id = %s", tid)
+                assert left > 0, "the lease expired while the worker's row was locked"
+                time.sleep(0.1)
+            holder.rollback()
+
+
 def test_heartbeat_renews_by_attempt_not_by_id(client: Client, conn: psycopg.Connection[Any], reset: None) -> None:
     """The lease belongs to an attempt: once the row carries another attempt of the same task (this
     worker re-claimed it after losing it), the old attempt's beat must not keep that lease alive."""

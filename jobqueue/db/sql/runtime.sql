@@ -250,11 +250,18 @@ FROM u;
 -- of every other lease; a skipped row is renewed by the next beat. Returns one row per pair: `ours`
 -- (still running under this worker and attempt, as committed), `renewed`, and the cancel flag (the
 -- fallback when a cancel NOTIFY was missed).
-WITH w AS (
+-- The worker's own row is not waited for either (the completer's transaction updates its counter):
+-- it is registered once, then touched when its lock is free.
+WITH registered AS (
     INSERT INTO {schema}.workers (id, host, pid, types, concurrency, version, lease_seconds)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
-    ON CONFLICT (id) DO UPDATE SET last_seen = now(), stopped_at = NULL, lease_seconds = excluded.lease_seconds
-    RETURNING id
+    SELECT $1, $2, $3, $4, $5, $6, $7
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.workers WHERE id = $1)
+    ON CONFLICT (id) DO NOTHING
+), me AS (
+    SELECT id FROM {schema}.workers WHERE id = $1 FOR UPDATE SKIP LOCKED
+), touched AS (
+    UPDATE {schema}.workers w SET last_seen = now(), stopped_at = NULL, lease_seconds = $7
+    FROM me WHERE w.id = me.id
 ), mine AS (
     SELECT p.id, p.attempt FROM unnest($8::bigint[], $9::int[]) AS p(id, attempt)
 ), locked AS (
@@ -272,7 +279,7 @@ WITH w AS (
 )
 SELECT m.id, m.attempt, t.id IS NOT NULL AS ours, l.id IS NOT NULL AS renewed,
        COALESCE(t.cancel_requested_at IS NOT NULL, false) AS cancel_requested
-FROM w, mine m
+FROM mine m
 LEFT JOIN {schema}.tasks t ON t.id = m.id AND t.attempt = m.attempt AND t.worker_id = $1 AND t.status = 'running'
 LEFT JOIN l ON l.id = m.id;
 
