@@ -46,6 +46,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bench.chaos_handlers import DDL, EFFECT_TYPES, TYPES
+from bench.schema import SCHEMA, use_schema
 
 REPO = Path(__file__).resolve().parent.parent
 LIVE = ("waiting", "queued", "running")
@@ -395,7 +396,7 @@ class Workers:
         for name, _code in self.unexpected:
             text = (self.logdir / f"{name}.log").read_text(errors="replace")
             lines = [ln for ln in text.splitlines() if ln.strip()]
-            if len(lines) == 1 and lines[0].lower().startswith("error:") and "jobq." not in text:
+            if len(lines) == 1 and lines[0].lower().startswith("error:") and f"{SCHEMA}." not in text:
                 refused.append(name)
         return refused
 
@@ -459,6 +460,7 @@ def run(
         pgbouncer=bouncer.version() if bouncer else None,
         restart_skipped=restart_skipped,
     )
+    use_schema(url)  # the checks below name tables unqualified
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(DDL)
         conn.execute("TRUNCATE public.chaos_runs, public.chaos_effects")
@@ -570,10 +572,10 @@ class _Monitor:
             c = self._c()
             live, queued = c.execute(
                 "SELECT count(*) FILTER (WHERE status = ANY(%s)), count(*) FILTER (WHERE status = 'queued') "
-                "FROM jobq.tasks",
+                "FROM tasks",
                 (list(LIVE),),
             ).fetchone() or (1, 1)
-            dead = _q(c, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'jobq.tasks'::regclass")
+            dead = _q(c, "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass")
             backends = _q(
                 c,
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -612,7 +614,7 @@ def _cancel_some(url: str, ids: list[int], n: int, rnd: random.Random) -> dict[s
         running = [
             r[0]
             for r in c.execute(
-                "SELECT id FROM jobq.tasks WHERE status = 'running' AND type <> 'chaos_fail' "
+                "SELECT id FROM tasks WHERE status = 'running' AND type <> 'chaos_fail' "
                 "ORDER BY random() LIMIT %s",
                 (n // 2,),
             )
@@ -620,7 +622,7 @@ def _cancel_some(url: str, ids: list[int], n: int, rnd: random.Random) -> dict[s
         queued = [
             r[0]
             for r in c.execute(
-                "SELECT id FROM jobq.tasks WHERE status = 'queued' AND type <> 'chaos_fail' ORDER BY random() LIMIT %s",
+                "SELECT id FROM tasks WHERE status = 'queued' AND type <> 'chaos_fail' ORDER BY random() LIMIT %s",
                 (n - len(running),),
             )
         ]
@@ -650,71 +652,71 @@ def _terminate_all(url: str, spare: int | None) -> int:
 
 INVARIANTS: dict[str, str] = {
     # every task is in a terminal state a user can see
-    "non_terminal": "SELECT count(*) FROM jobq.tasks WHERE status NOT IN ('done', 'failed', 'cancelled')",
+    "non_terminal": "SELECT count(*) FROM tasks WHERE status NOT IN ('done', 'failed', 'cancelled')",
     # a done task of an effect type has exactly one effect row, written by the attempt that completed it
     "done_without_exactly_one_effect": """
-        SELECT count(*) FROM jobq.tasks t WHERE t.status = 'done' AND t.type = ANY(%(effect_types)s)
+        SELECT count(*) FROM tasks t WHERE t.status = 'done' AND t.type = ANY(%(effect_types)s)
           AND (SELECT count(*) FROM public.chaos_effects e WHERE e.task_id = t.id) <> 1""",
     "effect_of_other_attempt": """
-        SELECT count(*) FROM public.chaos_effects e JOIN jobq.tasks t ON t.id = e.task_id
+        SELECT count(*) FROM public.chaos_effects e JOIN tasks t ON t.id = e.task_id
         WHERE t.status <> 'done' OR e.attempt <> t.attempt""",
     "orphan_effects": """
         SELECT count(*) FROM public.chaos_effects e
-        WHERE NOT EXISTS (SELECT 1 FROM jobq.tasks t WHERE t.id = e.task_id)""",
+        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id)""",
     # no task done twice: the workers' done counters (bumped in the completing statement) add up
     "done_counter_mismatch": """
-        SELECT abs((SELECT coalesce(sum(done), 0) FROM jobq.workers)
-                   - (SELECT count(*) FROM jobq.tasks WHERE status = 'done'))""",
+        SELECT abs((SELECT coalesce(sum(done), 0) FROM workers)
+                   - (SELECT count(*) FROM tasks WHERE status = 'done'))""",
     # no attempt (fencing token) ran twice, no run of an attempt that was never claimed
     "attempt_ran_twice": """
         SELECT count(*) FROM (SELECT 1 FROM public.chaos_runs GROUP BY task_id, attempt HAVING count(*) > 1) d""",
     "run_beyond_attempt": """
-        SELECT count(*) FROM public.chaos_runs r JOIN jobq.tasks t ON t.id = r.task_id WHERE r.attempt > t.attempt""",
+        SELECT count(*) FROM public.chaos_runs r JOIN tasks t ON t.id = r.task_id WHERE r.attempt > t.attempt""",
     # every extra attempt is explained by a rescue or a handler error, each logged on the task
     "unexplained_attempts": """
         WITH x AS (
             SELECT t.status, t.attempt, t.retry_count,
                    (SELECT count(*) FROM regexp_matches(t.progress_msg, 'lost; task rescued', 'g')) AS rescues,
                    (SELECT count(*) FROM regexp_matches(t.progress_msg, '\\[ERROR\\]', 'g')) AS errors
-            FROM jobq.tasks t)
+            FROM tasks t)
         SELECT count(*) FROM x WHERE CASE
             WHEN status = 'done' THEN attempt <> retry_count + 1 OR retry_count <> rescues + errors
             WHEN status = 'failed' THEN attempt <> retry_count OR retry_count <> rescues + errors
             ELSE attempt > rescues + errors + 1 END""",
     # only the type that always fails may fail; retries are ample for the others
-    "unexpected_failures": "SELECT count(*) FROM jobq.tasks WHERE status = 'failed' AND type <> 'chaos_fail'",
-    "fail_type_not_failed": "SELECT count(*) FROM jobq.tasks WHERE type = 'chaos_fail' AND status <> 'failed'",
+    "unexpected_failures": "SELECT count(*) FROM tasks WHERE status = 'failed' AND type <> 'chaos_fail'",
+    "fail_type_not_failed": "SELECT count(*) FROM tasks WHERE type = 'chaos_fail' AND status <> 'failed'",
 }
 
 
 def check(url: str, ids: list[int], killed: list[str], report: Report, *, faults_pending: bool = False) -> None:
     """The end-of-run SQL checks; fills `report.invariants`, `report.violations` and the figures."""
     with psycopg.connect(url, autocommit=True) as c:
-        total = _q(c, "SELECT count(*) FROM jobq.tasks")
-        present = _q(c, "SELECT count(*) FROM jobq.tasks WHERE id = ANY(%s)", ids)
+        total = _q(c, "SELECT count(*) FROM tasks")
+        present = _q(c, "SELECT count(*) FROM tasks WHERE id = ANY(%s)", ids)
         report.violations["lost_tasks"] = len(ids) - int(present)
         report.violations["unexpected_rows"] = int(total) - int(present)
         for name, sql in INVARIANTS.items():
             params = {"effect_types": list(EFFECT_TYPES)} if "%(" in sql else None
             row = c.execute(sql, params).fetchone()
             report.violations[name] = int(row[0]) if row else -1
-        report.by_status = dict(c.execute("SELECT status, count(*) FROM jobq.tasks GROUP BY 1 ORDER BY 1").fetchall())
+        report.by_status = dict(c.execute("SELECT status, count(*) FROM tasks GROUP BY 1 ORDER BY 1").fetchall())
         rescued_by = c.execute(
-            "SELECT m[1], count(*) FROM jobq.tasks, regexp_matches(progress_msg, 'worker (\\S+) lost; task rescued',"
+            "SELECT m[1], count(*) FROM tasks, regexp_matches(progress_msg, 'worker (\\S+) lost; task rescued',"
             " 'g') AS m GROUP BY 1"
         ).fetchall()
         report.rescues = sum(n for _, n in rescued_by)
         report.rescues_of_killed = sum(n for w, n in rescued_by if w in set(killed))
         report.rescues_of_live = report.rescues - report.rescues_of_killed
         report.error_retries = int(
-            _q(c, "SELECT count(*) FROM jobq.tasks, regexp_matches(progress_msg, '\\[ERROR\\]', 'g') AS m")
+            _q(c, "SELECT count(*) FROM tasks, regexp_matches(progress_msg, '\\[ERROR\\]', 'g') AS m")
         )
-        report.extra_attempts = int(_q(c, "SELECT coalesce(sum(attempt - 1), 0) FROM jobq.tasks WHERE attempt > 1"))
+        report.extra_attempts = int(_q(c, "SELECT coalesce(sum(attempt - 1), 0) FROM tasks WHERE attempt > 1"))
         report.runs = int(_q(c, "SELECT count(*) FROM public.chaos_runs"))
         report.effects = int(_q(c, "SELECT count(*) FROM public.chaos_effects"))
         finishes = sorted(
             r[0]
-            for r in c.execute("SELECT extract(epoch FROM finished_at)::float8 FROM jobq.tasks WHERE status = 'done'")
+            for r in c.execute("SELECT extract(epoch FROM finished_at)::float8 FROM tasks WHERE status = 'done'")
         )
     report.recovery = [recovery(finishes, f) for f in report.faults]
     report.invariants = {
@@ -785,7 +787,7 @@ def render(report: Report) -> str:
         f"- handler executions recorded: {report.runs}; effect rows: {report.effects}",
         f"- cancels: {report.cancels_requested}",
         f"- idle transaction held {report.idle_tx_held_s}s ({report.idle_tx_interruptions} interruptions); "
-        f"max dead tuples in jobq.tasks: {report.max_dead_tuples}",
+        f"max dead tuples in tasks: {report.max_dead_tuples}",
         f"- advisory locks left after the run: {report.leaked_advisory_locks}",
         "",
     ]

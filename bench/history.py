@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from bench.schema import SCHEMA, use_schema
 from jobqueue.admin.migrate import migrate
 from jobqueue.db.queries import RuntimeSQL
 
@@ -32,7 +33,7 @@ PEERS = Path(__file__).resolve().parent / "peers"
 DRIVER = PEERS / "jobq_driver.py"
 
 LOAD_HISTORY = """
-INSERT INTO jobq.tasks (type, status, payload, progress, created_at, started_at, finished_at, run_at, attempt,
+INSERT INTO tasks (type, status, payload, progress, created_at, started_at, finished_at, run_at, attempt,
                         process_duration, result)
 SELECT 'noop', 'done', '{"i": 0}', 1, now() - interval '7 days' + g * interval '50 ms',
        now() - interval '7 days' + g * interval '50 ms', now() - interval '7 days' + g * interval '50 ms',
@@ -51,17 +52,18 @@ def fresh_db(dsn: str, name: str) -> str:
         c.execute(f'CREATE DATABASE "{name}"')
     url = with_db(dsn, name)
     migrate(url)
+    use_schema(url)
     return url
 
 
 def claim_time_ms(url: str) -> float:
     """Median execution time of the claim statement (batch of 100) as the server reports it."""
-    q = RuntimeSQL.load("jobq")
+    q = RuntimeSQL.load(SCHEMA)
     samples = []
     with psycopg.connect(url) as c:
         cur = psycopg.RawCursor(c)
         for _ in range(20):
-            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [100], 100, "bench", 30.0))
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [100], 100, "bench", 30.0, []))
             plan = cur.fetchone()
             assert plan is not None
             samples.append(float(plan[0][0]["Execution Time"]))
@@ -83,13 +85,13 @@ def history_run(dsn: str, sizes: list[int], n: int) -> list[dict[str, Any]]:
         with psycopg.connect(url, autocommit=True) as c:
             if size:
                 c.execute(LOAD_HISTORY, (size,))
-            c.execute("VACUUM ANALYZE jobq.tasks")
+            c.execute("VACUUM ANALYZE tasks")
         load_s = time.monotonic() - t0
         rate = drain(url, n)
         # Then the claim statement alone, on a fresh backlog, in transactions that are rolled back.
         with psycopg.connect(url, autocommit=True) as c:
-            c.execute("INSERT INTO jobq.tasks (type) SELECT 'noop' FROM generate_series(1, 20000)")
-            c.execute("ANALYZE jobq.tasks")
+            c.execute("INSERT INTO tasks (type) SELECT 'noop' FROM generate_series(1, 20000)")
+            c.execute("ANALYZE tasks")
         claim_ms = claim_time_ms(url)
         results.append({"finished_rows": size, "claim_ms": round(claim_ms, 3), "drain_jobs_per_s": rate,
                         "load_s": round(load_s, 1)})
@@ -120,16 +122,16 @@ def soak(dsn: str, minutes: float, rate: int, hold_minutes: float) -> list[dict[
         nxt = started
         last_sample = 0.0
         while time.monotonic() - started < minutes * 60:
-            c.execute("INSERT INTO jobq.tasks (type) SELECT 'noop' FROM generate_series(1, %s)", (rate // 10,))
+            c.execute("INSERT INTO tasks (type) SELECT 'noop' FROM generate_series(1, %s)", (rate // 10,))
             nxt += 0.1
             time.sleep(max(0.0, nxt - time.monotonic()))
             if time.monotonic() - last_sample >= 30:
                 last_sample = time.monotonic()
                 row = c.execute(
-                    "SELECT n_dead_tup, pg_relation_size('jobq.tasks_claim_idx'), "
-                    "(SELECT count(*) FROM jobq.tasks WHERE status = 'queued'), "
-                    "(SELECT count(*) FROM jobq.tasks WHERE status = 'done') "
-                    "FROM pg_stat_user_tables WHERE relid = 'jobq.tasks'::regclass").fetchone()
+                    "SELECT n_dead_tup, pg_relation_size('tasks_claim_idx'), "
+                    "(SELECT count(*) FROM tasks WHERE status = 'queued'), "
+                    "(SELECT count(*) FROM tasks WHERE status = 'done') "
+                    "FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass").fetchone()
                 assert row is not None
                 samples.append({"t_s": round(last_sample - started), "dead_tuples": row[0],
                                 "claim_index_bytes": row[1], "queued": row[2], "done": row[3]})

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # Progress writes are coalesced to at most one statement per task per interval.
     progress_interval: float = 0.25
     grace_seconds: float = 30.0
+    # Longest any runtime statement may take before the worker gives up on it and retries (a
+    # half-open connection must not hang a worker); well under the lease, so a stuck call cannot
+    # outlive the leases it should renew.
+    command_timeout_seconds: float = 20.0
     max_retries: int = 3
     # Retry backoff: base * 2**retry, capped, with full jitter in [0.5, 1.0] of the value.
     backoff_base: float = 2.0

@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
-from support import REPO, create_database, drop_database, jobq_cli
+from support import REPO, SCHEMA, create_database, drop_database, jobq_cli
 
 from jobqueue.admin.migrate import current, migrate
 
@@ -31,7 +31,7 @@ def test_up_from_empty_and_idempotent(server_url: str) -> None:
         assert current(url) == _head()
         with psycopg.connect(url) as conn:
             tables = {r[0] for r in conn.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'jobq'")}
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (SCHEMA,))}
         assert {"tasks", "workers", "queues", "alembic_version"} <= tables
     finally:
         drop_database(server_url, url)
@@ -76,5 +76,33 @@ def test_custom_schema(server_url: str) -> None:
             assert conn.execute("SELECT to_regclass('tasks')").fetchone() == (None,)
         r = jobq_cli("migrate", env={"JOBQ_DATABASE_URL": url, "JOBQ_SCHEMA": "myq"})
         assert r.returncode == 0, r.stderr
+    finally:
+        drop_database(server_url, url)
+
+
+def test_0004_backfills_requeue_reason_and_goes_down_and_up(server_url: str) -> None:
+    """Rows rescued before 0004 keep counting as 'worker lost' in the views (backfilled from the
+    rescuer's message once, at upgrade); the revision goes down and up again cleanly."""
+    from alembic import command
+
+    from jobqueue.admin.migrate import alembic_config
+
+    url = create_database(server_url)
+    try:
+        migrate(url, revision="0003")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO tasks (type, status, retry_count, last_error, finished_at) VALUES "
+                         "('m', 'failed', 1, 'worker h:1:abc lost (lease expired)', now()), "
+                         "('m', 'failed', 1, 'ValueError: bad', now())")
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            reasons = conn.execute("SELECT last_error, requeue_reason FROM tasks ORDER BY id").fetchall()
+            assert [r[1] for r in reasons] == ["lost", None]
+            errors = {r[0] for r in conn.execute("SELECT error FROM failures")}
+            assert errors == {"worker lost (lease expired)", "ValueError: bad"}
+        command.downgrade(alembic_config(url), "0003")
+        assert current(url) == "0003"
+        migrate(url)
+        assert current(url) == _head()
     finally:
         drop_database(server_url, url)

@@ -14,7 +14,7 @@ from support import SCHEMA, BackgroundWorker, jobq_cli, wait_for
 
 from jobqueue import Client, Context, Settings, task
 from jobqueue.db.connect import aconnect
-from jobqueue.db.queries import RuntimeSQL
+from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
 from jobqueue.runtime.maintenance import pruner
 from jobqueue.states import PRUNER_LOCK_KEY
 
@@ -58,11 +58,6 @@ def counts(conn: psycopg.Connection[Any]) -> dict[tuple[str, int], int]:
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pruner, "_state", pruner._State())
-
-
 def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: None, db_url: str) -> None:
     history(conn, 20, "done", 10)
     history(conn, 5, "cancelled", 8)
@@ -98,13 +93,13 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
     settings = Settings(keep_done_days=7, keep_failed_days=30)
 
     dry = run(
-        _with_conn(db_url, lambda c: pruner.prune(c, "jobq", pruner.default_plans(settings), dry_run=True))
+        _with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), dry_run=True))
     )
     assert (dry.rows, dry.batches) == (29, 0)
     assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (42,)
 
     result = run(
-        _with_conn(db_url, lambda c: pruner.prune(c, "jobq", pruner.default_plans(settings), batch=7))
+        _with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), batch=7))
     )
     # done/cancelled: 26 eligible -> 7 + 7 + 7 + 5; failed: 3 eligible -> one short batch.
     assert (result.rows, result.batches, result.more) == (29, 5, False)
@@ -122,12 +117,12 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
 def test_prune_bounds_and_validation(conn: psycopg.Connection[Any], clean: None, db_url: str) -> None:
     history(conn, 50, "done", 10)
     plan = [pruner.PrunePlan(("done",), 86400)]
-    first = run(_with_conn(db_url, lambda c: pruner.prune(c, "jobq", plan, batch=10, max_batches=2)))
+    first = run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10, max_batches=2)))
     assert (first.rows, first.batches, first.more) == (20, 2, True)
-    rest = run(_with_conn(db_url, lambda c: pruner.prune(c, "jobq", plan, batch=10)))
+    rest = run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10)))
     assert (rest.rows, rest.more) == (30, False)
     with pytest.raises(ValueError, match="only finished"):
-        run(_with_conn(db_url, lambda c: pruner.prune(c, "jobq", [pruner.PrunePlan(("queued",), 0)])))
+        run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, [pruner.PrunePlan(("queued",), 0)])))
 
 
 def test_a_pruning_batch_never_blocks_a_claim(
@@ -138,13 +133,13 @@ def test_a_pruning_batch_never_blocks_a_claim(
     pruning = psycopg.connect(db_url)  # a batch left open: its row locks are held until commit
     try:
         with psycopg.RawCursor(pruning) as cur:
-            n = cur.execute(pruner._delete_sql("jobq"), (["done"], 86400.0, 1000)).rowcount
+            n = cur.execute(MaintenanceSQL.load(SCHEMA).prune_delete, (["done"], 86400.0, 1000)).rowcount
         assert n == 1000
         with psycopg.connect(db_url, autocommit=True) as claimer:
             claimer.execute("SET lock_timeout = '500ms'")
             with psycopg.RawCursor(claimer) as cur:
                 claimed = cur.execute(
-                    RuntimeSQL.load(SCHEMA).claim, (["p_work"], [10], 10, "w-test", 30.0)
+                    RuntimeSQL.load(SCHEMA).claim, (["p_work"], [10], 10, "w-test", 30.0, [])
                 ).fetchall()
         assert len(claimed) == 10
         pruning.commit()
@@ -163,7 +158,7 @@ def test_prune_while_a_worker_keeps_claiming(
 
     def prune_in_thread() -> None:
         plan = [pruner.PrunePlan(("done",), 2 * 86400)]
-        results.append(run(_with_conn(db_url, lambda c: pruner.prune(c, "jobq", plan, batch=500))))
+        results.append(run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=500))))
 
     with BackgroundWorker(["p_work"], concurrency=8, poll_seconds=0.1, maintenance=False):
         t = threading.Thread(target=prune_in_thread)
@@ -185,7 +180,7 @@ def test_prune_while_a_worker_keeps_claiming(
 
 
 def test_worker_maintenance_prunes_and_catches_up(
-    conn: psycopg.Connection[Any], clean: None, db_url: str, monkeypatch: pytest.MonkeyPatch
+    conn: psycopg.Connection[Any], clean: None, db_url: str
 ) -> None:
     history(conn, 3000, "done", 10)
     history(conn, 10, "failed", 10)
@@ -195,12 +190,14 @@ def test_worker_maintenance_prunes_and_catches_up(
     )
     settings = Settings(keep_done_days=7, keep_failed_days=30, heartbeat_seconds=0.5)
 
+    schedule = pruner.PruneSchedule(settings)
+
     async def passes(c: Any) -> list[int]:
-        out = [await pruner.maybe_prune(c, settings, batch=1)]  # 3000 one-row batches > the 0.2 s budget
-        assert pruner._state.backlog
-        while pruner._state.backlog:
-            out.append(await pruner.maybe_prune(c, settings, batch=1))  # backlog: no minute's wait
-        out.append(await pruner.maybe_prune(c, settings, batch=1))  # caught up: waits its minute
+        out = [await schedule.run(c, batch=1)]  # 3000 one-row batches > the 0.2 s budget
+        assert schedule.backlog
+        while schedule.backlog:
+            out.append(await schedule.run(c, batch=1))  # backlog: no minute's wait
+        out.append(await schedule.run(c, batch=1))  # caught up: waits its minute
         return out
 
     got = run(_with_conn(db_url, passes))
@@ -212,11 +209,11 @@ def test_worker_maintenance_prunes_and_catches_up(
     history(conn, 5, "done", 10)
     conn.execute("SELECT pg_advisory_lock(%s)", (PRUNER_LOCK_KEY,))
     try:
-        assert run(_with_conn(db_url, lambda c: pruner.maybe_prune(c, settings, force=True))) == 0
+        assert run(_with_conn(db_url, lambda c: pruner.PruneSchedule(settings).run(c, force=True))) == 0
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (PRUNER_LOCK_KEY,))
-    # A real worker's heartbeat runs the pass (a fresh process has not pruned yet).
-    monkeypatch.setattr(pruner, "_state", pruner._State())
+    # A real worker's heartbeat runs the pass: each worker has its own schedule (no module state), so
+    # the passes above do not delay it.
     with BackgroundWorker(["p_work"], settings=settings, poll_seconds=0.1):
         wait_for(
             lambda: conn.execute("SELECT count(*) FROM tasks WHERE status = 'done'").fetchone() == (0,)

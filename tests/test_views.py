@@ -116,6 +116,7 @@ def test_throughput_per_minute(conn: psycopg.Connection[Any], clean: None) -> No
         status="queued",
         retry_count=1,
         last_error="worker h:1:abc lost (lease expired)",
+        requeue_reason="lost",  # set by the rescuer; the views read it, not the text
         started_at=at(20),
         process_duration=1.0,
         run_at=at(7, 1),
@@ -288,6 +289,7 @@ def test_failures_grouped_by_error(conn: psycopg.Connection[Any], clean: None) -
         retry_count=1,
         finished_at="=now() - interval '3 minutes'",
         last_error="worker host-a:123:abcdef lost (lease expired)",
+        requeue_reason="lost",  # set by the rescuer; the views read it, not the text
     )
     add(
         conn,
@@ -296,6 +298,7 @@ def test_failures_grouped_by_error(conn: psycopg.Connection[Any], clean: None) -
         retry_count=1,
         finished_at="=now() - interval '4 minutes'",
         last_error="worker host-b:9:fedcba lost (lease expired)",
+        requeue_reason="lost",  # set by the rescuer; the views read it, not the text
     )
     add(
         conn,
@@ -490,7 +493,7 @@ def test_claim_plan_unaffected(conn: psycopg.Connection[Any], big_history: int) 
     q = RuntimeSQL.load(SCHEMA)
     conn.execute("BEGIN")
     try:
-        plan = explain(conn, q.claim, ["{type0,type1}", "{10,10}", 20, "w-plan", 30.0])
+        plan = explain(conn, q.claim, ["{type0,type1}", "{10,10}", 20, "w-plan", 30.0, "{}"])
     finally:
         conn.execute("ROLLBACK")
     used = {n.get("Index Name") for n in tasks_scans(plan)} - {None}

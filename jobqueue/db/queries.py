@@ -31,13 +31,15 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
 
     claim: str
     running_count: str
+    cap_lock: str
     capped_types: str
-    next_run_at: str
+    next_wake: str
     finish_many: str
     release_dependents: str
     cancel_dependents: str
     progress_many: str
     heartbeat: str
+    confirm_cancel: str
     worker_stopped: str
 
 
@@ -45,6 +47,11 @@ class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):
     """The maintenance services (jobqueue/runtime/maintenance/)."""
 
     rescue: str
+    prune_lock: str
+    prune_lock_timeout: str
+    prune_delete: str
+    prune_count: str
+    prune_workers: str
 
 
 class AdminSQL(SQLFile, package=PACKAGE, filename="sql/admin.sql"):

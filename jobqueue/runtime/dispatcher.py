@@ -47,7 +47,7 @@ class Dispatcher:
         progress: ProgressWriter,
         stats: WorkerStats,
         connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
-        freed: Callable[[], None],
+        freed: Callable[[str], None],
         stopping: Callable[[], bool],
     ) -> None:
         self.specs = specs
@@ -56,7 +56,7 @@ class Dispatcher:
         self.progress = progress
         self.stats = stats
         self._connection = connection
-        self._freed = freed  # a slot is free: the fetcher may claim
+        self._freed = freed  # a slot of this type is free: the fetcher may claim
         self._stopping = stopping
         # The attempts running, by task id (at most one per id); their count per type, which also
         # counts deferred re-claims and abandoned threads (both hold a slot); re-claims waiting for
@@ -166,13 +166,13 @@ class Dispatcher:
                 self._release_deferred(row)
             elif row is not None:
                 self._start(row)
-        self._freed()
+        self._freed(a.ctx.task.type)
 
     def _thread_returned(self, a: Attempt) -> None:
         """An abandoned sync handler's thread has returned at last: its slot is free."""
         self.abandoned.discard(a)
         self.by_type[a.ctx.task.type] -= 1
-        self._freed()
+        self._freed(a.ctx.task.type)
 
     def _release_deferred(self, row: asyncpg.Record) -> None:
         self.by_type[row["type"]] -= 1

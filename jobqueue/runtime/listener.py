@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from jobqueue.db.connect import redact_text
+from jobqueue.runtime.supervise import Backoff, Outage
 
 log = logging.getLogger("jobq.listener")
 
@@ -31,14 +31,15 @@ class Listener:
         on_connect: Callable[[], None],
         *,
         ping_seconds: float = 5.0,
-        max_backoff: float = 5.0,
+        outage: Outage | None = None,
     ) -> None:
         self.url = url
         self.channels = list(channels)
         self.on_notify = on_notify
         self.on_connect = on_connect
         self.ping_seconds = ping_seconds
-        self.max_backoff = max_backoff
+        # Shared with the worker's other parts, so an outage is logged once, not once per part.
+        self.outage = outage or Outage(log)
         self.reconnects = 0
         self.connected = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -62,21 +63,21 @@ class Listener:
         self.connected.set()
 
     async def run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         first = True
         while not self._stopping:
             try:
                 await self._connect()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("LISTEN connection failed (%s); retrying in %.2fs", redact_text(str(exc)), backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                self.outage.failed(exc, "LISTEN connection")
+                await backoff.wait()
                 continue
+            self.outage.succeeded()
             if not first:
                 self.reconnects += 1
                 log.info("LISTEN connection re-established")
             first = False
-            backoff = 0.05
+            backoff.reset()
             self.on_connect()
             await self._watch()
             await self._close()

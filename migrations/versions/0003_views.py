@@ -55,10 +55,15 @@ def _latency_branch(s: str, label: str, seconds: int) -> str:
     GROUP BY t.type"""
 
 
-def upgrade() -> None:
-    s = migration_schema()
+# How long a worker may go unseen before worker_health calls it stale (0004 reads a column instead).
+_STALE_AFTER = "interval '30 seconds'"
+
+
+def views_sql(s: str, *, retry_at: str = _RETRY_AT, error_key: str = _ERROR_KEY, stale_after: str = _STALE_AFTER,
+              create: str = "CREATE VIEW") -> str:
+    """The views' DDL with the parts a later revision replaces as parameters (0004 passes columns)."""
     latency = "\n    UNION ALL".join(_latency_branch(s, label, secs) for label, secs in _LATENCY_WINDOWS)
-    op.execute(f"""
+    return f"""
 CREATE VIEW "{s}".queue_depth AS
 WITH live AS (
     SELECT t.type, t.priority, 'queued'::text AS status, t.run_at
@@ -100,7 +105,7 @@ WITH bounds AS (
     WHERE t.finished_at >= date_trunc('minute', now()) - interval '59 minutes'
       AND t.status IN ('done', 'failed', 'cancelled')
     UNION ALL
-    SELECT t.type, date_trunc('minute', {_RETRY_AT}), 'retried'
+    SELECT t.type, date_trunc('minute', {retry_at}), 'retried'
     FROM "{s}".tasks t
     WHERE t.status = 'queued' AND t.retry_count > 0 AND t.last_error IS NOT NULL
     UNION ALL
@@ -137,7 +142,7 @@ SELECT w.id AS worker_id,
        w.last_seen AS last_heartbeat,
        extract(epoch FROM now() - w.last_seen)::double precision AS heartbeat_age_seconds,
        CASE WHEN w.stopped_at IS NOT NULL THEN 'stopped'
-            WHEN w.last_seen < now() - interval '30 seconds' THEN 'stale'
+            WHEN w.last_seen < now() - {stale_after} THEN 'stale'
             ELSE 'alive' END AS state,
        w.stopped_at,
        COALESCE(r.running, 0) AS running,
@@ -160,7 +165,7 @@ WITH recent AS (
     WHERE t.finished_at >= now() - interval '24 hours' AND t.last_error IS NOT NULL
       AND t.status IN ('done', 'failed', 'cancelled')
     UNION ALL
-    SELECT t.id, t.type, t.status, t.last_error, {_RETRY_AT}
+    SELECT t.id, t.type, t.status, t.last_error, {retry_at}
     FROM "{s}".tasks t
     WHERE t.status = 'queued' AND t.retry_count > 0 AND t.last_error IS NOT NULL
     UNION ALL
@@ -168,7 +173,7 @@ WITH recent AS (
     FROM "{s}".tasks t
     WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL AND t.last_error IS NOT NULL
 ), keyed AS (
-    SELECT r.*, {_ERROR_KEY} AS error
+    SELECT r.*, {error_key} AS error
     FROM recent r
     WHERE r.at >= now() - interval '24 hours'
 )
@@ -183,7 +188,11 @@ SELECT k.type,
        (array_agg(k.last_error ORDER BY k.at DESC, k.id DESC))[1] AS latest_message
 FROM keyed k
 GROUP BY k.type, k.error;
-""")
+""".replace("CREATE VIEW", create)
+
+
+def upgrade() -> None:
+    op.execute(views_sql(migration_schema()))
 
 
 def downgrade() -> None:

@@ -25,7 +25,7 @@ from alembic import op
 from jobqueue.states import migration_schema
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -1,4 +1,5 @@
--- The maintenance services a worker runs when it wins their advisory lock (jobqueue/runtime/maintenance/).
+-- The maintenance services a worker runs when it wins their advisory lock (jobqueue/runtime/maintenance/),
+-- and the pruner's statements, which `jobq prune` runs too.
 --
 -- Conventions:
 --   * `{schema}` is the schema, filled in by the loader (jobqueue/db/sqlfile.py).
@@ -34,6 +35,8 @@ WITH gate AS (
                           ELSE t.last_error END,
         progress_msg = {schema}.append_log(t.progress_msg, to_char(now(), 'HH24:MI:SS') || ' [WARN] worker '
                        || COALESCE(t.worker_id, '?') || ' lost; task rescued', $2),
+        requeue_reason = CASE WHEN t.cancel_requested_at IS NULL AND t.retry_count < t.max_retries
+                              THEN 'lost' ELSE t.requeue_reason END,
         worker_id = NULL, lease_expires_at = NULL
     FROM expired
     WHERE t.id = expired.id
@@ -42,3 +45,32 @@ WITH gate AS (
 SELECT r.id, r.type, r.status, r.has_dependents,
        CASE WHEN r.status = 'queued' THEN pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text) END
 FROM r;
+
+-- name: prune_lock
+-- One pruner per cluster: a transaction-scoped lock per batch (a session lock would leak behind
+-- PgBouncer in transaction mode, where its unlock may land on another connection).
+SELECT pg_try_advisory_xact_lock($1);
+
+-- name: prune_lock_timeout
+-- A batch that cannot get its row locks within $1 gives up; the next pass tries again.
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: prune_delete
+-- Up to $3 finished tasks of statuses $1 older than $2 seconds, oldest first, through
+-- tasks_finished_idx; rows someone holds are skipped.
+WITH doomed AS (
+    SELECT id FROM {schema}.tasks
+    WHERE finished_at < now() - make_interval(secs => $2) AND status = ANY($1::text[])
+    ORDER BY finished_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.tasks t USING doomed WHERE t.id = doomed.id;
+
+-- name: prune_count
+SELECT count(*) FROM {schema}.tasks
+WHERE finished_at < now() - make_interval(secs => $2) AND status = ANY($1::text[]);
+
+-- name: prune_workers
+-- Worker rows not seen for $1 seconds (a crashed worker never marks itself stopped).
+DELETE FROM {schema}.workers WHERE last_seen < now() - make_interval(secs => $1);

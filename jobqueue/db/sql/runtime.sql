@@ -11,16 +11,22 @@
 
 -- name: claim
 -- Claims up to $3 tasks for one worker: per type at most the type's free local slots ($2), in
--- priority order, skipping rows other workers hold, honouring paused queues.
+-- priority order, skipping rows other workers hold, honouring paused queues. A type with a
+-- max_running cap is claimed only if listed in $6, the capped types whose running count the caller
+-- checked in this transaction (under cap_lock): a cap set a moment ago holds from this claim on.
 -- The claim commits without waiting for the WAL flush (synchronous_commit off for this transaction
 -- only): a claim lost in a server crash is the same as a worker that crashed right after claiming,
 -- which leases, rescue and the fencing token already handle; the completion stays fully durable.
+-- Rows are locked with SKIP LOCKED, never waited for, so the priority order in which they are taken
+-- cannot be part of a deadlock with the id-ordered statements (heartbeat, progress, completion).
 WITH wanted AS (
     SELECT w.type, w.n
     FROM unnest($1::text[], $2::int[]) AS w(type, n),
          (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
     WHERE w.n > 0
-      AND NOT EXISTS (SELECT 1 FROM {schema}.queues q WHERE q.type = w.type AND q.paused)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.queues q
+                      WHERE q.type = w.type
+                        AND (q.paused OR (q.max_running IS NOT NULL AND NOT q.type = ANY($6::text[]))))
 ), candidates AS (
     SELECT c.id, c.priority, c.run_at
     FROM wanted, LATERAL (
@@ -51,12 +57,38 @@ SELECT q.type, q.max_running, (SELECT count(*) FROM {schema}.tasks t
 FROM {schema}.queues q
 WHERE q.type = ANY($1::text[]) AND q.max_running IS NOT NULL;
 
+-- name: cap_lock
+-- Serialises the claims of capped types across workers (transaction-scoped advisory locks, taken in
+-- name order so two workers claiming several capped types cannot deadlock on them).
+SELECT pg_advisory_xact_lock(hashtext('{schema}.cap.' || s.type))
+FROM (SELECT DISTINCT type FROM unnest($1::text[]) AS u(type) ORDER BY type) AS s;
+
 -- name: capped_types
 SELECT type FROM {schema}.queues WHERE type = ANY($1::text[]) AND max_running IS NOT NULL;
 
--- name: next_run_at
--- When the earliest scheduled (or backed-off) task of these types becomes runnable.
-SELECT min(run_at) FROM {schema}.tasks WHERE status = 'queued' AND type = ANY($1::text[]);
+-- name: next_wake
+-- After a claim that found nothing: which of the worker's types ($1) have a max_running cap now (a
+-- cap set since the last heartbeat applies from the next claim on), and in how many seconds the
+-- earliest task of the types that could be claimed ($2: those with free local slots) becomes
+-- runnable, measured on the database's clock (a worker whose clock is ahead must not wake early and
+-- spin). Paused types and types at their cluster-wide cap are left out: they wake the worker by
+-- NOTIFY or the poll, never by a timer that fires at once (a tight re-claim loop). Also returns the
+-- database's clock, so NOTIFY payloads (epoch seconds) can be read against it.
+SELECT ARRAY(SELECT q.type FROM {schema}.queues q
+             WHERE q.type = ANY($1::text[]) AND q.max_running IS NOT NULL) AS capped,
+       (SELECT extract(epoch FROM min(n.run_at) - now())::float8
+        FROM unnest($2::text[]) AS w(type),
+             LATERAL (SELECT t.run_at FROM {schema}.tasks t
+                      WHERE t.status = 'queued' AND t.type = w.type
+                      ORDER BY t.run_at LIMIT 1) AS n
+        WHERE NOT EXISTS (
+            SELECT 1 FROM {schema}.queues q
+            WHERE q.type = w.type
+              AND (q.paused OR (q.max_running IS NOT NULL
+                                AND q.max_running <= (SELECT count(*) FROM {schema}.tasks r
+                                                      WHERE r.status = 'running' AND r.type = w.type))))
+       ) AS delay,
+       extract(epoch FROM now())::float8 AS db_now;
 
 -- name: release_dependents
 -- Parents $1 finished as done: count them off their waiting children; a child whose last parent is
@@ -134,6 +166,8 @@ WITH d AS (
         process_duration = CASE WHEN n.outcome IN ('released', 'snoozed') THEN t.process_duration
                                 ELSE extract(epoch FROM now() - t.started_at) END,
         last_error = CASE WHEN n.errored THEN n.error ELSE t.last_error END,
+        -- Why it went back to the queue, for the views (the rescuer sets 'lost').
+        requeue_reason = CASE WHEN n.errored AND n.status = 'queued' THEN 'error' ELSE t.requeue_reason END,
         worker_id = CASE WHEN n.status = 'queued' THEN NULL ELSE t.worker_id END,
         lease_expires_at = NULL,
         progress_msg = {schema}.append_log(t.progress_msg,
@@ -191,20 +225,53 @@ SELECT u.id, u.attempt, u.cancel_requested,
 FROM u;
 
 -- name: heartbeat
--- Registers the worker and renews the leases of all its running tasks in one statement; returns the
--- tasks still ours with their cancel flag (the fallback when a cancel NOTIFY was missed).
-WITH w AS (
-    INSERT INTO {schema}.workers (id, host, pid, types, concurrency, version)
-    VALUES ($1, $2, $3, $4, $5, $6)
-    ON CONFLICT (id) DO UPDATE SET last_seen = now(), stopped_at = NULL
-    RETURNING id
+-- Registers the worker and renews the leases of its running attempts, given as (id, attempt) pairs
+-- ($8, $9): a task this worker re-claimed after losing it is renewed for the new attempt only.
+-- The rows are locked in id order and locked rows are skipped, never waited for: a producer holding
+-- a parent row in an open transaction (or an operator's BEGIN; UPDATE ...) must not stop the renewal
+-- of every other lease; a skipped row is renewed by the next beat. Returns one row per pair: `ours`
+-- (still running under this worker and attempt, as committed), `renewed`, and the cancel flag (the
+-- fallback when a cancel NOTIFY was missed).
+-- The worker's own row is not waited for either (the completer's transaction updates its counter):
+-- it is registered once, then touched when its lock is free.
+WITH registered AS (
+    INSERT INTO {schema}.workers (id, host, pid, types, concurrency, version, lease_seconds)
+    SELECT $1, $2, $3, $4, $5, $6, $7
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.workers WHERE id = $1)
+    ON CONFLICT (id) DO NOTHING
+), me AS (
+    SELECT id FROM {schema}.workers WHERE id = $1 FOR UPDATE SKIP LOCKED
+), touched AS (
+    UPDATE {schema}.workers w SET last_seen = now(), stopped_at = NULL, lease_seconds = $7
+    FROM me WHERE w.id = me.id
+), mine AS (
+    SELECT p.id, p.attempt FROM unnest($8::bigint[], $9::int[]) AS p(id, attempt)
+), locked AS (
+    SELECT t.id
+    FROM {schema}.tasks t JOIN mine m ON m.id = t.id AND m.attempt = t.attempt
+    WHERE t.worker_id = $1 AND t.status = 'running'
+    ORDER BY t.id
+    FOR UPDATE OF t SKIP LOCKED
 ), l AS (
-    UPDATE {schema}.tasks
+    UPDATE {schema}.tasks t
     SET lease_expires_at = now() + make_interval(secs => $7)
-    WHERE id = ANY($8::bigint[]) AND worker_id = $1 AND status = 'running'
-    RETURNING id, cancel_requested_at IS NOT NULL AS cancel_requested
+    FROM locked
+    WHERE t.id = locked.id
+    RETURNING t.id
 )
-SELECT l.id, l.cancel_requested FROM l, w;
+SELECT m.id, m.attempt, t.id IS NOT NULL AS ours, l.id IS NOT NULL AS renewed,
+       COALESCE(t.cancel_requested_at IS NOT NULL, false) AS cancel_requested
+FROM mine m
+LEFT JOIN {schema}.tasks t ON t.id = m.id AND t.attempt = m.attempt AND t.worker_id = $1 AND t.status = 'running'
+LEFT JOIN l ON l.id = m.id;
+
+-- name: confirm_cancel
+-- A cancel NOTIFY is only a hint (pg_notify needs no privilege): the attempts among ($2, $3) that
+-- this worker ($1) still runs and whose cancel was really requested in the table.
+SELECT t.id, t.attempt
+FROM unnest($2::bigint[], $3::int[]) AS p(id, attempt)
+JOIN {schema}.tasks t ON t.id = p.id AND t.attempt = p.attempt
+WHERE t.worker_id = $1 AND t.status = 'running' AND t.cancel_requested_at IS NOT NULL;
 
 -- name: worker_stopped
 UPDATE {schema}.workers SET stopped_at = now(), last_seen = now() WHERE id = $1;

@@ -2,7 +2,8 @@
 
 Defaults: done and cancelled tasks are kept JOBQ_KEEP_DONE_DAYS (7), failed ones
 JOBQ_KEEP_FAILED_DAYS (30), so a failure stays inspectable long after the successes around it are
-gone. Workers run a pass from their heartbeat, one process per cluster at a time (advisory lock).
+gone. Each worker's heartbeat runs a pass through its own PruneSchedule (every PRUNE_EVERY_SECONDS,
+60 s; batches of BATCH, 1000 rows), one process per cluster at a time (advisory lock).
 
 Why it never gets in the way of the queue:
 
@@ -26,13 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobqueue.db.queries import MaintenanceSQL
 from jobqueue.settings import Settings
 from jobqueue.states import PRUNER_LOCK_KEY, TERMINAL, Status
 
-PRUNE_EVERY_SECONDS = 60.0
-BATCH = 1000
-# A batch that cannot get its locks within this gives up; the next pass tries again.
-LOCK_TIMEOUT = "2s"
+# Defaults of the service (the retention itself comes from the settings, see above).
+PRUNE_EVERY_SECONDS = 60.0  # a worker's pass runs at most once a minute, sooner while a backlog remains
+BATCH = 1000  # rows per transaction
+LOCK_TIMEOUT = "2s"  # a batch that cannot get its locks within this gives up; the next pass tries again
 
 
 @dataclass(frozen=True)
@@ -50,43 +52,11 @@ class PruneResult:
     workers: int = 0
 
 
-@dataclass
-class _State:
-    last_run: float = float("-inf")
-    backlog: bool = False
-
-
-_state = _State()
-
-
 def default_plans(settings: Settings) -> list[PrunePlan]:
     return [
         PrunePlan((Status.DONE, Status.CANCELLED), settings.keep_done_days * 86400),
         PrunePlan((Status.FAILED,), settings.keep_failed_days * 86400),
     ]
-
-
-def _delete_sql(schema: str) -> str:
-    return f"""
-        WITH doomed AS (
-            SELECT id FROM {schema}.tasks
-            WHERE finished_at < now() - make_interval(secs => $2) AND status = ANY($1::text[])
-            ORDER BY finished_at
-            LIMIT $3
-            FOR UPDATE SKIP LOCKED
-        )
-        DELETE FROM {schema}.tasks t USING doomed WHERE t.id = doomed.id"""
-
-
-def _count_sql(schema: str) -> str:
-    return (
-        f"SELECT count(*) FROM {schema}.tasks "
-        "WHERE finished_at < now() - make_interval(secs => $2) AND status = ANY($1::text[])"
-    )
-
-
-def _workers_sql(schema: str) -> str:
-    return f"DELETE FROM {schema}.workers WHERE last_seen < now() - make_interval(secs => $1)"
 
 
 def _affected(status: str) -> int:
@@ -112,6 +82,7 @@ async def prune(
     """
     if batch < 1:
         raise ValueError("batch must be at least 1")
+    q = MaintenanceSQL.load(schema)
     deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
     total = batches = 0
     more = False
@@ -120,9 +91,7 @@ async def prune(
         if bad:
             raise ValueError(f"only finished tasks can be pruned, not {sorted(bad)}")
         if dry_run:
-            total += int(
-                await conn.fetchval(_count_sql(schema), list(plan.statuses), plan.older_than_seconds)
-            )
+            total += int(await conn.fetchval(q.prune_count, list(plan.statuses), plan.older_than_seconds))
             continue
         while True:
             if (max_batches is not None and batches >= max_batches) or (
@@ -131,17 +100,12 @@ async def prune(
                 more = True
                 break
             async with conn.transaction():
-                # One pruner per cluster: a transaction-scoped lock per batch (a session lock would
-                # leak behind PgBouncer in transaction mode, where its unlock may land elsewhere).
-                if exclusive and not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNER_LOCK_KEY):
+                if exclusive and not await conn.fetchval(q.prune_lock, PRUNER_LOCK_KEY):
                     more = False
                     break
-                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                n = _affected(
-                    await conn.execute(
-                        _delete_sql(schema), list(plan.statuses), plan.older_than_seconds, batch
-                    )
-                )
+                await conn.fetchval(q.prune_lock_timeout, LOCK_TIMEOUT)
+                n = _affected(await conn.execute(q.prune_delete, list(plan.statuses), plan.older_than_seconds,
+                                                 batch))
             total += n
             batches += 1
             if n < batch:
@@ -150,25 +114,38 @@ async def prune(
             break
     removed_workers = 0
     if workers_older_than is not None and not dry_run:
-        removed_workers = _affected(await conn.execute(_workers_sql(schema), workers_older_than))
+        removed_workers = _affected(await conn.execute(q.prune_workers, workers_older_than))
     return PruneResult(rows=total, batches=batches, more=more, workers=removed_workers)
 
 
-async def maybe_prune(conn: Any, settings: Settings, *, force: bool = False, batch: int = BATCH) -> int:
-    """The workers' periodic pass: once a minute per process (sooner while a backlog remains),
-    one process per cluster; returns the number of tasks deleted."""
-    now = time.monotonic()
-    if not force and not _state.backlog and now - _state.last_run < PRUNE_EVERY_SECONDS:
-        return 0
-    _state.last_run = now
-    result = await prune(
-        conn,
-        settings.schema_name,
-        default_plans(settings),
-        batch=batch,
-        budget_seconds=max(0.2, min(2.0, settings.heartbeat_seconds * 0.4)),
-        workers_older_than=settings.keep_done_days * 86400,
-        exclusive=True,
-    )
-    _state.backlog = result.more
-    return result.rows
+class PruneSchedule:
+    """One worker's pruning schedule (each Worker owns one: no state shared through the module)."""
+
+    def __init__(self, settings: Settings, *, every_seconds: float = PRUNE_EVERY_SECONDS) -> None:
+        self.settings = settings
+        self.every = every_seconds
+        self.last_run = float("-inf")
+        self.backlog = False
+
+    def due(self) -> bool:
+        return self.backlog or time.monotonic() - self.last_run >= self.every
+
+    async def run(self, conn: Any, *, force: bool = False, batch: int = BATCH) -> int:
+        """The periodic pass: once per `every` seconds (at once while a backlog remains), one process
+        per cluster (advisory lock); returns the number of tasks deleted."""
+        if not force and not self.due():
+            return 0
+        self.last_run = time.monotonic()
+        s = self.settings
+        result = await prune(
+            conn,
+            s.schema_name,
+            default_plans(s),
+            batch=batch,
+            # the pass runs in the heartbeat loop: it must end well before the next beat is due
+            budget_seconds=max(0.2, min(2.0, s.heartbeat_seconds * 0.4)),
+            workers_older_than=s.keep_done_days * 86400,
+            exclusive=True,
+        )
+        self.backlog = result.more
+        return result.rows

@@ -1,0 +1,136 @@
+"""The heartbeat: leases by (id, attempt), cancel confirmation, and the maintenance schedule.
+
+- Every `heartbeat_seconds` (jittered) one statement registers the worker and renews the lease of
+  each attempt it runs, named by (id, attempt): after this worker re-claimed a task it had lost, only
+  the new attempt is renewed. Rows are locked in id order and locked rows are skipped, never waited
+  for (a producer holding a parent row, an operator's open UPDATE): they are renewed by the next beat,
+  well within the lease. An attempt that is no longer ours has its handler cancelled (the zombie case).
+- A cancel NOTIFY is a hint, never an order: any role can call pg_notify. The hinted attempts are
+  checked in the table (`cancel_requested_at`, still ours) before a handler is cancelled; the beat's
+  own cancel flag is the fallback for a NOTIFY that never came.
+- Maintenance (the rescuer every beat, the pruner on its own schedule) runs after the beat, each
+  service taking its advisory lock so one worker of the cluster does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from typing import TYPE_CHECKING, Any
+
+from jobqueue import __version__
+from jobqueue.db.connect import redact_text
+from jobqueue.observe import metrics
+from jobqueue.runtime.maintenance import rescuer
+from jobqueue.runtime.maintenance.pruner import PruneSchedule
+from jobqueue.runtime.supervise import is_transient
+from jobqueue.states import CancelReason
+
+if TYPE_CHECKING:
+    from jobqueue.runtime.worker import Worker
+
+log = logging.getLogger("jobq.worker")
+
+
+class Heartbeat:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.prune = PruneSchedule(worker.settings)
+        self._hints: dict[int, int | None] = {}
+        self._confirming: asyncio.Task[None] | None = None
+
+
+    async def beat(self) -> None:
+        w = self.w
+        pairs = w.running_pairs()
+
+        async def once(conn: Any) -> tuple[list[Any], list[Any]]:
+            rows = await conn.fetch(
+                w.q.heartbeat, w.id, w.host, os.getpid(), w.types, w.concurrency, __version__, w.lease,
+                [p[0] for p in pairs], [p[1] for p in pairs])
+            capped = await conn.fetch(w.q.capped_types, w.types)
+            return rows, capped
+
+        rows, capped = await w._db(once)
+        w.fetcher.capped = {r["type"] for r in capped}
+        for r in rows:
+            run = w._running.get(r["id"])
+            if run is None or run.ctx.attempt != r["attempt"]:
+                continue  # finished (or re-claimed) meanwhile
+            if not r["ours"]:
+                if not run.completed_in_transaction:
+                    log.warning("task %d attempt %d is no longer ours (lease lost); cancelling its handler",
+                                r["id"], r["attempt"])
+                    w.executor.cancel(run, CancelReason.LOST)
+            elif r["cancel_requested"]:
+                w.executor.cancel(run, CancelReason.USER)
+        skipped = sum(1 for r in rows if r["ours"] and not r["renewed"])
+        if skipped:
+            log.info("%d lease(s) not renewed this beat (row locked by another transaction); next beat", skipped)
+
+    async def loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.w.heartbeat_every * random.uniform(0.9, 1.0))
+            await self.beat()
+            if self.w.maintenance:
+                await self.maintain()
+
+    async def maintain(self) -> None:
+        """One pass of the maintenance services. A transient error skips the pass (the next beat runs
+        it again); anything else propagates to the supervisor of the loop."""
+        w = self.w
+        assert w._pool is not None
+        try:
+            async with w._pool.acquire() as conn:
+                rescued = await rescuer.rescue(conn, w.mq, w.q, log_chars=w.log_chars)
+                if rescued.requeued or rescued.failed or rescued.cancelled:
+                    n = rescued.requeued + rescued.failed + rescued.cancelled
+                    w.stats.rescued += n
+                    metrics.RESCUED.inc(n)
+                    log.warning("rescued %d task(s) with expired leases (%d requeued, %d failed, %d cancelled)",
+                                n, rescued.requeued, rescued.failed, rescued.cancelled)
+                await self.prune.run(conn)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            w.outage.failed(exc, "maintenance")
+            log.info("maintenance skipped: %s", redact_text(str(exc)))
+
+    # ------------------------------------------------------------------ cancel hints
+
+    def cancel_hint(self, payload: str) -> None:
+        """A NOTIFY on the cancel channel (`id` or `id:attempt`): check it in the database, soon."""
+        task_id, _, attempt = payload.partition(":")
+        try:
+            tid, att = int(task_id), int(attempt) if attempt else None
+        except ValueError:
+            return
+        if tid not in self.w._running:
+            return
+        self._hints[tid] = att
+        if self._confirming is None or self._confirming.done():
+            self._confirming = asyncio.create_task(self._confirm(), name="jobq-cancel-confirm")
+
+    async def _confirm(self) -> None:
+        w = self.w
+        while self._hints:
+            hints, self._hints = self._hints, {}
+            pairs = [(tid, run.ctx.attempt) for tid, att in hints.items()
+                     if (run := w._running.get(tid)) is not None and att in (None, run.ctx.attempt)]
+            if not pairs:
+                continue
+            try:
+                rows = await w._db(self._check, [p[0] for p in pairs], [p[1] for p in pairs])
+            except Exception:
+                log.exception("could not confirm a cancel request; the next heartbeat checks again")
+                return
+            for r in rows:
+                run = w._running.get(r["id"])
+                if run is not None and run.ctx.attempt == r["attempt"]:
+                    w.executor.cancel(run, CancelReason.USER)
+
+    async def _check(self, conn: Any, ids: list[int], attempts: list[int]) -> list[Any]:
+        rows: list[Any] = await conn.fetch(self.w.q.confirm_cancel, self.w.id, ids, attempts)
+        return rows
