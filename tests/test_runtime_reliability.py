@@ -22,6 +22,7 @@ import pytest
 from support import BackgroundWorker, channel, wait_for
 
 from jobqueue import Client
+from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.runtime.worker import Worker
 
 assert handlers  # registers the t_* task types
@@ -362,10 +363,10 @@ def test_outage_logs_one_line_each_way(client: Client, conn: psycopg.Connection[
 
 def test_a_loop_that_cannot_recover_stops_the_worker_non_zero(db_url: str, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    async def broken(self: Worker) -> None:
+    async def broken(self: ProgressWriter) -> None:
         raise RuntimeError("progress writer bug")
 
-    monkeypatch.setattr(Worker, "_progress_writer", broken)
+    monkeypatch.setattr(ProgressWriter, "run", broken)
 
     async def go() -> int:
         worker = Worker(["t_record"], url=db_url)
@@ -378,17 +379,17 @@ def test_a_loop_that_cannot_recover_stops_the_worker_non_zero(db_url: str, monke
 
 def test_a_loop_that_crashes_once_is_restarted(client: Client, conn: psycopg.Connection[Any], reset: None,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Worker._progress_writer
+    original = ProgressWriter.run
     calls = 0
 
-    async def once_broken(self: Worker) -> None:
+    async def once_broken(self: ProgressWriter) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("transient bug")
         await original(self)
 
-    monkeypatch.setattr(Worker, "_progress_writer", once_broken)
+    monkeypatch.setattr(ProgressWriter, "run", once_broken)
     tid = client.enqueue("t_progress", {"hold": 1.0})
     with BackgroundWorker(["t_progress"]):
         wait_for(lambda: status(conn, tid) == "done", timeout=10)
