@@ -8,6 +8,7 @@ gets a database of its own, migrated to head, so modules cannot see each other's
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,33 @@ def encrypted_pdf() -> bytes:
 @pytest.fixture(scope="session")
 def truncated_pdf() -> bytes:
     return (TEST_DATA / "truncated.pdf").read_bytes()
+
+
+# ---------------------------------------------------------------- the worker tests' handlers and tables
+
+
+@pytest.fixture(scope="module")
+def runs_tables(db_url: str) -> None:
+    """The tables tests/handlers.py records runs and effects in."""
+    import handlers
+
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute(handlers.RUNS_DDL)
+
+
+@pytest.fixture
+def reset(conn: psycopg.Connection[Any], runs_tables: None) -> None:
+    """An empty queue and empty run records."""
+    conn.execute("TRUNCATE tasks, workers, queues, public.test_runs, public.test_effects RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Worker processes a test starts; killed at its end."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+

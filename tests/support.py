@@ -112,3 +112,24 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> A
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
+    """The first column of the one row `sql` returns."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def status(conn: psycopg.Connection[Any], task_id: int) -> str:
+    return str(one(conn, "SELECT status FROM tasks WHERE id = %s", task_id))
+
+
+def spawn(types: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`jobq worker --types TYPES --import handlers` in a child process, as an operator runs it."""
+    tests = str(REPO / "tests")
+    full_env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobqueue", "worker", "--types", types, "--import", "handlers", *extra],
+        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+

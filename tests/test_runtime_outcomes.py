@@ -12,25 +12,14 @@ import time
 from typing import Any
 
 import asyncpg
-import handlers
 import psycopg
 import pytest
-from support import FULL, SCHEMA, BackgroundWorker, channel, wait_for
-from test_worker import one, procs, spawn, status  # noqa: F401  (procs is a fixture)
+from support import FULL, SCHEMA, BackgroundWorker, channel, one, spawn, status, wait_for
 
 from jobqueue import Client, Context, Snooze, get_settings, task
 from jobqueue.db.queries import RuntimeSQL
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _tables(db_url: str) -> None:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(handlers.RUNS_DDL)
-
-
-@pytest.fixture
-def reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("TRUNCATE tasks, workers, queues, public.test_runs, public.test_effects RESTART IDENTITY CASCADE")
+pytestmark = pytest.mark.usefixtures("runs_tables")
 
 
 @task("o_result")
@@ -269,7 +258,7 @@ def test_hard_timed_out_thread_keeps_its_slot(client: Client, conn: psycopg.Conn
 
 
 def test_sigterm_keeps_a_running_sync_handler_owned(client: Client, conn: psycopg.Connection[Any], reset: None,
-                                                    procs: list[Any]) -> None:  # noqa: F811
+                                                    procs: list[Any]) -> None:
     tid = client.enqueue("t_stubborn", {"s": 4})
     p = spawn("t_stubborn", "--grace", "0.5")
     procs.append(p)
@@ -284,7 +273,7 @@ def test_sigterm_keeps_a_running_sync_handler_owned(client: Client, conn: psycop
 
 
 def test_sigterm_kills_a_process_isolated_handler_then_releases(client: Client, conn: psycopg.Connection[Any],
-                                                                reset: None, procs: list[Any]) -> None:  # noqa: F811
+                                                                reset: None, procs: list[Any]) -> None:
     tid = client.enqueue("t_proc_sleep", {"s": 60})
     p = spawn("t_proc_sleep", "--grace", "0.5")
     procs.append(p)

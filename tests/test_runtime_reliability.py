@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import handlers
 import psycopg
 import pytest
-from support import BackgroundWorker, channel, wait_for
+from support import BackgroundWorker, channel, one, status, wait_for
 
 from jobqueue import Client
 from jobqueue.runtime.progress import ProgressWriter
@@ -28,26 +28,8 @@ from jobqueue.runtime.worker import Worker
 assert handlers  # registers the t_* task types
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tables(db_url: str) -> None:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(handlers.RUNS_DDL)
+pytestmark = pytest.mark.usefixtures("runs_tables")
 
-
-@pytest.fixture
-def reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("TRUNCATE tasks, workers, queues, public.test_runs, public.test_effects "
-                 "RESTART IDENTITY CASCADE")
-
-
-def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def status(conn: psycopg.Connection[Any], task_id: int) -> str:
-    return str(one(conn, "SELECT status FROM tasks WHERE id = %s", task_id))
 
 
 def started(w: BackgroundWorker) -> bool:

@@ -4,18 +4,14 @@ leases and rescue, fencing, cancellation, shutdown, LISTEN reconnect."""
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import handlers
 import psycopg
 import pytest
-from support import REPO, BackgroundWorker, wait_for
+from support import REPO, BackgroundWorker, one, spawn, status, wait_for
 
 from jobqueue import Client
 from jobqueue.observe import metrics
@@ -23,43 +19,8 @@ from jobqueue.observe import metrics
 TESTS = str(REPO / "tests")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tables(db_url: str) -> None:
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(handlers.RUNS_DDL)
+pytestmark = pytest.mark.usefixtures("runs_tables")
 
-
-@pytest.fixture
-def reset(conn: psycopg.Connection[Any]) -> None:
-    conn.execute("TRUNCATE tasks, workers, queues, public.test_runs, public.test_effects "
-                 "RESTART IDENTITY CASCADE")
-
-
-def one(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-def status(conn: psycopg.Connection[Any], task_id: int) -> str:
-    return str(one(conn, "SELECT status FROM tasks WHERE id = %s", task_id))
-
-
-def spawn(types: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobqueue", "worker", "--types", types, "--import", "handlers", *extra],
-        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
 
 
 # ------------------------------------------------------------------ claiming
