@@ -35,13 +35,12 @@ def migrate(url: str | None = None, schema: str | None = None, revision: str = "
 
 
 def current(url: str | None = None, schema: str | None = None) -> str | None:
+    """The alembic revision the schema is at (None: not migrated)."""
     import psycopg
+
+    from jobqueue.admin.revision import stamped
 
     cfg = alembic_config(url, schema)
     with psycopg.connect(cfg.attributes["url"]) as conn:
-        table = f'"{cfg.attributes["schema"]}".alembic_version'
-        row = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()
-        if not row or row[0] is None:
-            return None
-        ver = conn.execute(f"SELECT version_num FROM {table}").fetchone()
-        return str(ver[0]) if ver else None
+        _, found = stamped(conn, cfg.attributes["schema"])
+    return max(found) if found else None

@@ -88,18 +88,23 @@ class SchemaState(enum.Enum):
                                 "upgrade jobq")
 
 
-def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState:
-    """Where the schema in `conn`'s database stands relative to this jobq."""
+def stamped(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, set[str]]:
+    """Whether jobq's tasks table exists in `schema`, and the alembic revisions stamped there."""
     q = SchemaSQL.load(schema)
     with psycopg.RawCursor(conn) as cur:
         row = cur.execute(q.tables).fetchone()
         assert row is not None
         has_tasks, versioned = row
-        if not has_tasks:
-            return SchemaState.MISSING
-        if not versioned:
-            return SchemaState.BEHIND
-        found = {r[0] for r in cur.execute(q.revision).fetchall()}
+        return bool(has_tasks), ({r[0] for r in cur.execute(q.revision).fetchall()} if versioned else set())
+
+
+def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState:
+    """Where the schema in `conn`'s database stands relative to this jobq."""
+    has_tasks, found = stamped(conn, schema)
+    if not has_tasks:
+        return SchemaState.MISSING
+    if not found:
+        return SchemaState.BEHIND
     if found == {head_revision()}:
         return SchemaState.CURRENT
     return SchemaState.BEHIND if found <= set(revisions()) else SchemaState.NEWER

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from jobqueue.admin import embedded
-from jobqueue.errors import ConfigurationError, DatabaseUnavailable, SchemaMissing
+from jobqueue.errors import ConfigurationError, DatabaseUnavailable
 from jobqueue.settings import Settings, get_settings
 
 _DRIVER = re.compile(r"^postgres(?:ql)?(\+\w+)?://")
@@ -98,9 +98,3 @@ def first_line(exc: BaseException) -> str:
     """An error's first line with any URL password removed: the CLI prints one line, never a payload."""
     text = str(exc).strip().splitlines()
     return redact_text(text[0] if text else type(exc).__name__)
-
-
-def check_schema(conn: psycopg.Connection[Any], schema: str) -> None:
-    row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".tasks',)).fetchone()
-    if row is None or row[0] is None:
-        raise SchemaMissing(f'jobq\'s tables are not in schema "{schema}": run `jobq migrate` first')
