@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import handlers
 import psycopg
@@ -91,8 +91,8 @@ def test_worker_waits_out_too_many_connections(client: Client, conn: psycopg.Con
     conn.execute(f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{role}"')
     conn.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA "{SCHEMA}" TO "{role}"')
     conn.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA "{SCHEMA}" TO "{role}"')
-    parts = urlsplit(db_url)
-    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+    parts = urlsplit(db_url)  # the embedded server's URL names its socket in the query: keep it
+    as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
     held = [psycopg.connect(as_role) for _ in range(4)]
     try:
         tid = client.enqueue("t_record", {})
@@ -257,9 +257,10 @@ def test_new_cap_applies_on_the_next_claim(client: Client, conn: psycopg.Connect
 
 
 class Proxy:
-    """A TCP proxy to the test server that can be cut (the database 'down') and restored."""
+    """A TCP proxy to the test server that can be cut (the database 'down') and restored. The target
+    is a (host, port) or, for the embedded server, the path of its Unix socket."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int] | str) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -278,7 +279,11 @@ class Proxy:
                 client.close()
                 continue
             try:
-                server = socket.create_connection(self.target)
+                if isinstance(self.target, str):
+                    server = socket.socket(socket.AF_UNIX)
+                    server.connect(self.target)
+                else:
+                    server = socket.create_connection(self.target)
             except OSError:
                 client.close()
                 continue
@@ -314,10 +319,14 @@ class Proxy:
 @pytest.fixture
 def proxy(db_url: str) -> Iterator[tuple[Proxy, str]]:
     parts = urlsplit(db_url)
-    p = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    query = dict(parse_qsl(parts.query))
+    if "host" in query:  # the embedded server: a Unix socket in that directory
+        p = Proxy(f"{query['host']}/.s.PGSQL.{query.get('port', '5432')}")
+    else:
+        p = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
     netloc = parts.netloc.rsplit("@", 1)
     user = netloc[0] + "@" if len(netloc) == 2 else ""
-    yield p, urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{p.port}"))
+    yield p, urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{p.port}", query=""))
     p.close()
 
 
