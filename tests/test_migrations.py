@@ -106,3 +106,42 @@ def test_0004_backfills_requeue_reason_and_goes_down_and_up(server_url: str) -> 
         assert current(url) == _head()
     finally:
         drop_database(server_url, url)
+
+
+def test_0006_abandoned_column_goes_down_and_up_keeping_grants(server_url: str) -> None:
+    """worker_health gains `abandoned` in place; going down drops the column and re-creates the view,
+    and a role's grant on the view survives both ways."""
+    import uuid
+
+    from alembic import command
+
+    from jobqueue.admin.migrate import alembic_config
+
+    url = create_database(server_url)
+    role = f"jobq_m6_{uuid.uuid4().hex[:6]}"
+
+    def state() -> tuple[bool, bool]:
+        with psycopg.connect(url) as conn:
+            has_column = conn.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = 'worker_health' AND column_name = 'abandoned'", (SCHEMA,)).fetchone()
+            granted = conn.execute("SELECT has_table_privilege(%s, %s, 'SELECT')",
+                                   (role, f'"{SCHEMA}".worker_health')).fetchone()
+        assert has_column is not None and granted is not None
+        return bool(has_column[0]), bool(granted[0])
+
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}"')
+            conn.execute(f'GRANT SELECT ON "{SCHEMA}".worker_health TO "{role}"')
+        assert state() == (True, True)
+        command.downgrade(alembic_config(url), "0005")
+        assert state() == (False, True)
+        migrate(url)
+        assert current(url) == _head()
+        assert state() == (True, True)
+    finally:
+        drop_database(server_url, url)
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')

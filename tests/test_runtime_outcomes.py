@@ -6,6 +6,7 @@ cancels honoured on error, shutdown of sync handlers, abandoned threads counted 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from support import FULL, SCHEMA, BackgroundWorker, channel, one, spawn, status, wait_for
+from support import FULL, SCHEMA, BackgroundWorker, channel, jobq_cli, one, spawn, status, wait_for
 
 from jobqueue import Client, Context, Snooze, get_settings, task
 from jobqueue.db.queries import RuntimeSQL
@@ -84,6 +85,14 @@ async def o_fenced(ctx: Context, payload: Any) -> Any:
 @task("o_hard", hard_timeout=0.3, max_retries=0)
 def o_hard(ctx: Context, payload: Any) -> Any:
     time.sleep(2)  # ignores everything: only its return frees its thread
+
+
+hung_release = threading.Event()
+
+
+@task("o_hung", hard_timeout=0.3, max_retries=0)
+def o_hung(ctx: Context, payload: Any) -> Any:
+    hung_release.wait(30)  # ignores everything: returns when the test lets it
 
 
 def row(conn: psycopg.Connection[Any], task_id: int) -> dict[str, Any]:
@@ -252,6 +261,31 @@ def test_hard_timed_out_thread_keeps_its_slot(client: Client, conn: psycopg.Conn
     gap = one(conn, "SELECT extract(epoch FROM n.started_at - h.started_at) FROM tasks h, tasks n "
                     "WHERE h.id = %s AND n.id = %s", hung, nxt)
     assert gap >= 1.5  # the next task waited for the hung thread to return, not for the hard timeout
+
+
+def test_abandoned_threads_are_shown_until_they_return(client: Client, conn: psycopg.Connection[Any],
+                                                       reset: None) -> None:
+    """The heartbeat writes how many hard-timed-out threads still hold a slot; worker_health and
+    `jobq stats --json` show it, and it goes back to 0 once the thread returns."""
+    hung_release.clear()
+
+    def abandoned() -> int:
+        return int(one(conn, "SELECT abandoned FROM worker_health WHERE worker_id = 'w-stuck'"))
+
+    try:
+        tid = client.enqueue("o_hung", {})
+        with BackgroundWorker(["o_hung"], name="w-stuck", concurrency=2, heartbeat_seconds=0.2):
+            wait_for(lambda: status(conn, tid) == "failed", timeout=10)
+            assert "hard timeout" in (client.get(tid).last_error or "")
+            wait_for(lambda: abandoned() == 1, timeout=5)
+            res = jobq_cli("stats", "--json")
+            assert res.returncode == 0, res.stderr
+            workers = {w["worker_id"]: w for w in json.loads(res.stdout)["workers"]}
+            assert workers["w-stuck"]["abandoned"] == 1
+            hung_release.set()
+            wait_for(lambda: abandoned() == 0, timeout=5)
+    finally:
+        hung_release.set()
 
 
 # ------------------------------------------------------------------ item 8: shutdown of sync handlers

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from support import BackgroundWorker, channel, one, status, wait_for
 
-from jobqueue import Client
+from jobqueue import Client, get_settings
 from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.runtime.worker import Worker
 
@@ -257,15 +257,21 @@ def test_new_cap_applies_on_the_next_claim(client: Client, conn: psycopg.Connect
 
 
 class Proxy:
-    """A TCP proxy to the test server that can be cut (the database 'down') and restored. The target
-    is a (host, port) or, for the embedded server, the path of its Unix socket."""
+    """A TCP proxy to the test server that can be cut (the database 'down') and restored, or frozen:
+    every connection open while frozen goes half-open for good (bytes swallowed, nothing closed, as
+    when a NAT or firewall forgets the connection); connections made after `thaw()` work. A close
+    still goes through (the server then ends its session and its locks; over a real half-open link
+    that is left to the server's keepalive or idle_in_transaction_session_timeout). The target is a
+    (host, port) or, for the embedded server, the path of its Unix socket."""
 
     def __init__(self, target: tuple[str, int] | str) -> None:
         self.target = target
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.frozen_now = False
         self.conns: list[socket.socket] = []
+        self.dead: set[socket.socket] = set()  # connections that swallow what they receive
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -289,13 +295,16 @@ class Proxy:
                 continue
             with self.lock:
                 self.conns += [client, server]
+                if self.frozen_now:
+                    self.dead.update((client, server))
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := a.recv(65536):
-                b.sendall(data)
+                if a not in self.dead:
+                    b.sendall(data)
         for s in (a, b):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -310,6 +319,14 @@ class Proxy:
 
     def restore(self) -> None:
         self.up = True
+
+    def freeze(self) -> None:
+        with self.lock:
+            self.frozen_now = True
+            self.dead.update(self.conns)
+
+    def thaw(self) -> None:
+        self.frozen_now = False
 
     def close(self) -> None:
         self.cut()
@@ -347,6 +364,34 @@ def test_outage_logs_one_line_each_way(client: Client, conn: psycopg.Connection[
     assert len([m for m in messages if "database back after" in m]) == 1, messages
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("asyncpg")]
     assert len([m for m in messages if "retrying" in m]) <= 3, messages
+
+
+def test_half_open_connection_times_out_and_the_task_completes(
+        client: Client, conn: psycopg.Connection[Any], db_url: str, reset: None, proxy: tuple[Proxy, str]) -> None:
+    """Item 6: the connection carrying a task's completion goes half-open mid-statement (no byte goes
+    through, nothing is closed). Without a command timeout the completer would wait forever for the
+    answer; with one (2 s here) the statement fails, is retried, and the task completes once
+    connections work again."""
+    p, url = proxy
+    settings = get_settings().model_copy(update={"command_timeout_seconds": 2.0})
+    with BackgroundWorker(["t_record"], url=url, settings=settings, poll_seconds=0.5, heartbeat_seconds=0.5,
+                          lease_seconds=60) as w:
+        wait_for(lambda: started(w))
+        tid = client.enqueue("t_record", {"sleep": 0.3})
+        wait_for(lambda: status(conn, tid) == "running")
+        with psycopg.connect(db_url) as holder:
+            # Hold the task's row so the completion is in flight, on the server, when the link dies.
+            holder.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", (tid,))
+            wait_for(lambda: one(conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()") == 1, timeout=10)
+            p.freeze()
+            holder.rollback()
+        time.sleep(3)
+        assert status(conn, tid) == "running" and w.thread.is_alive()
+        p.thaw()
+        wait_for(lambda: status(conn, tid) == "done", timeout=20)
+        assert one(conn, "SELECT count(*) FROM public.test_runs WHERE task_id = %s", tid) == 1
+    assert w.error is None
 
 
 # ------------------------------------------------------------------ supervision

@@ -39,8 +39,8 @@ def history(db_url: str) -> str:
             FROM generate_series(0, 9) i;
             INSERT INTO tasks (type, status, finished_at, started_at, process_duration, last_error)
             VALUES ('top_b', 'failed', now(), now(), 0.1, 'KeyError: ''page_42''');
-            INSERT INTO workers (id, host, pid, types, concurrency, done, failed)
-            VALUES ('w-top', 'host-1', 4242, '{top_a,top_b}', 8, 10, 1);
+            INSERT INTO workers (id, host, pid, types, concurrency, done, failed, abandoned)
+            VALUES ('w-top', 'host-1', 4242, '{top_a,top_b}', 8, 10, 1, 2);
         """)
     return db_url
 
@@ -55,7 +55,9 @@ def test_frame_renders_every_panel(history: str) -> None:
     # type, runnable, scheduled, waiting, running, oldest wait (2 minutes)
     assert re.search(r"top_a\s+3\s+1\s+0\s+1\s+2\.\dm", row), row
     worker = next(line for line in text.splitlines() if "w-top" in line)
-    assert re.search(r"w-top\s+host-1\s+4242\s+top_a,top_b\s+alive\s+.*\s1\s+10\s+1\s+0", worker), worker
+    # ... running, done, failed, expired, stuck (threads past their hard timeout)
+    assert re.search(r"w-top\s+host-1\s+4242\s+top_a,top_b\s+alive\s+.*\s1\s+10\s+1\s+0\s+2\s+│", worker), worker
+    assert "stuck" in text
     assert "KeyError: 'page_N'" in text
     spark = next(line for line in text.splitlines() if "top_b" in line and any(ch in line for ch in "▁█"))
     assert "█" in spark and "10" in spark
@@ -79,7 +81,7 @@ def test_stats_json_matches_the_views(history: str) -> None:
     assert (queues["top_b"]["done_last_hour"], queues["top_b"]["failed_last_hour"]) == (10, 1)
     assert sum(m["done"] for m in doc["throughput"]["top_b"]) == 10
     assert len(doc["throughput"]["top_b"]) == 60
-    assert [w["worker_id"] for w in doc["workers"]] == ["w-top"]
+    assert [(w["worker_id"], w["abandoned"]) for w in doc["workers"]] == [("w-top", 2)]
     assert doc["failures"][0]["error"] == "KeyError: 'page_N'"
     assert {(r["type"], r["period"]) for r in doc["latency"]} >= {("top_b", "5m"), ("top_b", "1h")}
     text = jobq_cli("stats", "--width", "150")

@@ -113,14 +113,16 @@ def _latency(s: Snapshot) -> Table:
 
 
 def _workers(s: Snapshot) -> Table:
-    numbers = ("pid", "running", "done", "failed", "expired")
+    # "stuck": sync handlers past their hard timeout whose threads have not returned; each holds a
+    # slot, so a worker with stuck threads runs fewer tasks than its concurrency.
+    numbers = ("pid", "running", "done", "failed", "expired", "stuck")
     t = _table("worker", "host", "pid", "types", "state", "heartbeat", "running", "done", "failed", "expired",
-               right=numbers)
+               "stuck", right=numbers)
     for w in s.workers:
         t.add_row(_text(w["worker_id"]), _text(w["host"]), str(w["pid"]), _text(",".join(w["types"])),
                   _text(w["state"], WORKER_COLORS.get(w["state"], "white")),
                   _secs(w["heartbeat_age_seconds"]) + " ago", str(w["running"]), str(w["done"]),
-                  str(w["failed"]), _count(int(w["lease_expired"]), "red"))
+                  str(w["failed"]), _count(int(w["lease_expired"]), "red"), _count(int(w["abandoned"]), "yellow"))
     if not s.workers:
         _empty(t, "no workers")
     return t

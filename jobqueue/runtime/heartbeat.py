@@ -5,6 +5,8 @@
   the new attempt is renewed. Rows are locked in id order and locked rows are skipped, never waited
   for (a producer holding a parent row, an operator's open UPDATE): they are renewed by the next beat,
   well within the lease. An attempt that is no longer ours has its handler cancelled (the zombie case).
+  The same statement records how many hard-timed-out sync handlers' threads still hold a slot
+  (`workers.abandoned`), so `jobq top` can say why a worker runs fewer tasks than its concurrency.
 - A cancel NOTIFY is a hint, never an order: any role can call pg_notify. The hinted attempts are
   checked in the table (`cancel_requested_at`, still ours) before a handler is cancelled; the beat's
   own cancel flag is the fallback for a NOTIFY that never came.
@@ -45,11 +47,12 @@ class Heartbeat:
     async def beat(self) -> None:
         w = self.w
         pairs = w.running_pairs()
+        abandoned = len(w.dispatcher.abandoned)  # threads past their hard timeout, still holding slots
 
         async def once(conn: Any) -> tuple[list[Any], list[Any]]:
             rows = await conn.fetch(
                 w.q.heartbeat, w.id, w.host, os.getpid(), w.types, w.concurrency, __version__, w.lease,
-                [p[0] for p in pairs], [p[1] for p in pairs])
+                [p[0] for p in pairs], [p[1] for p in pairs], abandoned)
             capped = await conn.fetch(w.q.capped_types, w.types)
             return rows, capped
 

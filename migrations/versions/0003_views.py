@@ -60,8 +60,9 @@ _STALE_AFTER = "interval '30 seconds'"
 
 
 def views_sql(s: str, *, retry_at: str = _RETRY_AT, error_key: str = _ERROR_KEY, stale_after: str = _STALE_AFTER,
-              create: str = "CREATE VIEW") -> str:
-    """The views' DDL with the parts a later revision replaces as parameters (0004 passes columns)."""
+              worker_columns: str = "", create: str = "CREATE VIEW") -> str:
+    """The views' DDL with the parts a later revision replaces as parameters (0004 passes columns);
+    `worker_columns` are appended to worker_health's (0006), where CREATE OR REPLACE VIEW allows them."""
     latency = "\n    UNION ALL".join(_latency_branch(s, label, secs) for label, secs in _LATENCY_WINDOWS)
     return f"""
 CREATE VIEW "{s}".queue_depth AS
@@ -148,7 +149,7 @@ SELECT w.id AS worker_id,
        COALESCE(r.running, 0) AS running,
        w.done,
        w.failed,
-       COALESCE(r.lease_expired, 0) AS lease_expired
+       COALESCE(r.lease_expired, 0) AS lease_expired{worker_columns}
 FROM "{s}".workers w
 LEFT JOIN (
     SELECT t.worker_id, count(*) AS running,

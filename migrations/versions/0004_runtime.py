@@ -60,10 +60,15 @@ UPDATE "{s}".tasks SET requeue_reason = 'lost' WHERE last_error LIKE 'worker % l
 ALTER TABLE "{s}".workers ADD COLUMN lease_seconds real;
 """)
     # Replaced in place (same columns), so the grants roles hold on the views survive.
+    op.execute(views_sql(s))
+
+
+def views_sql(s: str, *, worker_columns: str = "", create: str = "CREATE OR REPLACE VIEW") -> str:
+    """The views as this revision defines them (0006 re-issues them with a column added)."""
     ddl = _views().views_sql(s, retry_at=_RETRY_AT, error_key=_ERROR_KEY, stale_after=_STALE_AFTER,
-                             create="CREATE OR REPLACE VIEW")
-    op.execute(ddl.replace("SELECT t.id, t.type, t.status, t.last_error,",
-                           "SELECT t.id, t.type, t.status, t.last_error, t.requeue_reason,"))
+                             worker_columns=worker_columns, create=create)
+    return ddl.replace("SELECT t.id, t.type, t.status, t.last_error,",
+                       "SELECT t.id, t.type, t.status, t.last_error, t.requeue_reason,")
 
 
 def downgrade() -> None:

@@ -233,16 +233,17 @@ FROM u;
 -- (still running under this worker and attempt, as committed), `renewed`, and the cancel flag (the
 -- fallback when a cancel NOTIFY was missed).
 -- The worker's own row is not waited for either (the completer's transaction updates its counter):
--- it is registered once, then touched when its lock is free.
+-- it is registered once, then touched when its lock is free. $10 is the number of hard-timed-out
+-- handler threads that have not returned (they hold slots; `jobq top` shows them).
 WITH registered AS (
-    INSERT INTO {schema}.workers (id, host, pid, types, concurrency, version, lease_seconds)
-    SELECT $1, $2, $3, $4, $5, $6, $7
+    INSERT INTO {schema}.workers (id, host, pid, types, concurrency, version, lease_seconds, abandoned)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $10
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.workers WHERE id = $1)
     ON CONFLICT (id) DO NOTHING
 ), me AS (
     SELECT id FROM {schema}.workers WHERE id = $1 FOR UPDATE SKIP LOCKED
 ), touched AS (
-    UPDATE {schema}.workers w SET last_seen = now(), stopped_at = NULL, lease_seconds = $7
+    UPDATE {schema}.workers w SET last_seen = now(), stopped_at = NULL, lease_seconds = $7, abandoned = $10
     FROM me WHERE w.id = me.id
 ), mine AS (
     SELECT p.id, p.attempt FROM unnest($8::bigint[], $9::int[]) AS p(id, attempt)
