@@ -35,6 +35,7 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     capped_types: str
     next_wake: str
     finish_many: str
+    complete_many: str
     release_dependents: str
     cancel_dependents: str
     progress_many: str

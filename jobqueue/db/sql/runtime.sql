@@ -196,6 +196,35 @@ SELECT u.id, u.status, u.outcome, u.run_at, u.has_dependents,
        (SELECT count(*) FROM woken) AS woken
 FROM u;
 
+-- name: complete_many
+-- finish_many for a batch of successes only (the common case): the same fence (id, attempt, worker_id,
+-- status = 'running') and the same lock order, without the expressions of the other outcomes. Inputs:
+-- $1 id, $2 attempt, $3 result (JSON text), $4 log line, one element per attempt; $5 log size,
+-- $6 worker. Returns the columns of finish_many.
+WITH d AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[]) AS d(id, attempt, result, line)
+), n AS MATERIALIZED (
+    SELECT d.* FROM {schema}.tasks t JOIN d ON d.id = t.id AND d.attempt = t.attempt
+    WHERE t.status = 'running' AND t.worker_id = $6
+    ORDER BY t.id
+    FOR NO KEY UPDATE OF t
+), u AS (
+    UPDATE {schema}.tasks t
+    SET status = 'done', progress = 1, result = n.result::jsonb, finished_at = now(),
+        process_duration = extract(epoch FROM now() - t.started_at), lease_expires_at = NULL,
+        progress_msg = {schema}.append_log(t.progress_msg, n.line, $5)
+    FROM n
+    WHERE t.id = n.id AND t.status = 'running'
+    RETURNING t.id, t.status, t.run_at, t.has_dependents, t.doc_id
+), counted AS (
+    UPDATE {schema}.workers SET done = done + (SELECT count(*) FROM u), last_seen = now() WHERE id = $6
+)
+-- Finished document tasks tell watchers (`jobq watch`).
+SELECT u.id, u.status, 'done'::text AS outcome, u.run_at, u.has_dependents,
+       CASE WHEN u.doc_id IS NOT NULL THEN pg_notify('{schema}.progress', u.id || ',' || u.doc_id || ',1') END,
+       0::bigint AS woken
+FROM u;
+
 -- name: progress_many
 -- Coalesced progress for many tasks in one statement, rows locked in id order (see finish_many).
 -- Progress never goes backwards except to -1, and -1 sticks unless a value >= 1 arrives. Returns,
