@@ -15,7 +15,10 @@ back to ``queued`` as a new life (retry_count reset).
 
 from __future__ import annotations
 
+import importlib.util
 from enum import StrEnum
+from pathlib import Path
+from types import ModuleType
 
 
 class Status(StrEnum):
@@ -84,3 +87,16 @@ def migration_schema() -> str:
     if not isinstance(schema, str):
         raise RuntimeError("jobq migrations must run through migrations/env.py")
     return schema
+
+
+def sibling_revision(filename: str) -> ModuleType:
+    """Another revision file of migrations/versions, loaded as a module: a later revision re-issues
+    an earlier one's view text (one copy of the views) rather than repeating it."""
+    from alembic import context
+
+    versions = Path(context.config.get_main_option("script_location") or "") / "versions"
+    spec = importlib.util.spec_from_file_location(f"jobq_migration_{filename.split('_')[0]}", versions / filename)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

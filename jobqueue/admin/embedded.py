@@ -275,11 +275,16 @@ def start_if_needed(settings: Settings) -> str:
 def _ensure_database(info: ServerInfo) -> None:
     import psycopg
 
-    with psycopg.connect(info.url("postgres"), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
-        if not exists:
+    from jobqueue.db.queries import ServerSQL
+
+    q = ServerSQL.load("")
+    with psycopg.connect(info.url("postgres"), autocommit=True) as conn, psycopg.RawCursor(conn) as cur:
+        row = cur.execute(q.database_exists, (DATABASE,)).fetchone()
+        if not (row and row[0]):
+            create = cur.execute(q.create_database, (DATABASE,)).fetchone()
+            assert create is not None
             with contextlib.suppress(psycopg.errors.DuplicateDatabase):
-                conn.execute(f'CREATE DATABASE "{DATABASE}"')
+                cur.execute(create[0])
 
 
 def stop(home: Path, *, mode: str = "fast") -> bool:

@@ -85,3 +85,11 @@ class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):
 
     tables: str
     revision: str
+
+
+class ServerSQL(SQLFile, package=PACKAGE, filename="sql/server.sql"):
+    """About the server and its connections, not jobq's tables: ``ServerSQL.load("")``."""
+
+    ping: str
+    database_exists: str
+    create_database: str

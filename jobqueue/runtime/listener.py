@@ -17,9 +17,11 @@ from typing import Any
 
 import asyncpg
 
+from jobqueue.db.queries import ServerSQL
 from jobqueue.runtime.supervise import Backoff, Outage
 
 log = logging.getLogger("jobq.listener")
+_PING = ServerSQL.load("").ping
 
 
 class Listener:
@@ -94,7 +96,7 @@ class Listener:
             if conn is None or conn.is_closed():
                 return
             try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self.ping_seconds)
+                await asyncio.wait_for(conn.fetchval(_PING), timeout=self.ping_seconds)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 log.warning("LISTEN connection failed its ping; reconnecting")
                 return

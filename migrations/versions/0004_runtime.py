@@ -16,13 +16,11 @@ Revises: 0003
 Create Date: 2026-12-03
 """
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 from alembic import op
 
-from jobqueue.states import migration_schema
+from jobqueue.states import migration_schema, sibling_revision
 
 revision = "0004"
 down_revision = "0003"
@@ -43,12 +41,7 @@ _STALE_AFTER = "make_interval(secs => COALESCE(w.lease_seconds, 30))"
 
 def _views() -> ModuleType:
     """0003, whose view text this revision re-issues with the parts above replaced (one copy of the views)."""
-    path = Path(__file__).with_name("0003_views.py")
-    spec = importlib.util.spec_from_file_location("jobq_migration_0003", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_revision("0003_views.py")
 
 
 def upgrade() -> None:

@@ -78,7 +78,8 @@ $$;
 -- WHEN clause keeps the ordinary (queued) insert and COPY free of any function call.
 CREATE TRIGGER tasks_insert_guard BEFORE INSERT ON "{s}".tasks FOR EACH ROW
     WHEN (NEW.status NOT IN ('waiting', 'queued', 'cancelled'))
-    EXECUTE FUNCTION "{s}".refuse_untrusted('only trusted roles insert tasks that are not waiting, queued or cancelled');
+    EXECUTE FUNCTION "{s}".refuse_untrusted(
+        'only trusted roles insert tasks that are not waiting, queued or cancelled');
 -- Producers may mark parents (enqueue with depends_on) but never unmark them: a parent that forgot
 -- its dependents would never release them.
 CREATE TRIGGER tasks_dependents_guard BEFORE UPDATE OF has_dependents ON "{s}".tasks FOR EACH ROW

@@ -14,13 +14,11 @@ Revises: 0005
 Create Date: 2026-12-03
 """
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 from alembic import op
 
-from jobqueue.states import migration_schema
+from jobqueue.states import migration_schema, sibling_revision
 
 revision = "0006"
 down_revision = "0005"
@@ -33,12 +31,7 @@ _WORKER_COLUMNS = """,
 
 def _views() -> ModuleType:
     """0004, whose views this revision re-issues with worker_health's new column (one copy of the views)."""
-    path = Path(__file__).with_name("0004_runtime.py")
-    spec = importlib.util.spec_from_file_location("jobq_migration_0004", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_revision("0004_runtime.py")
 
 
 def upgrade() -> None:
