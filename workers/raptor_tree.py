@@ -43,6 +43,8 @@ from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 from sklearn.exceptions import ConvergenceWarning  # type: ignore[import-untyped]
 from sklearn.mixture import GaussianMixture  # type: ignore[import-untyped]
 
+from .chunking import count_tokens
+
 __all__ = [
     "EMBED_DIM",
     "Node",
@@ -50,16 +52,30 @@ __all__ = [
     "build_tree",
     "cluster",
     "embed",
+    "fit_budget",
+    "has_text",
     "split_sentences",
     "summarise",
 ]
 
 Vectors = npt.NDArray[np.float64]
+# A node of the tree as (level, index): level 0 indexes the input chunks.
+Ref = tuple[int, int]
 
 EMBED_DIM: Final = 512
 DEFAULT_MAX_CLUSTER_SIZE: Final = 10
 DEFAULT_MAX_SENTENCES: Final = 6
+# A summary is retrieved like a chunk, so it gets the chunker's default budget.
+DEFAULT_MAX_TOKENS: Final = 256
+# Only a safety bound: every level leaves fewer nodes to cluster, and in
+# practice a few hundred pages take five or six levels to reach the root.
+DEFAULT_MAX_LEVELS: Final = 24
 _MIN_SUMMARY_WORDS: Final = 6
+# Below this share of letters among the visible characters a chunk is dotted
+# leaders, numbers and punctuation (a table of contents), not prose.
+_MIN_LETTER_SHARE: Final = 0.5
+# Longer "sentences" without punctuation are split at their line breaks.
+_LONG_SENTENCE: Final = 64
 RANDOM_STATE: Final = 0
 # Upper bound on k tried by BIC, as RAGFlow's ``max_cluster`` setting; fitting
 # one mixture per candidate k is the dominant cost of clustering.
@@ -71,6 +87,8 @@ _HTTP_TIMEOUT: Final = 120.0
 _EMBED_BATCH: Final = 64
 
 _WORD: Final = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?|\d+")
+# Table-of-contents leaders: runs of dots, middle dots, ellipses or underscores.
+_LEADER: Final = re.compile(r"(?:[.\u00b7\u2026_]\s?){4,}")
 _SENTENCE: Final = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+|\n\s*\n")
 # Function words dominate raw counts and would make every text look alike;
 # dropping them is the cheapest way to make hashing vectors topical.
@@ -99,16 +117,19 @@ class RaptorError(RuntimeError):
 class Node:
     """A summary in the RAPTOR tree.
 
-    ``level`` starts at 1 (level 0 is the input chunks), ``index`` is the
-    node's position within its level, and ``children`` index into the previous
-    level: input chunks for level 1, level-1 nodes for level 2, and so on. A
-    flat list of nodes plus these indexes is what the storage layer persists.
+    ``level`` starts at 1 (level 0 is the input chunks) and ``index`` is the
+    node's position within its level. ``children`` are ``(level, index)``
+    references to nodes of any lower level, ``(0, i)`` being input chunk
+    ``i``: a cluster of one is carried up instead of summarised, so a child
+    may sit several levels below. Every node has at least two children. A
+    flat list of nodes plus these references is what the storage layer
+    persists.
     """
 
     level: int
     index: int
     text: str
-    children: tuple[int, ...]
+    children: tuple[Ref, ...]
 
 
 # --------------------------------------------------------------------------
@@ -294,72 +315,164 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
 
 
-def summarise(texts: Sequence[str], max_sentences: int = DEFAULT_MAX_SENTENCES) -> str:
-    """Summarise a cluster, via the LLM if ``JOBQ_LLM_URL`` is set.
+def has_text(text: str) -> bool:
+    """Whether a chunk says something a summary could repeat.
 
-    The offline summary is extractive: it keeps the ``max_sentences``
-    sentences whose embeddings are closest to the centroid of the candidate
-    sentences, i.e. the most representative ones, in their original order so
-    the summary still reads naturally. Repeated sentences (overlapping chunks
-    repeat their tails) are counted once.
+    Tables of contents (a few title words drowned in dotted leaders and page
+    numbers), bare page numbers and running footers look alike whatever the
+    chapter, so clustering them would tie unrelated chapters together, and a
+    summary of them is a list of numbers. They stay chunks but join no cluster.
+    """
+    words = [w for w in _WORD.findall(_LEADER.sub(" ", text)) if not w.isdigit()]
+    if len(words) < _MIN_SUMMARY_WORDS:
+        return False
+    visible = sum(1 for ch in text if not ch.isspace())
+    return sum(len(w) for w in words) >= _MIN_LETTER_SHARE * visible
+
+
+def fit_budget(text: str, max_tokens: int) -> str:
+    """Cut ``text`` to ``max_tokens`` tokens, at a sentence end when one is in reach.
+
+    A summary is stored and retrieved like a chunk, so it gets a chunk's budget
+    whether a model or the extractive summary wrote it.
+    """
+    if count_tokens(text) <= max_tokens:
+        return text
+    kept: list[str] = []
+    used = 0
+    for sentence in split_sentences(text):
+        cost = count_tokens(sentence)
+        if used + cost > max_tokens:
+            break
+        kept.append(sentence)
+        used += cost
+    if kept:
+        return " ".join(kept)
+    words: list[str] = []
+    used = 1  # the ellipsis that marks the cut
+    for word in text.split():
+        cost = count_tokens(word)
+        if used + cost > max_tokens:
+            break
+        words.append(word)
+        used += cost
+    return " ".join(words) + "\u2026"
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences of one text, whitespace-normalised.
+
+    A run without sentence punctuation (a table, a list) is one "sentence" of
+    hundreds of tokens; its lines are the closest thing it has to sentences.
+    """
+    out: list[str] = []
+    for sentence in split_sentences(text):
+        parts = sentence.splitlines() if count_tokens(sentence) > _LONG_SENTENCE else [sentence]
+        out.extend(" ".join(p.split()) for p in parts if p.strip())
+    return out
+
+
+def summarise(
+    texts: Sequence[str],
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> str:
+    """Summarise a cluster in at most ``max_tokens`` tokens, via the LLM if ``JOBQ_LLM_URL`` is set.
+
+    The offline summary is extractive: representative sentences (closest to
+    the cluster's centroid) taken in turn from different texts, so that every
+    text of the cluster has its say before any has two, and put back in their
+    original order so the summary still reads naturally. Repeated sentences
+    (overlapping chunks repeat their tails) are counted once.
     """
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     texts = [t for t in texts if t.strip()]
     if not texts:
         return ""
     url = os.environ.get("JOBQ_LLM_URL", "").strip()
     if url:
-        return _llm_summary(url, texts, max_sentences)
+        return fit_budget(_llm_summary(url, texts, max_sentences, max_tokens), max_tokens)
+    return _extractive_summary(texts, max_sentences, max_tokens)
 
-    sentences: list[str] = []
+
+def _extractive_summary(texts: list[str], max_sentences: int, max_tokens: int) -> str:
+    pool: list[tuple[int, str]] = []  # (text number, sentence), in reading order
     seen: set[str] = set()
-    for text in texts:
-        for sentence in split_sentences(text):
-            key = " ".join(sentence.split()).lower()
-            if key not in seen:
-                seen.add(key)
-                sentences.append(" ".join(sentence.split()))
+    for owner, text in enumerate(texts):
+        for sentence in _sentences(text):
+            if sentence.lower() not in seen:
+                seen.add(sentence.lower())
+                pool.append((owner, sentence))
     # Overlapping chunks cut sentences mid-way; a fragment of a sentence that
     # is also present whole adds nothing and reads badly, so drop it.
-    sentences = [s for s in sentences if not any(s != other and s in other for other in sentences)]
-    if len(sentences) <= max_sentences:
-        return " ".join(sentences)
+    whole = [s for _, s in pool]
+    pool = [(o, s) for o, s in pool if not any(s != other and s in other for other in whole)]
     # Headings, page footers and table cells are short and made of words that
     # recur everywhere, which puts them right at the centroid; they are labels,
-    # not statements, so they only compete when too few real sentences exist.
-    # A sentence starting in lower case is the cut-off head of an overlap.
+    # not statements, so they only compete when no real sentence exists. A
+    # sentence starting in lower case is the cut-off head of an overlap.
+    fits = [i for i, (_, s) in enumerate(pool) if count_tokens(s) <= max_tokens]
     prose = [
         i
-        for i, s in enumerate(sentences)
-        if len(_WORD.findall(s)) >= _MIN_SUMMARY_WORDS and not s[0].islower()
+        for i in fits
+        if len(_WORD.findall(pool[i][1])) >= _MIN_SUMMARY_WORDS and not pool[i][1][0].islower() and has_text(pool[i][1])
     ]
-    candidates = prose if len(prose) >= max_sentences else list(range(len(sentences)))
+    candidates = prose or fits
+    if not candidates:  # every sentence alone is over budget: the most central one, cut
+        candidates = list(range(len(pool)))
     # Lexical centrality is what matters here, so the local hashing vectors
     # are used even when a remote embedder is configured: one cluster can
     # hold hundreds of sentences, and a network round trip each is not worth it.
-    vectors = hashing_embed([sentences[i] for i in candidates])
-    scores = vectors @ vectors.mean(axis=0)
-    # Stable tie-break on position keeps the choice deterministic.
-    ranked = [i for _, i in sorted(zip((-float(x) for x in scores), candidates, strict=True))]
-    keep = sorted(ranked[:max_sentences])
-    return " ".join(sentences[i] for i in keep)
+    vectors = hashing_embed([pool[i][1] for i in candidates])
+    owners = sorted({pool[i][0] for i in candidates})
+    # Each text weighs the same in the centroid, however many sentences it has.
+    centroid = np.mean(
+        [vectors[[k for k, i in enumerate(candidates) if pool[i][0] == o]].mean(axis=0) for o in owners], axis=0
+    )
+    scores = {i: float(v @ centroid) for i, v in zip(candidates, vectors, strict=True)}
+    ranked: dict[int, list[int]] = {o: [] for o in owners}
+    for i in sorted(candidates, key=lambda i: (-scores[i], i)):  # position breaks ties: deterministic
+        ranked[pool[i][0]].append(i)
+    turn = sorted(owners, key=lambda o: (-scores[ranked[o][0]], o))
+    chosen: list[int] = []
+    used = 0
+    for depth in range(max(len(r) for r in ranked.values())):
+        for owner in turn:
+            if depth < len(ranked[owner]) and len(chosen) < max_sentences:
+                cost = count_tokens(pool[ranked[owner][depth]][1])
+                if used + cost <= max_tokens:
+                    chosen.append(ranked[owner][depth])
+                    used += cost
+    if not chosen:  # the most central sentence alone is over budget
+        return fit_budget(pool[ranked[turn[0]][0]][1], max_tokens)
+    # A summary equal to one of its texts adds nothing to the tree (it happens
+    # when one text holds every chosen sentence); the least central goes.
+    copies = {" ".join(t.split()).lower() for t in texts}
+    while len(chosen) > 1 and " ".join(pool[i][1] for i in sorted(chosen)).lower() in copies:
+        chosen.remove(min(chosen, key=lambda i: (scores[i], -i)))
+    return " ".join(pool[i][1] for i in sorted(chosen))
 
 
 _SUMMARY_PROMPT: Final = (
-    "Summarise the following passages in at most {n} sentences. Keep names and numbers exact, "
-    "do not add facts that are not in the passages, and reply with the summary only.\n\n{body}"
+    "Summarise the following passages in at most {n} sentences and at most {words} words. Keep names "
+    "and numbers exact, do not add facts that are not in the passages, and reply with the summary only."
+    "\n\n{body}"
 )
 
 
-def _llm_summary(url: str, texts: list[str], max_sentences: int) -> str:
+def _llm_summary(url: str, texts: list[str], max_sentences: int, max_tokens: int) -> str:
     endpoint = url.rstrip("/") + "/chat/completions"
+    # Budget tokens count punctuation too; three words in four leaves room for it.
+    prompt = _SUMMARY_PROMPT.format(n=max_sentences, words=max(1, max_tokens * 3 // 4), body="\n\n".join(texts))
     payload = {
         "model": os.environ.get("JOBQ_LLM_MODEL", "gpt-4o-mini"),
         "temperature": 0,
         "messages": [
             {"role": "system", "content": "You write faithful, concise summaries."},
-            {"role": "user", "content": _SUMMARY_PROMPT.format(n=max_sentences, body="\n\n".join(texts))},
+            {"role": "user", "content": prompt},
         ],
     }
     reply = _post_json(endpoint, payload, os.environ.get("JOBQ_LLM_API_KEY"))
@@ -379,34 +492,55 @@ def _llm_summary(url: str, texts: list[str], max_sentences: int) -> str:
 def build_tree(
     chunks: Sequence[str],
     *,
-    max_levels: int = 3,
+    max_levels: int = DEFAULT_MAX_LEVELS,
     max_cluster_size: int = DEFAULT_MAX_CLUSTER_SIZE,
     max_sentences: int = DEFAULT_MAX_SENTENCES,
-    on_level: Callable[[int, list[Node]], None] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    on_level: Callable[[int, list[Node], int], None] | None = None,
 ) -> list[Node]:
-    """Build the summary levels above ``chunks`` and return them flattened.
+    """Build the summary levels above ``chunks`` up to one root and return them flattened.
 
-    Levels are built until one root remains or ``max_levels`` is reached;
-    each level is strictly smaller than the one below (see :func:`cluster`).
-    ``on_level(level, nodes)`` runs after each level so the worker can
-    persist progress and check for cancellation between the expensive
-    steps; raising from it aborts the build. Fewer than two chunks need no
-    summary, so the tree is empty.
+    Each level clusters what is still without a parent: chunks with text (see
+    :func:`has_text`), summaries and anything carried up. A cluster of one
+    gets no summary, which would only copy it; its member is carried up to be
+    clustered again one level higher, so a node may have children from several
+    levels below. :func:`cluster` always returns fewer clusters than points,
+    so every level leaves fewer nodes to cluster and the build ends with one
+    root; ``max_levels`` only bounds the height, the last allowed level
+    summarising everything left into the root. ``on_level(level, nodes,
+    remaining)`` runs after each level so the worker can persist progress and
+    check for cancellation between the expensive steps; raising from it
+    aborts the build. Fewer than two chunks with text need no summary, so the
+    tree is empty.
     """
     if max_levels < 1:
         raise ValueError(f"max_levels must be at least 1, got {max_levels}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    texts: dict[Ref, str] = {(0, i): text for i, text in enumerate(chunks)}
+    open_refs: list[Ref] = [(0, i) for i, text in enumerate(chunks) if has_text(text)]
     nodes: list[Node] = []
-    texts = list(chunks)
-    for level in range(1, max_levels + 1):
-        if len(texts) < 2:
-            break
-        groups = cluster(embed(texts), max_cluster_size=max_cluster_size)
-        level_nodes = [
-            Node(level, i, summarise([texts[j] for j in group], max_sentences), tuple(group))
-            for i, group in enumerate(groups)
-        ]
+    level = 0
+    while len(open_refs) > 1:
+        level += 1
+        if level == max_levels:
+            groups = [list(range(len(open_refs)))]
+        else:
+            groups = cluster(embed([texts[r] for r in open_refs]), max_cluster_size=max_cluster_size)
+        level_nodes: list[Node] = []
+        carried: list[Ref] = []  # in the order of the clusters' first members: close to reading order
+        for group in groups:
+            if len(group) == 1:
+                carried.append(open_refs[group[0]])
+                continue
+            children = tuple(open_refs[j] for j in group)
+            node = Node(level, len(level_nodes), summarise([texts[c] for c in children], max_sentences, max_tokens),
+                        children)
+            texts[(level, node.index)] = node.text
+            level_nodes.append(node)
+            carried.append((level, node.index))
         nodes.extend(level_nodes)
+        open_refs = carried
         if on_level is not None:
-            on_level(level, level_nodes)
-        texts = [node.text for node in level_nodes]
+            on_level(level, level_nodes, len(open_refs))
     return nodes
