@@ -304,7 +304,7 @@ class DocumentRow:
 
 def list_documents(*, batch: int | None = None, owner: str | None = None, status: str | None = None,
                    limit: int = 50, url: str | None = None, settings: Settings | None = None) -> list[DocumentRow]:
-    """Documents, newest first, with their state; every filter is optional."""
+    """Documents, most recently enqueued first, with their state; every filter is optional."""
     settings = settings or get_settings()
     client = Client(url, settings=settings)
     with connect(client.url) as conn:

@@ -70,8 +70,20 @@ def db_stop() -> None:
     out.print("stopped" if stopped else "not running")
 
 
-def db_url() -> None:
-    """Print the URL jobq uses (starting the embedded server if needed): `psql "$(jobq db url)"`."""
+def db_url(
+    show_password: Annotated[bool, typer.Option("--show-password", help="Print the password too, not ***.")] = False,
+) -> None:
+    """Print the URL jobq uses (starting the embedded server if needed): `psql "$(jobq db url)"`.
+
+    It is the libpq form (no SQLAlchemy driver suffix), so psql and psycopg take it as printed. The
+    embedded server needs no password; a configured server's password is masked unless asked for,
+    and the mask is said on stderr so that `$(jobq db url)` still captures the URL alone.
+    """
+    from jobqueue.cli.app import err
     from jobqueue.db.connect import redact
 
-    print(redact(database_url()))
+    url = database_url()
+    shown = url if show_password else redact(url)
+    print(shown)
+    if shown != url:
+        err.print("(password masked: add --show-password for a URL psql can use)", markup=False, highlight=False)

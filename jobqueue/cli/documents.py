@@ -13,9 +13,10 @@ import typer
 
 if TYPE_CHECKING:
     from rich.console import Console, Group
+    from rich.table import Table
     from rich.text import Text
 
-    from jobq_workers.documents import FileResult
+    from jobq_workers.documents import DocumentRow, FileResult
     from jobq_workers.watch import Row, Target
 
 COLORS = {"done": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "white",
@@ -178,16 +179,69 @@ def watch(
 # ---------------------------------------------------------------- docs
 
 
+# Narrowest the name column gets before optional columns give way; a name is what a user scans for.
+_NAME_MIN = 20
+# Dropped in this order when the terminal is too narrow for every column and a readable name.
+_OPTIONAL = ("took", "batch", "pages")
+_LEFT = ("name", "status")
+
+
+def documents_table(rows: Sequence[DocumentRow], width: int) -> Table:
+    """The `jobq docs` table, sized to ``width`` columns by hand.
+
+    Left to itself rich shrinks the only wrappable column (the name) to nothing, or crops the right
+    of the table, when the numbers do not leave room; so every column gets its natural width, the
+    name takes what is left, and the least useful columns go (and the caption says so) when even
+    that leaves no room for a readable name.
+    """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    cells = {
+        "id": [str(d.doc_id) for d in rows],
+        "name": [d.name for d in rows],
+        "pages": [str(d.pages) for d in rows],
+        "status": [d.status for d in rows],
+        "progress": [f"{max(d.progress, 0):.0%}" for d in rows],
+        "tasks": [f"{d.done}/{d.tasks}" for d in rows],
+        "chunks": [str(d.chunks) for d in rows],
+        "summaries": [str(d.summaries) for d in rows],
+        "batch": [str(d.batch_id or "") for d in rows],
+        "took": [f"{d.duration:.1f}s" if d.duration is not None else "" for d in rows],
+    }
+    natural = {col: max([len(col), *(len(v) for v in values)]) for col, values in cells.items()}
+    shown = list(cells)
+
+    def room() -> int:  # for the name: two characters between columns (padding and rule)
+        return width - sum(natural[c] for c in shown if c != "name") - 2 * (len(shown) - 1)
+
+    hidden = []
+    for col in _OPTIONAL:
+        if room() >= min(_NAME_MIN, natural["name"]):
+            break
+        shown.remove(col)
+        hidden.append(col)
+    table = Table(title=f"{len(rows)} document(s)", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True, caption=f"({', '.join(hidden)} hidden at this width)" if hidden else None)
+    for col in shown:
+        if col == "name":
+            table.add_column(col, width=max(4, min(natural[col], room())), overflow="fold")
+        else:
+            table.add_column(col, width=natural[col], no_wrap=True, justify="left" if col in _LEFT else "right")
+    for i, d in enumerate(rows):
+        table.add_row(*(Text(cells[c][i], style=COLORS.get(d.status, "white")) if c == "status" else cells[c][i]
+                        for c in shown))
+    return table
+
+
 def docs(
     batch: Annotated[int | None, typer.Option(help="Only this batch's documents.")] = None,
     owner: Annotated[str | None, typer.Option(help="Only this owner's documents.")] = None,
     status: Annotated[str | None, typer.Option(help="Only documents in this state.")] = None,
     limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
 ) -> None:
-    """List documents, newest first, with their status, progress and chunk counts."""
-    from rich.table import Table
-    from rich.text import Text
-
+    """List documents, most recently enqueued first, with their status, progress and chunk counts."""
     from jobq_workers.documents import list_documents
     from jobq_workers.watch import STATUSES
     from jobqueue.cli.app import ensure_schema, fail, out, settings
@@ -196,13 +250,4 @@ def docs(
         fail(f"unknown status {status!r} (one of: {', '.join(STATUSES)})")
     s = settings()
     rows = list_documents(batch=batch, owner=owner, status=status, limit=limit, url=ensure_schema(s), settings=s)
-    table = Table(title=f"{len(rows)} document(s)")
-    for col in ("id", "name", "pages", "status", "progress", "tasks", "chunks", "summaries", "batch", "took"):
-        table.add_column(col, overflow="fold" if col == "name" else "ellipsis", no_wrap=col != "name",
-                         min_width=16 if col == "name" else None,
-                         justify="left" if col in ("name", "status") else "right")
-    for d in rows:
-        table.add_row(str(d.doc_id), Text(d.name), str(d.pages), Text(d.status, style=COLORS.get(d.status, "white")),
-                      f"{max(d.progress, 0):.0%}", f"{d.done}/{d.tasks}", str(d.chunks), str(d.summaries),
-                      str(d.batch_id or ""), f"{d.duration:.1f}s" if d.duration is not None else "")
-    out.print(table)
+    out.print(documents_table(rows, out.width))

@@ -64,7 +64,8 @@ def stats(
 
     from jobqueue.cli.top import render
 
-    (Console(width=width) if width else out).print(render(snap))
+    console = Console(width=width) if width else out
+    console.print(render(snap, width=console.width))
 
 
 def exporter(

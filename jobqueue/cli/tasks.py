@@ -132,8 +132,14 @@ def cancel(
     """Cancel tasks: queued ones at once, running ones through their worker."""
     if not task_ids and doc is None:
         fail("give task ids or --doc DOC")
-    result = client().cancel(task_ids or [], doc_id=doc)
-    if not result:
+    c = client()
+    result = c.cancel(task_ids or [], doc_id=doc)
+    if not result and doc is not None:
+        # Like an unknown task id: a mistyped document id is an error, not "nothing to cancel".
+        if not c.list(doc_id=doc, limit=1):
+            fail(f"no task belongs to document {doc}")
+        out.print(f"nothing to cancel: every task of document {doc} has finished")
+    elif not result:
         out.print("nothing to cancel")
     for tid, st in sorted(result.items()):
         notes: dict[str, str] = {Status.CANCELLED: "cancelled", Status.RUNNING: "cancel requested; its worker stops it"}

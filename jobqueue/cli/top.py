@@ -51,117 +51,156 @@ def _text(value: object, style: str = "") -> Text:
     return Text(str(value), style=style)
 
 
+# Below this width the headers take their short forms and the workers panel leaves out host and pid
+# (the default worker id is host:pid:random already), so every column keeps its numbers whole.
+_NARROW = 120
+_SHORT = {
+    "runnable": "ready", "scheduled": "sched", "waiting": "wait", "running": "run", "oldest wait": "oldest",
+    "done 1h": "done", "failed 1h": "fail", "cancelled 1h": "canc", "cancelled": "canc", "retried": "retry",
+    "per min": "/min", "heartbeat": "beat", "failed": "fail", "expired": "exp", "last seen": "seen",
+    "window": "win", "wait_p50": "w50", "wait_p95": "w95", "wait_p99": "w99", "run_p50": "r50", "run_p95": "r95",
+    "run_p99": "r99",
+}  # fmt: skip
+# Names (types, worker ids, errors) give way first when a narrow terminal has no room.
+_NAMES = ("type", "worker", "host", "types", "error")
+
+Row = list[Text]
+
+
+def _table(columns: tuple[str, ...], rows: list[Row], *, right: tuple[str, ...] = (), narrow: bool = False,
+           limit: int | None = None, empty: str = "") -> Table:
+    """A panel's table, one line per row, cut to ``limit`` rows (the panel's title says so)."""
+    t = Table(expand=True, box=None, header_style="bold", padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for col in columns:
+        label = _SHORT.get(col, col) if narrow else col
+        if col == "error":
+            t.add_column(label, no_wrap=True, overflow="ellipsis", ratio=1)
+        elif col in _NAMES:
+            t.add_column(label, no_wrap=True, overflow="ellipsis", max_width=16 if narrow else None)
+        else:
+            t.add_column(label, no_wrap=True, justify="right" if col in right else "left")
+    if not rows:
+        rows = [[Text(empty, style="dim")]]
+    for row in rows[:limit]:
+        t.add_row(*row, *[""] * (len(columns) - len(row)))
+    return t
+
+
 def _count(n: int, style: str) -> Text:
     """A count, coloured only when it is not zero."""
     return Text(str(n), style=style if n else "")
 
 
-def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
-    t = Table(expand=True, box=None, header_style="bold")
-    for col in columns:
-        t.add_column(col, justify="right" if col in right else "left")
-    return t
-
-
-def _empty(t: Table, message: str) -> None:
-    t.add_row(Text(message, style="dim"), *[""] * (len(t.columns) - 1))
-
-
-def _queues(s: Snapshot) -> Table:
-    counts = ("runnable", "scheduled", "waiting", "running", "oldest wait", "done 1h", "failed 1h", "cancelled 1h")
-    t = _table("type", *counts, right=counts)
+def _queues(s: Snapshot) -> list[Row]:
+    rows: list[Row] = []
     for q in s.queues:
         name = Text.assemble(q.type, (" (paused)", "yellow")) if q.paused else _text(q.type)
         wait_style = "red" if q.oldest_wait_seconds > 300 else "yellow" if q.oldest_wait_seconds > 30 else ""
-        t.add_row(name, str(q.runnable), str(q.scheduled), str(q.waiting), _text(q.running, "cyan"),
-                  Text(_secs(q.oldest_wait_seconds) if q.runnable else "-", style=wait_style),
-                  _text(q.done_last_hour, "green"), _count(q.failed_last_hour, "red"), str(q.cancelled_last_hour))
-    if not s.queues:
-        _empty(t, "no tasks queued, running or finished in the last hour")
-    return t
+        rows.append([name, _text(q.runnable), _text(q.scheduled), _text(q.waiting), _text(q.running, "cyan"),
+                     Text(_secs(q.oldest_wait_seconds) if q.runnable else "-", style=wait_style),
+                     _text(q.done_last_hour, "green"), _count(q.failed_last_hour, "red"), _text(q.cancelled_last_hour)])
+    return rows
 
 
-def _throughput(s: Snapshot) -> Table:
-    counts = ("done", "failed", "cancelled", "retried", "per min")
-    t = _table("type", "last 60 min (finished per minute)", *counts, right=counts)
-    t.columns[1].no_wrap = True
-    totals = [0] * 60
+def _throughput(s: Snapshot, minutes: int) -> list[Row]:
+    rows: list[Row] = []
+    totals = [0] * minutes
     for ttype, series in sorted(s.throughput.items()):
         per_minute = [int(r["done"]) + int(r["failed"]) + int(r["cancelled"]) for r in series]
-        totals = [a + b for a, b in zip(totals, per_minute, strict=False)]
+        shown = per_minute[-minutes:]
+        totals = [a + b for a, b in zip(totals, [0] * (minutes - len(shown)) + shown, strict=True)]
         sums = {k: sum(int(r[k]) for r in series) for k in ("done", "failed", "cancelled", "retried")}
         last_full = per_minute[-2] if len(per_minute) > 1 else 0
-        t.add_row(_text(ttype), sparkline(per_minute), _text(sums["done"], "green"), str(sums["failed"]),
-                  str(sums["cancelled"]), str(sums["retried"]), str(last_full))
+        rows.append([_text(ttype), _text(sparkline(shown)), _text(sums["done"], "green"), _text(sums["failed"]),
+                     _text(sums["cancelled"]), _text(sums["retried"]), _text(last_full)])
     if len(s.throughput) > 1:
-        t.add_row(Text("all", style="bold"), sparkline(totals), "", "", "", "", str(totals[-2]))
-    if not s.throughput:
-        _empty(t, "nothing finished in the last hour")
-    return t
+        rows.append([Text("all", style="bold"), _text(sparkline(totals)), *[Text()] * 4, _text(totals[-2])])
+    return rows
 
 
 _PERCENTILES = ("wait_p50", "wait_p95", "wait_p99", "run_p50", "run_p95", "run_p99")
 
 
-def _latency(s: Snapshot) -> Table:
-    numbers = ("tasks", *(k.replace("_", " ") for k in _PERCENTILES))
-    t = _table("type", "window", *numbers, right=numbers)
-    for r in s.latency:
-        if r["period"] != "24h":
-            t.add_row(_text(r["type"]), _text(r["period"]), str(r["tasks"]), *(_secs(r[k]) for k in _PERCENTILES))
-    return t
+def _latency(s: Snapshot) -> list[Row]:
+    return [[_text(r["type"]), _text(r["period"]), _text(r["tasks"]), *(_text(_secs(r[k])) for k in _PERCENTILES)]
+            for r in s.latency if r["period"] != "24h"]
 
 
-def _workers(s: Snapshot) -> Table:
-    # "stuck": sync handlers past their hard timeout whose threads have not returned; each holds a
-    # slot, so a worker with stuck threads runs fewer tasks than its concurrency.
-    numbers = ("pid", "running", "done", "failed", "expired", "stuck")
-    t = _table("worker", "host", "pid", "types", "state", "heartbeat", "running", "done", "failed", "expired",
-               "stuck", right=numbers)
+def _workers(s: Snapshot, narrow: bool) -> list[Row]:
+    rows: list[Row] = []
     for w in s.workers:
-        t.add_row(_text(w["worker_id"]), _text(w["host"]), str(w["pid"]), _text(",".join(w["types"])),
-                  _text(w["state"], WORKER_COLORS.get(w["state"], "white")),
-                  _secs(w["heartbeat_age_seconds"]) + " ago", str(w["running"]), str(w["done"]),
-                  str(w["failed"]), _count(int(w["lease_expired"]), "red"), _count(int(w["abandoned"]), "yellow"))
-    if not s.workers:
-        _empty(t, "no workers")
-    return t
+        where = [] if narrow else [_text(w["host"]), _text(w["pid"])]
+        rows.append([_text(w["worker_id"]), *where, _text(",".join(w["types"])),
+                     _text(w["state"], WORKER_COLORS.get(w["state"], "white")),
+                     _text(_secs(w["heartbeat_age_seconds"]) + " ago"), _text(w["running"]), _text(w["done"]),
+                     _text(w["failed"]), _count(int(w["lease_expired"]), "red"), _count(int(w["abandoned"]), "yellow")])
+    return rows
 
 
-def _failures(s: Snapshot, limit: int = 8) -> Table:
-    t = Table(expand=True, box=None, header_style="bold")
-    t.add_column("type")
-    t.add_column("error", overflow="ellipsis", no_wrap=True, ratio=1)
-    for col in ("failed", "retried", "last seen"):
-        t.add_column(col, justify="right")
-    for r in s.failures[:limit]:
-        age = (s.at - r["last_seen"]).total_seconds()
-        t.add_row(_text(r["type"]), _text(r["error"]), _count(int(r["failed"]), "red"), str(r["retried"]),
-                  _secs(max(0.0, age)) + " ago")
-    if not s.failures:
-        _empty(t, "no failures in the last 24 hours")
-    return t
+def _failures(s: Snapshot) -> list[Row]:
+    return [[_text(r["type"]), _text(r["error"]), _count(int(r["failed"]), "red"), _text(r["retried"]),
+             _text(_secs(max(0.0, (s.at - r["last_seen"]).total_seconds())) + " ago")] for r in s.failures[:8]]
 
 
-def render(s: Snapshot, title: str = "jobq") -> RenderableType:
-    """One frame of `jobq top`."""
-    header = Text.assemble(
-        (f"{title} ", "bold"), (s.at.strftime("%Y-%m-%d %H:%M:%S %Z"), "dim"), ("   q to quit", "dim")
-    )
-    return Group(
-        header,
-        Panel(_queues(s), title="queues", title_align="left"),
-        Panel(_throughput(s), title="throughput", title_align="left"),
-        Panel(_latency(s), title="latency (wait = run_at to start; run = handler time)", title_align="left"),
-        Panel(_workers(s), title="workers", title_align="left"),
-        Panel(_failures(s), title="failing types (24h)", title_align="left"),
-    )
+def _row_limits(sizes: list[int], lines: int) -> list[int]:
+    """Share ``lines`` table rows among the panels: one each first, then in turn while any has more."""
+    limits = [1] * len(sizes)
+    left = lines - len(sizes)
+    while left > 0 and any(lim < size for lim, size in zip(limits, sizes, strict=True)):
+        for i, size in enumerate(sizes):
+            if left > 0 and limits[i] < size:
+                limits[i] += 1
+                left -= 1
+    return limits
 
 
-def render_text(s: Snapshot, width: int = 140) -> str:
+def render(s: Snapshot, title: str = "jobq", *, live: bool = False, width: int | None = None,
+           height: int | None = None) -> RenderableType:
+    """One frame of `jobq top` (``live``: with the key to quit), fitted to ``width`` x ``height`` if given.
+
+    A frame taller than the terminal loses its last panels, so with a height every panel gets rows
+    in turn and a panel cut short says "(3 of 7)" in its title; a narrow width takes the short
+    headers and a shorter sparkline before rich would have to cut numbers.
+    """
+    narrow = width is not None and width < _NARROW
+    minutes = 60 if not narrow or width is None else max(10, min(60, width - 50))
+    # Panel title, columns, right-aligned columns, rows, what an empty panel says.
+    counts = ("runnable", "scheduled", "waiting", "running", "oldest wait", "done 1h", "failed 1h", "cancelled 1h")
+    sums = ("done", "failed", "cancelled", "retried", "per min")
+    numbers = ("tasks", *_PERCENTILES)
+    workers = ("pid", "running", "done", "failed", "expired", "stuck")
+    where = () if narrow else ("host", "pid")
+    panels: list[tuple[str, tuple[str, ...], tuple[str, ...], list[Row], str]] = [
+        ("queues" + (" (done, fail, canc: last hour)" if narrow else ""), ("type", *counts), counts, _queues(s),
+         "no tasks queued, running or finished in the last hour"),
+        ("throughput", ("type", f"last {minutes} min (finished per minute)", *sums), sums, _throughput(s, minutes),
+         "nothing finished in the last hour"),
+        ("latency (wait = run_at to start; run = handler time)", ("type", "window", *numbers), numbers,
+         _latency(s), ""),
+        # "stuck": sync handlers past their hard timeout whose threads have not returned; each holds
+        # a slot, so a worker with stuck threads runs fewer tasks than its concurrency.
+        ("workers", ("worker", *where, "types", "state", "heartbeat", "running", "done", "failed", "expired",
+                     "stuck"), workers, _workers(s, narrow), "no workers"),
+        ("failing types (24h)", ("type", "error", "failed", "retried", "last seen"), ("failed", "retried", "last seen"),
+         _failures(s), "no failures in the last 24 hours"),
+    ]
+    # Each panel costs its two borders and a header line; the frame's own header takes one more.
+    lines = None if height is None else height - 1 - 3 * len(panels)
+    limits = ([None] * len(panels) if lines is None
+              else _row_limits([max(1, len(p[3])) for p in panels], lines))
+    header = Text.assemble((f"{title} ", "bold"), (s.at.strftime("%Y-%m-%d %H:%M:%S %Z"), "dim"),
+                           ("   q to quit" if live else "", "dim"))
+    return Group(header, *(
+        Panel(_table(columns, rows, right=right, narrow=narrow, limit=limit, empty=empty), title_align="left",
+              title=name + (f" ({limit} of {len(rows)})" if limit is not None and len(rows) > limit else ""))
+        for (name, columns, right, rows, empty), limit in zip(panels, limits, strict=True)))
+
+
+def render_text(s: Snapshot, width: int = 140, height: int | None = None, *, live: bool = False) -> str:
     """A frame as plain text: what a test (or a log) can look at."""
-    console = Console(file=io.StringIO(), width=width, record=True, color_system=None, force_terminal=False)
-    console.print(render(s))
+    console = Console(file=io.StringIO(), width=width, height=height, record=True, color_system=None,
+                      force_terminal=False)
+    console.print(render(s, live=live, width=width, height=height))
     return console.export_text()
 
 
@@ -208,7 +247,8 @@ def run_top(url: str, schema: str, *, interval: float = 1.0, console: Console | 
         try:
             with _keys() as fd, Live(console=console, screen=True, auto_refresh=False) as live:
                 while True:
-                    live.update(render(fetch(conn, schema)), refresh=True)
+                    live.update(render(fetch(conn, schema), live=True, width=console.width, height=console.height),
+                                refresh=True)
                     deadline = time.monotonic() + interval
                     while (left := deadline - time.monotonic()) > 0:
                         key = _wait_key(fd, left)

@@ -58,13 +58,14 @@ SELECT id, moved FROM {schema}.reuse_task($1, $2, $3, $4, $5);
 SELECT {schema}.replace_document_run($1, $2::bigint[]);
 
 -- name: list_documents
--- `jobq docs`: newest first, each filter optional.
+-- `jobq docs`: most recently enqueued first (re-enqueueing moves a document to the new batch), each
+-- filter optional.
 SELECT doc_id, name, pages, status, progress, tasks, done, chunks, tokens, summaries, batch_id,
        duration::float8
 FROM {schema}.document_progress
 WHERE ($1::bigint IS NULL OR batch_id = $1) AND ($2::text IS NULL OR owner = $2)
   AND ($3::text IS NULL OR status = $3)
-ORDER BY doc_id DESC
+ORDER BY batch_id DESC NULLS LAST, doc_id DESC
 LIMIT $4;
 
 -- ---------------------------------------------------------------- watching (watch.py)
