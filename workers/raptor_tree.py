@@ -13,7 +13,12 @@ rebuilds exactly the same tree and tests need no network or model weights:
 * clustering is a Gaussian mixture over a PCA projection, with the number of
   clusters chosen by BIC as RAGFlow does (PCA stands in for RAGFlow's UMAP,
   which is neither deterministic nor a light dependency);
-* summaries are extractive: the sentences closest to the cluster centroid.
+* summaries are extractive: sentences close to the cluster centroid, taken
+  in turn from different members, within the chunk token budget.
+
+The tree is shaped the way RAPTOR intends: no summary has a single child (a
+cluster of one is carried up instead), clustering goes on until one root is
+left, and chunks without text (a table of contents, a page number) stay out.
 
 Setting ``JOBQ_EMBED_URL`` and/or ``JOBQ_LLM_URL`` switches embeddings and/or
 summaries to any OpenAI-compatible server (``/embeddings`` and
