@@ -66,6 +66,122 @@ FROM (SELECT DISTINCT type FROM unnest($1::text[]) AS u(type) ORDER BY type) AS 
 -- name: capped_types
 SELECT type FROM {schema}.queues WHERE type = ANY($1::text[]) AND max_running IS NOT NULL;
 
+-- name: flow_begin
+-- Opens a flow-controlled claim (runtime/flow.py), in the claim's transaction: custom plans, so
+-- claim_flow's key spec ($5) is a constant that folds flow_key(...) to the type's key index
+-- expression; and, with $2 (a per-key limit or a rate) or a max_running cap on the type, the type's
+-- cap lock (the lock cap_lock takes), so the counts claim_flow reads cannot change under it until
+-- commit. Returns whether it locked (claim_flow's $11).
+SELECT set_config('plan_cache_mode', 'force_custom_plan', true) AS plan_mode,
+       (SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext('{schema}.cap.' || $1))
+                              WHERE $2 OR EXISTS (SELECT 1 FROM {schema}.queues q
+                                                  WHERE q.type = $1 AND q.max_running IS NOT NULL)) l) > 0 AS locked;
+
+-- name: claim_flow
+-- Claims up to $2 tasks of one flow-controlled type $1 for worker $3 (lease $4 s). $5 the key spec
+-- (owner, doc_id, batch_id, payload.<field>; NULL: one key), $6 fair, $7 the per-key limit, $8 tasks
+-- per $9 seconds (a sliding window), $10 the rate is per key (else type-wide), $11 the caller holds
+-- the type's lock (flow_begin; required for a limit, a rate or a cap).
+-- How: a skip scan lists the keys that have queued tasks (one index descent per key, on the type's
+-- key index made by declare_flow); a LATERAL per key reads its first tasks in claim order, no more
+-- than its room (limit minus running, rate minus the window's grants); they are ranked by priority,
+-- then (fair) by the key's running tasks plus the task's rank within its key, so keys take turns
+-- and a key with nothing running goes first; the chosen rows are locked with SKIP LOCKED and
+-- started at one clock reading taken under the lock, which is also the grant's time in the window,
+-- so the window and started_at agree (the audit reads started_at).
+WITH RECURSIVE clock AS MATERIALIZED (
+    SELECT clock_timestamp() AS ts, set_config('synchronous_commit', 'off', true) AS async_commit
+), window_used AS MATERIALIZED (
+    SELECT g.key, sum(g.n) AS n
+    FROM {schema}.flow_grants g, clock
+    WHERE $8::int IS NOT NULL AND g.type = $1 AND g.at > clock.ts - make_interval(secs => $9::float8)
+    GROUP BY g.key
+), room AS MATERIALIZED (
+    SELECT CASE WHEN q.paused THEN 0
+                WHEN q.max_running IS NOT NULL AND NOT $11::boolean THEN 0
+                ELSE least($2::int,
+                           CASE WHEN q.max_running IS NULL THEN $2::int
+                                ELSE greatest(0, q.max_running - (SELECT count(*) FROM {schema}.tasks r
+                                                                  WHERE r.lease_expires_at IS NOT NULL
+                                                                    AND r.status = 'running' AND r.type = $1))::int END,
+                           CASE WHEN $8::int IS NULL OR $10::boolean THEN $2::int
+                                ELSE greatest(0, $8::int - (SELECT COALESCE(sum(n), 0) FROM window_used))::int END)
+           END AS n
+    FROM (SELECT 1) one LEFT JOIN {schema}.queues q ON q.type = $1
+), keys AS (
+    (SELECT {schema}.flow_key($5, t.owner, t.doc_id, t.batch_id, t.payload) AS k
+     FROM {schema}.tasks t
+     WHERE t.status = 'queued' AND t.type = $1
+     ORDER BY 1 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT {schema}.flow_key($5, t.owner, t.doc_id, t.batch_id, t.payload)
+            FROM {schema}.tasks t
+            WHERE t.status = 'queued' AND t.type = $1
+              AND {schema}.flow_key($5, t.owner, t.doc_id, t.batch_id, t.payload) > keys.k
+            ORDER BY 1 LIMIT 1)
+    FROM keys WHERE keys.k IS NOT NULL
+), running AS MATERIALIZED (
+    SELECT {schema}.flow_key($5, r.owner, r.doc_id, r.batch_id, r.payload) AS k, count(*) AS n
+    FROM {schema}.tasks r
+    WHERE r.lease_expires_at IS NOT NULL AND r.status = 'running' AND r.type = $1
+    GROUP BY 1
+), heads AS (
+    SELECT c.id, c.priority, c.run_at, COALESCE(run.n, 0) AS running,
+           row_number() OVER (PARTITION BY keys.k, c.priority ORDER BY c.run_at, c.id) AS rn
+    FROM keys
+    CROSS JOIN room
+    LEFT JOIN running run ON run.k = keys.k
+    LEFT JOIN window_used u ON $10::boolean AND u.key = keys.k
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.priority, t.run_at
+        FROM {schema}.tasks t
+        WHERE t.status = 'queued' AND t.type = $1 AND t.run_at <= now()
+          AND {schema}.flow_key($5, t.owner, t.doc_id, t.batch_id, t.payload) = keys.k
+        ORDER BY t.priority DESC, t.run_at, t.id
+        LIMIT least(room.n,
+                    CASE WHEN $7::int IS NULL THEN room.n ELSE greatest(0, $7::int - COALESCE(run.n, 0)) END,
+                    CASE WHEN $8::int IS NULL OR NOT $10::boolean THEN room.n
+                         ELSE greatest(0, $8::int - COALESCE(u.n, 0)) END)
+    ) c
+    WHERE keys.k IS NOT NULL
+), chosen AS (
+    SELECT h.id FROM heads h
+    ORDER BY h.priority DESC, CASE WHEN $6::boolean THEN h.running + h.rn ELSE 0 END, h.run_at, h.id
+    LIMIT (SELECT n FROM room)
+), locked AS (
+    SELECT t.id FROM {schema}.tasks t
+    WHERE t.id IN (SELECT id FROM chosen) AND t.status = 'queued'
+    FOR UPDATE SKIP LOCKED
+), started AS (
+    UPDATE {schema}.tasks t
+    SET status = 'running', worker_id = $3, attempt = t.attempt + 1, started_at = clock.ts,
+        lease_expires_at = clock.ts + make_interval(secs => $4::float8)
+    FROM locked, clock
+    WHERE t.id = locked.id
+    RETURNING t.*, {schema}.flow_key($5, t.owner, t.doc_id, t.batch_id, t.payload) AS flow_key
+), granted AS (
+    INSERT INTO {schema}.flow_grants (type, key, at, n)
+    SELECT $1, CASE WHEN $10::boolean THEN s.flow_key ELSE '' END, clock.ts, count(*)
+    FROM started s, clock
+    WHERE $8::int IS NOT NULL
+    GROUP BY 2, 3
+), pruned AS (
+    DELETE FROM {schema}.flow_grants g USING clock
+    WHERE $8::int IS NOT NULL AND g.type = $1 AND g.at <= clock.ts - make_interval(secs => $9::float8)
+)
+SELECT s.id, s.type, s.priority, s.payload::text AS payload, s.attempt, s.retry_count, s.max_retries,
+       s.created_at, s.run_at, s.doc_id, s.batch_id, s.from_page, s.to_page, s.owner, s.labels,
+       s.digest, s.cancel_requested_at IS NOT NULL AS cancel_requested
+FROM started s;
+
+-- name: flow_declared
+-- Which of the worker's types ($1) have a flow declaration stored (one a worker without it forgets).
+SELECT type FROM {schema}.flow_rules WHERE type = ANY($1::text[]);
+
+-- name: declare_flow
+-- A type's flow declaration (the views read it) and its key index; SECURITY DEFINER (migration 0009).
+SELECT {schema}.declare_flow($1, $2, $3, $4, $5, $6, $7, $8) AS index_name;
+
 -- name: next_wake
 -- After a claim that found nothing: which of the worker's types ($1) have a max_running cap now (a
 -- cap set since the last heartbeat applies from the next claim on), and in how many seconds the
