@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,3 +283,46 @@ def test_a_worker_runs_flow_types_to_the_end(client: Client, db_url: str, conn: 
     assert one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 45
     assert one(conn, "SELECT fair FROM flow_rules WHERE type = 'f_fair_limited'") is True
     assert one(conn, "SELECT count(*) FROM flow_rules WHERE type = 'f_plain'") == 0
+
+
+# ------------------------------------------------------------------ visible: view, jobq top, metrics
+
+
+def test_held_back_keys_show_in_top_and_the_exporter(client: Client, db_url: str, reset: None) -> None:
+    from jobqueue.cli.top import render_text
+    from jobqueue.observe.exporter import ViewsCollector
+    from jobqueue.observe.snapshot import fetch
+
+    add(client, "f_limited", 4, {}, owner="acme")
+    add(client, "f_rate", 5, {}, owner="zeta")
+    claim(db_url, "f_limited", 10, declare=True)
+    claim(db_url, "f_rate", 10, declare=True)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        snap = fetch(c, SCHEMA)
+    assert {(r["type"], r["key"], r["held_by"], r["held_back"]) for r in snap.flow} == {
+        ("f_limited", "acme", "limit", 2), ("f_rate", "", "rate", 2)}
+    text = render_text(snap, width=160)
+    assert "flow control" in text
+    row = next(line for line in text.splitlines() if "acme" in line)
+    # type, key, running, limit, queued, held back
+    assert re.search(r"f_limited\s+acme\s+2\s+2\s+2\s+2 \(limit\)", row), row
+    assert "3/3 per 1.0m" in text
+    collector = ViewsCollector(db_url, SCHEMA)
+    try:
+        samples = {(f.name, tuple(sorted(s.labels.items())), s.value) for f in collector.collect() for s in f.samples}
+    finally:
+        collector.close()
+    assert ("jobq_cluster_flow_running", (("key", "acme"), ("type", "f_limited")), 2) in samples
+    assert ("jobq_cluster_flow_held_back", (("by", "limit"), ("key", "acme"), ("type", "f_limited")), 2) in samples
+    assert any(name == "jobq_cluster_flow_wait_seconds" and 0 < value <= 60 for name, _, value in samples)
+
+
+def test_top_has_no_flow_panel_without_declarations(client: Client, db_url: str, reset: None) -> None:
+    from jobqueue.cli.top import render_text
+    from jobqueue.observe.snapshot import fetch
+
+    add(client, "f_plain", 2, {})
+    with psycopg.connect(db_url, autocommit=True) as c:
+        snap = fetch(c, SCHEMA)
+    assert snap.flow == []
+    assert "flow control" not in render_text(snap, width=160)

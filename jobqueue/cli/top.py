@@ -143,14 +143,30 @@ def _failures(s: Snapshot, limit: int = 8) -> Table:
     return t
 
 
+def _flow(s: Snapshot) -> Table:
+    """Flow-controlled keys: what runs per key, and what a per-key limit or a rate holds back."""
+    numbers = ("running", "limit", "queued", "held back", "rate used", "wait")
+    t = _table("type", "key", "running", "limit", "queued", "held back", "rate used", "wait", right=numbers)
+    for r in s.flow:
+        rate = f"{r['rate_used']}/{r['rate_n']} per {_secs(r['rate_secs'])}" if r["rate_n"] else "-"
+        held = Text.assemble(str(r["held_back"]), (f" ({r['held_by']})", "yellow")) if r["held_by"] else Text("0")
+        t.add_row(_text(r["type"]), _text(r["key"] or "''"), _text(r["running"], "cyan"),
+                  str(r["max_per_key"] or "-"), str(r["queued"]), held, rate,
+                  _secs(r["wait_seconds"]) if r["wait_seconds"] is not None else "-")
+    return t
+
+
 def render(s: Snapshot, title: str = "jobq") -> RenderableType:
     """One frame of `jobq top`."""
     header = Text.assemble(
         (f"{title} ", "bold"), (s.at.strftime("%Y-%m-%d %H:%M:%S %Z"), "dim"), ("   q to quit", "dim")
     )
+    # The flow panel only when a type declares fair_by, limit_by or rate (issue 14).
+    flow = [Panel(_flow(s), title="flow control (per key)", title_align="left")] if s.flow else []
     return Group(
         header,
         Panel(_queues(s), title="queues", title_align="left"),
+        *flow,
         Panel(_throughput(s), title="throughput", title_align="left"),
         Panel(_latency(s), title="latency (wait = run_at to start; run = handler time)", title_align="left"),
         Panel(_workers(s), title="workers", title_align="left"),

@@ -83,6 +83,7 @@ class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
     latency: str
     workers: str
     failures: str
+    flow_control: str
 
 
 class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):
