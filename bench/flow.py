@@ -288,7 +288,7 @@ def limit(url: str, conn: psycopg.Connection[Any], seconds: int) -> dict[str, An
         )
         SELECT max(running) FROM (SELECT sum(d) OVER (PARTITION BY owner ORDER BY at, d) AS running FROM ev) s""")
     done = one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'")
-    rescued = one(conn, "SELECT count(*) FROM tasks WHERE attempt > 1")
+    rescued = one(conn, "SELECT count(*) FROM tasks WHERE requeue_reason = 'lost'")
     return {"seconds": seconds, "limit": 3, "kills": kills, "max_running_per_owner_audit": worst,
             "max_running_per_owner_sampled": max_live, "done": done, "tasks_rescued": rescued}
 

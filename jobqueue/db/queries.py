@@ -37,6 +37,7 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     # Flow control (runtime/flow.py): fair claims, per-key limits, rate limits.
     flow_begin: str
     claim_flow: str
+    flow_wait: str
     flow_declared: str
     declare_flow: str
     finish_many: str

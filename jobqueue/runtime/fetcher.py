@@ -165,6 +165,8 @@ class Fetcher:
         if w.flow.rules:  # fair, per-key limited or rate-limited types: runtime/flow.py
             rows = await w.flow.claim(conn, free, want, w.id, w.lease)
             want -= len(rows)
+            if w.flow.wake_in is not None:  # a rate window frees a grant then: claim at that moment
+                self.schedule_wake(w.flow.wake_in + MIN_REARM_SECONDS)
         types = [t for t in w.types if free[t] > 0 and t not in w.flow.rules]
         counts = [free[t] for t in types]
         capped = sorted(t for t in types if t in self.capped)

@@ -35,6 +35,8 @@ class FlowClaims:
         self.q = q
         self.types = list(specs)
         self.rules: dict[str, Flow] = {t: s.flow for t, s in specs.items() if s.flow is not None}
+        # After a claim a rate cut short: seconds until its window frees a grant (the fetcher's timer).
+        self.wake_in: float | None = None
 
     async def declare(self, conn: Any, worker_id: str) -> None:
         """Store this worker's declarations (and forget those of its types that have none now)."""
@@ -51,12 +53,18 @@ class FlowClaims:
     async def claim(self, conn: Any, free: Mapping[str, int], want: int, worker_id: str, lease: float) -> list[Any]:
         """Claim up to `want` tasks of the flow-controlled types with free slots, one type at a time."""
         rows: list[Any] = []
+        self.wake_in = None
         for t, rule in self.rules.items():
             n = min(free.get(t, 0), want - len(rows))
             if n <= 0:
                 continue
             async with conn.transaction():
                 begun = await conn.fetchrow(self.q.flow_begin, t, rule.limit is not None or rule.rate is not None)
-                rows += await conn.fetch(self.q.claim_flow, t, n, worker_id, lease, rule.key, rule.fair,
-                                         rule.limit, rule.rate, rule.rate_seconds, rule.rate_by_key, begun["locked"])
+                got = await conn.fetch(self.q.claim_flow, t, n, worker_id, lease, rule.key, rule.fair,
+                                       rule.limit, rule.rate, rule.rate_seconds, rule.rate_by_key, begun["locked"])
+            rows += got
+            if rule.rate is not None and len(got) < n:
+                wait = await conn.fetchval(self.q.flow_wait, t, rule.rate_seconds)
+                if wait is not None:
+                    self.wake_in = max(0.0, min(self.wake_in if self.wake_in is not None else wait, wait))
         return rows

@@ -174,6 +174,13 @@ SELECT s.id, s.type, s.priority, s.payload::text AS payload, s.attempt, s.retry_
        s.digest, s.cancel_requested_at IS NOT NULL AS cancel_requested
 FROM started s;
 
+-- name: flow_wait
+-- After a rate-limited claim that got fewer tasks than asked: seconds until the earliest grant of
+-- type $1 leaves its window of $2 seconds (the fetcher sets a timer for it, instead of backing off).
+SELECT extract(epoch FROM min(g.at) + make_interval(secs => $2::float8) - clock_timestamp())::float8 AS wait
+FROM {schema}.flow_grants g
+WHERE g.type = $1 AND g.at > clock_timestamp() - make_interval(secs => $2::float8);
+
 -- name: flow_declared
 -- Which of the worker's types ($1) have a flow declaration stored (one a worker without it forgets).
 SELECT type FROM {schema}.flow_rules WHERE type = ANY($1::text[]);
