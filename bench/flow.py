@@ -5,6 +5,7 @@ worker processes as an operator starts them (``jobq worker --import bench.flow_h
 
 - plan: the plain claim on 200k+ queued rows stays the partial claim index scan, and the fair claim
   uses the type's key index; the time of one claim of 16 of each;
+- drain: one worker process draining no-op tasks of five tenants, plain type against a fair one;
 - starvation: tenant A holds 10,000 queued tasks of 1 s and keeps every slot (2 x 8) busy; tenant B enqueues one:
   how long until it starts (started_at - created_at, the database's clock), p50/p99 over the trials;
 - fairness: five tenants with backlogs 10/100/1k/5k/10k: Jain's index of the running slot-seconds
@@ -41,8 +42,8 @@ from bench.schema import SCHEMA, use_schema
 REPO = Path(__file__).resolve().parent.parent
 DATABASE = "bench_flow"
 PROFILES: dict[str, dict[str, Any]] = {
-    "short": {"trials": 20, "rate_seconds": 20, "limit_seconds": 20, "fair_windows": 4},
-    "full": {"trials": 100, "rate_seconds": 120, "limit_seconds": 120, "fair_windows": 8},
+    "short": {"trials": 20, "rate_seconds": 20, "limit_seconds": 20, "fair_windows": 4, "drain": 5000},
+    "full": {"trials": 100, "rate_seconds": 120, "limit_seconds": 120, "fair_windows": 8, "drain": 20000},
 }
 
 
@@ -160,6 +161,26 @@ async def _timed_claims(url: str) -> dict[str, float]:
             await c.close()
         times[task_type] = round(statistics.median(spent) * 1000, 2)
     return times
+
+
+# ------------------------------------------------------------------ drain
+
+
+def drain(url: str, conn: psycopg.Connection[Any], n: int) -> dict[str, Any]:
+    """Tasks per second of one `jobq worker --burst` draining `n` no-op tasks of five tenants: the
+    plain claim against the fair one (the flow claim's cost, where every task is a claim's worth)."""
+    out: dict[str, Any] = {}
+    env = {**os.environ, "JOBQ_DATABASE_URL": url, "JOBQ_SCHEMA": SCHEMA}
+    for task_type in ("bf_plain", "bf_fair", "bf_plain", "bf_fair"):
+        reset(conn)
+        copy_tasks(conn, task_type, [(f"tenant{i}", n // 5) for i in range(5)], 0)
+        conn.execute("VACUUM ANALYZE tasks")
+        subprocess.run([sys.executable, "-m", "jobqueue", "worker", "--types", task_type, "--import",
+                        "bench.flow_handlers", "--concurrency", "16", "--burst"], env=env, cwd=REPO,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True)
+        secs = one(conn, "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM tasks")
+        out.setdefault(task_type, []).append(round(n / float(secs)))
+    return {"tasks": n, "per_s": out}
 
 
 # ------------------------------------------------------------------ starvation
@@ -297,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flow", description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", required=True, help="an admin postgresql:// URL (bench_flow is created next to it)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="short")
-    parser.add_argument("--only", nargs="*", default=["plan", "starvation", "fairness", "rate", "limit"])
+    parser.add_argument("--only", nargs="*", default=["plan", "drain", "starvation", "fairness", "rate", "limit"])
     args = parser.parse_args(argv)
     profile = PROFILES[args.profile]
     from jobqueue.admin.migrate import migrate
@@ -314,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             runs = {
                 "plan": lambda: plan(url, conn),
+                "drain": lambda: drain(url, conn, profile["drain"]),
                 "starvation": lambda: starvation(url, conn, profile["trials"]),
                 "fairness": lambda: fairness(url, conn, profile["fair_windows"]),
                 "rate": lambda: rate(url, conn, profile["rate_seconds"]),

@@ -193,35 +193,29 @@ def test_limit_counts_tasks_of_a_dead_worker_until_rescued(client: Client, db_ur
 
 @pytest.mark.parametrize("limit_type,limit", [("f_limited", 2), ("f_fair_limited", 3)])
 def test_limit_never_exceeded_by_several_workers_killed_and_rescued(
-        client: Client, db_url: str, conn: psycopg.Connection[Any], reset: None, limit_type: str, limit: int) -> None:
+        client: Client, db_url: str, conn: psycopg.Connection[Any], reset: None, limit_type: str, limit: int,
+        procs: list[subprocess.Popen[str]]) -> None:
     per_owner = 12
     for owner in ("a", "b", "c"):
         add(client, limit_type, per_owner, {"s": 0.05}, owner=owner)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JOBQ_LEASE_SECONDS": "1.5", "JOBQ_HEARTBEAT_SECONDS": "0.3"}
 
-    def start() -> subprocess.Popen[bytes]:
+    def start() -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "jobqueue", "worker", "--types", limit_type, "--import",
                                  "flow_handlers", "--concurrency", "4", "--poll", "0.1"],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
-    procs = [start() for _ in range(3)]
-    try:
-        wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'running'") > 0, timeout=60)
-        procs[0].send_signal(signal.SIGKILL)  # its running tasks stay 'running' until the rescuer requeues them
-        procs[0].wait(10)
-        procs.append(start())
-        wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 3 * per_owner,
-                 timeout=120, interval=0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    procs.extend(start() for _ in range(3))  # the procs fixture kills them at the end
+    # The victim is a worker that runs tasks now: they stay 'running' until the rescuer requeues them.
+    busy = wait_for(lambda: one(conn, "SELECT min(split_part(worker_id, ':', 2))::int FROM tasks "
+                                      "WHERE status = 'running'"), timeout=60)
+    victim = next(p for p in procs if p.pid == busy)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    procs.append(start())
+    wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 3 * per_owner,
+             timeout=120, interval=0.1)
     # The most tasks of one owner that were ever running at once, from the rows' intervals.
     worst = one(conn, """
         WITH ev AS (
@@ -231,6 +225,7 @@ def test_limit_never_exceeded_by_several_workers_killed_and_rescued(
         SELECT max(running) FROM (
             SELECT sum(d) OVER (PARTITION BY owner ORDER BY at, d) AS running FROM ev) s""", limit_type, limit_type)
     assert 1 <= worst <= limit
+    assert one(conn, "SELECT count(*) FROM tasks WHERE requeue_reason = 'lost'") >= 1  # rescued, then run
 
 
 # ------------------------------------------------------------------ rate limits
