@@ -35,7 +35,6 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     capped_types: str
     next_wake: str
     # Flow control (runtime/flow.py): fair claims, per-key limits, rate limits.
-    flow_begin: str
     claim_flow: str
     flow_wait: str
     flow_declared: str

@@ -9,8 +9,9 @@ builds the type's key index the claim's per-key scans use).
 Why the claim is safe across workers:
 
 - a limit, a rate or a ``max_running`` cap makes the claim take the type's cap lock first (the lock
-  the plain claim takes for capped types), in its own statement, so the claim's snapshot sees every
-  claim that committed before; the running counts and the rate window cannot move under it;
+  the plain claim takes for capped types), before the statement whose snapshot then sees every
+  claim that committed before; the running counts and the rate window cannot move under it (both
+  in the one call of the function ``claim_flow``, migration 0009);
 - running tasks are counted from the tasks table itself: a killed worker's tasks keep counting until
   the rescuer requeues them, so a limit is never exceeded, only held a little longer;
 - the window's grants and the tasks' ``started_at`` are one clock reading taken under the lock, so
@@ -58,10 +59,9 @@ class FlowClaims:
             n = min(free.get(t, 0), want - len(rows))
             if n <= 0:
                 continue
-            async with conn.transaction():
-                begun = await conn.fetchrow(self.q.flow_begin, t, rule.limit is not None or rule.rate is not None)
-                got = await conn.fetch(self.q.claim_flow, t, n, worker_id, lease, rule.key, rule.fair,
-                                       rule.limit, rule.rate, rule.rate_seconds, rule.rate_by_key, begun["locked"])
+            got = await conn.fetch(self.q.claim_flow, t, n, worker_id, lease, rule.key, rule.fair, rule.limit,
+                                   rule.rate, rule.rate_seconds, rule.rate_by_key,
+                                   rule.limit is not None or rule.rate is not None)
             rows += got
             if rule.rate is not None and len(got) < n:
                 wait = await conn.fetchval(self.q.flow_wait, t, rule.rate_seconds)
