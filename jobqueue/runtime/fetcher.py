@@ -171,7 +171,7 @@ class Fetcher:
         counts = [free[t] for t in types]
         capped = sorted(t for t in types if t in self.capped)
         if not types or want <= 0:
-            pass
+            pass  # every type with free slots is flow-controlled, or they took every slot
         elif not capped:  # the common case: one statement, no transaction block (two round trips fewer)
             rows += await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
         else:
