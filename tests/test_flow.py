@@ -239,6 +239,27 @@ def test_type_wide_rate_limit_and_its_wait(client: Client, db_url: str, conn: ps
     assert one(conn, "SELECT sum(n) FROM flow_grants") == 3
 
 
+def test_a_claim_cut_short_by_a_rate_knows_when_the_window_frees(client: Client, db_url: str,
+                                                                  reset: None) -> None:
+    add(client, "f_rate", 5, {})
+
+    async def go() -> tuple[int, float | None, int, float | None]:
+        w = Worker(["f_rate"], url=db_url, name="w-wait", concurrency=8, lease_seconds=60)
+        conn = await asyncpg.connect(db_url)
+        try:
+            first = await w.flow.claim(conn, {"f_rate": 2}, 2, w.id, 60)
+            wake_first = w.flow.wake_in
+            second = await w.flow.claim(conn, {"f_rate": 8}, 8, w.id, 60)
+            return len(first), wake_first, len(second), w.flow.wake_in
+        finally:
+            await conn.close()
+
+    got, wake, cut, wake_cut = asyncio.run(go())
+    assert (got, wake) == (2, None)  # all it asked for: no timer
+    assert cut == 1  # 3/m: one start left in the window
+    assert wake_cut is not None and 55 < wake_cut <= 60  # the window frees its first start in ~a minute
+
+
 def test_rate_limit_per_key(client: Client, db_url: str, reset: None) -> None:
     add(client, "f_rate_by", 5, {}, owner="a")
     add(client, "f_rate_by", 5, {}, owner="b")
