@@ -49,6 +49,8 @@ class TaskType:
     backoff_base: float | None = None
     backoff_max: float | None = None
     isolation: Isolation = "thread"
+    # Flow control in the claim (fair_by, limit_by/limit, rate/rate_by), None when none is declared.
+    flow: Flow | None = None
 
     @cached_property
     def is_async(self) -> bool:
@@ -72,13 +74,24 @@ def task(
     backoff_base: float | None = None,
     backoff_max: float | None = None,
     isolation: Isolation = "thread",
+    fair_by: str | None = None,
+    limit_by: str | None = None,
+    limit: int | None = None,
+    rate: str | None = None,
+    rate_by: str | None = None,
 ) -> Callable[[F], F]:
     """Register a handler for task type `name`.
 
     The handler is ``async def h(ctx, payload)`` or a plain ``def h(ctx, payload)`` (run in a thread,
     or a child process with ``isolation="process"``); its return value is stored as the result.
+
+    Flow control (enforced by the claim, across all workers): ``fair_by`` a key (``owner``,
+    ``doc_id``, ``batch_id`` or ``payload.<field>``) to claim round-robin across keys within each
+    priority; ``limit_by`` and ``limit`` at most that many running tasks per key; ``rate`` (``"600/m"``,
+    ``"50/s"``, ``"1000/h"``, ``"10/5s"``) started tasks per sliding window, per key with ``rate_by``.
     """
     check_name(name, get_settings().schema_name)
+    flow = parse_flow(name, fair_by=fair_by, limit_by=limit_by, limit=limit, rate=rate, rate_by=rate_by)
 
     def register(fn: F) -> F:
         if isolation == "process" and asyncio.iscoroutinefunction(fn):
@@ -86,7 +99,7 @@ def task(
         _registry[name] = TaskType(
             name=name, handler=fn, payload=payload, max_retries=max_retries, timeout=timeout,
             hard_timeout=hard_timeout, concurrency=concurrency, priority=priority,
-            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation,
+            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation, flow=flow,
         )
         return fn
 
@@ -104,6 +117,64 @@ def check_name(name: str, schema: str) -> None:
         raise ConfigurationError(
             f"task type name {name!r} is too long for schema {schema!r}: its NOTIFY channel {channel!r} would be "
             f"{len(channel.encode())} bytes, PostgreSQL allows {CHANNEL_MAX_BYTES} (at most {room} characters here)")
+
+
+# ------------------------------------------------------------------ flow control (issue 14)
+
+# The columns a flow key may name; `payload.<field>` names a top-level payload field.
+FLOW_COLUMNS = ("owner", "doc_id", "batch_id")
+PAYLOAD_KEY = re.compile(r"payload\.([A-Za-z0-9_-]{1,64})")
+RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*(s|sec|second|m|min|minute|h|hour)\s*")
+RATE_UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A type's flow declaration, as the claim takes it (runtime/flow.py, runtime.sql claim_flow)."""
+
+    key: str | None  # the one key fairness, the limit and a per-key rate use; None: the type as a whole
+    fair: bool = False
+    limit: int | None = None
+    rate: int | None = None  # tasks started per rate_seconds (a sliding window)
+    rate_seconds: float = 1.0
+    rate_by_key: bool = False
+
+
+def parse_flow(name: str, *, fair_by: str | None, limit_by: str | None, limit: int | None, rate: str | None,
+               rate_by: str | None) -> Flow | None:
+    """Refuse a declaration the claim could not honour, in one line, at registration."""
+    keys = {opt: _flow_key(name, opt, value) for opt, value in
+            (("fair_by", fair_by), ("limit_by", limit_by), ("rate_by", rate_by)) if value is not None}
+    if len(set(keys.values())) > 1:
+        named = ", ".join(f"{opt}={value!r}" for opt, value in keys.items())
+        raise ConfigurationError(f"task {name!r}: fair_by, limit_by and rate_by must name the same key ({named})")
+    if (limit is None) != (limit_by is None):
+        raise ConfigurationError(f"task {name!r}: limit and limit_by go together (e.g. limit_by='owner', limit=4)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigurationError(f"task {name!r}: limit must be a whole number of at least 1, not {limit!r}")
+    if rate_by is not None and rate is None:
+        raise ConfigurationError(f"task {name!r}: rate_by needs a rate (e.g. rate='600/m')")
+    count, seconds = _rate(name, rate) if rate is not None else (None, 1.0)
+    if not keys and rate is None:
+        return None
+    return Flow(key=next(iter(keys.values()), None), fair=fair_by is not None, limit=limit, rate=count,
+                rate_seconds=seconds, rate_by_key=rate_by is not None)
+
+
+def _flow_key(name: str, option: str, value: object) -> str:
+    if isinstance(value, str) and (value in FLOW_COLUMNS or PAYLOAD_KEY.fullmatch(value)):
+        return value
+    raise ConfigurationError(f"task {name!r}: {option}={value!r} is not a key "
+                             f"(one of {', '.join(FLOW_COLUMNS)} or payload.<field>)")
+
+
+def _rate(name: str, rate: object) -> tuple[int, float]:
+    m = RATE.fullmatch(rate) if isinstance(rate, str) else None
+    count = int(m.group(1)) if m else 0
+    seconds = float(m.group(2) or 1) * RATE_UNIT_SECONDS[m.group(3)] if m else 0.0
+    if count < 1 or seconds <= 0 or count > 2**31 - 1:
+        raise ConfigurationError(f"task {name!r}: rate={rate!r} is not a rate like '600/m', '50/s' or '10/5s'")
+    return count, seconds
 
 
 def load_entry_points() -> None:

@@ -36,7 +36,13 @@ def test_cancel_running(db_url: str) -> None:
     assert status == "cancelled" and took < 2.0
 
 
+def test_flow_control(db_url: str) -> None:
+    order = load("flow_control").main()
+    assert len(order) == 22
+    assert order[:4].count("small-tenant") == 2  # the small tenant is not queued behind the big one
+
+
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples"}
+    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

@@ -62,7 +62,7 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
         Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "own_chunks",
-                            "alembic_version")),
+                            "alembic_version", "flow_control")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on
@@ -72,6 +72,9 @@ TABLES: dict[str, tuple[Grant, ...]] = {
         Grant(("SELECT", "UPDATE", "DELETE"), ("tasks",)),
         Grant(("SELECT", "INSERT", "UPDATE", "DELETE"), ("workers", "chunks")),
         Grant(("SELECT",), ("queues", "documents", "batches", "alembic_version")),
+        # Flow control (0009): the rate windows the claim reads, appends to and prunes.
+        Grant(("SELECT", "INSERT", "DELETE"), ("flow_grants",)),
+        Grant(("SELECT",), ("flow_rules", "flow_control")),
     ),
 }
 
@@ -93,7 +96,8 @@ COLUMNS: dict[str, tuple[ColumnGrant, ...]] = {
 FUNCTIONS: dict[str, tuple[str, ...]] = {
     "dashboard": (),
     "producer": ("cancel_tasks", "retry_tasks", "reuse_task", "replace_document_run"),
-    "worker": (),
+    # A worker stores its types' flow declarations and gets their key index (0009).
+    "worker": ("declare_flow",),
 }
 
 

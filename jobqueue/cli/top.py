@@ -142,6 +142,18 @@ def _failures(s: Snapshot) -> list[Row]:
              _text(_secs(max(0.0, (s.at - r["last_seen"]).total_seconds())) + " ago")] for r in s.failures[:8]]
 
 
+def _flow(s: Snapshot) -> list[Row]:
+    """Flow-controlled keys: what runs per key, and what a per-key limit or a rate holds back."""
+    rows: list[Row] = []
+    for r in s.flow:
+        rate = f"{r['rate_used']}/{r['rate_n']} per {_secs(r['rate_secs'])}" if r["rate_n"] else "-"
+        held = Text.assemble(str(r["held_back"]), (f" ({r['held_by']})", "yellow")) if r["held_by"] else Text("0")
+        rows.append([_text(r["type"]), _text(r["key"] or "''"), _text(r["running"], "cyan"),
+                     _text(r["max_per_key"] or "-"), _text(r["queued"]), held, _text(rate),
+                     _text(_secs(r["wait_seconds"]) if r["wait_seconds"] is not None else "-")])
+    return rows
+
+
 def _row_limits(sizes: list[int], lines: int) -> list[int]:
     """Share ``lines`` table rows among the panels: one each first, then in turn while any has more."""
     limits = [1] * len(sizes)
@@ -184,6 +196,9 @@ def render(s: Snapshot, title: str = "jobq", *, live: bool = False, width: int |
         ("failing types (24h)", ("type", "error", "failed", "retried", "last seen"), ("failed", "retried", "last seen"),
          _failures(s), "no failures in the last 24 hours"),
     ]
+    if s.flow:  # the flow panel only when a type declares fair_by, limit_by or rate (issue 14)
+        flow = ("running", "limit", "queued", "held back", "rate used", "wait")
+        panels.insert(1, ("flow control (per key)", ("type", "key", *flow), flow, _flow(s), ""))
     # Each panel costs its two borders and a header line; the frame's own header takes one more.
     lines = None if height is None else height - 1 - 3 * len(panels)
     limits = ([None] * len(panels) if lines is None

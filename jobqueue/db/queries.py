@@ -34,6 +34,11 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     cap_lock: str
     capped_types: str
     next_wake: str
+    # Flow control (runtime/flow.py): fair claims, per-key limits, rate limits.
+    claim_flow: str
+    flow_wait: str
+    flow_declared: str
+    declare_flow: str
     finish_many: str
     complete_many: str
     release_dependents: str
@@ -78,6 +83,7 @@ class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
     latency: str
     workers: str
     failures: str
+    flow_control: str
 
 
 class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):

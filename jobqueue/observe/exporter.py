@@ -122,6 +122,23 @@ class ViewsCollector(Collector):
                 if r[f"run_{col}"] is not None:
                     run_q.add_metric([r["type"], r["period"], quantile], float(r[f"run_{col}"]))
         yield from (wait_q, run_q)
+        yield from self._flow(s)
+
+    @staticmethod
+    def _flow(s: Snapshot) -> Iterator[GaugeMetricFamily]:
+        """Flow-controlled keys (issue 14): running per key, and what a limit or a rate holds back."""
+        running = GaugeMetricFamily("jobq_cluster_flow_running", "Running tasks per flow key", labels=["type", "key"])
+        held = GaugeMetricFamily("jobq_cluster_flow_held_back",
+                                 "Runnable tasks a per-key limit or a rate holds back", labels=["type", "key", "by"])
+        wait = GaugeMetricFamily("jobq_cluster_flow_wait_seconds",
+                                 "Seconds until a rate-limited key may start a task again", labels=["type", "key"])
+        for r in s.flow:
+            running.add_metric([r["type"], r["key"]], int(r["running"]))
+            if r["held_by"]:
+                held.add_metric([r["type"], r["key"], r["held_by"]], int(r["held_back"]))
+            if r["wait_seconds"] is not None:
+                wait.add_metric([r["type"], r["key"]], float(r["wait_seconds"]))
+        yield from (running, held, wait)
 
         workers = GaugeMetricFamily("jobq_cluster_workers", "Workers by state", labels=["state"])
         counts = {"alive": 0, "stale": 0, "stopped": 0}

@@ -21,6 +21,8 @@ from jobqueue.db.queries import ObserveSQL
 STOPPED_VISIBLE_SECONDS = 3600
 # Failing (type, error) groups read per snapshot: the panel shows 8, the JSON all of these.
 FAILURE_GROUPS = 20
+# Flow-controlled keys read per snapshot (held back and busiest first): fair_by doc_id has many.
+FLOW_KEYS = 50
 _COUNTS = ("queued", "runnable", "scheduled", "waiting", "running",
            "done_last_hour", "failed_last_hour", "cancelled_last_hour")
 
@@ -50,6 +52,8 @@ class Snapshot:
     latency: list[dict[str, Any]]
     workers: list[dict[str, Any]]
     failures: list[dict[str, Any]]
+    # Per (type, key) of flow-controlled types: running, queued, held back by a limit or a rate, wait.
+    flow: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: datetimes as ISO 8601, numbers as numbers."""
@@ -80,6 +84,7 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         lat = cur.execute(q.latency).fetchall()
         workers = cur.execute(q.workers, (STOPPED_VISIBLE_SECONDS,)).fetchall()
         failures = cur.execute(q.failures, (FAILURE_GROUPS,)).fetchall()
+        flow = cur.execute(q.flow_control, (FLOW_KEYS,)).fetchall()
     queues: dict[str, QueueRow] = {}
     for r in depth:
         row = queues.setdefault(r["type"], QueueRow(type=r["type"]))
@@ -93,4 +98,4 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         throughput.setdefault(r.pop("type"), []).append(r)
     return Snapshot(at=now_row["now"], queues=list(queues.values()), throughput=throughput,
                     latency=[dict(r) for r in lat], workers=[dict(r) for r in workers],
-                    failures=[dict(r) for r in failures])
+                    failures=[dict(r) for r in failures], flow=[dict(r) for r in flow])

@@ -161,18 +161,26 @@ class Fetcher:
     async def _claim(self, conn: Any, free: dict[str, int], want: int) -> list[Any]:
         w = self.w
         started = time.perf_counter()
-        types = [t for t in w.types if free[t] > 0]
+        rows: list[Any] = []
+        if w.flow.rules:  # fair, per-key limited or rate-limited types: runtime/flow.py
+            rows = await w.flow.claim(conn, free, want, w.id, w.lease)
+            want -= len(rows)
+            if w.flow.wake_in is not None:  # a rate window frees a grant then: claim at that moment
+                self.schedule_wake(w.flow.wake_in + MIN_REARM_SECONDS)
+        types = [t for t in w.types if free[t] > 0 and t not in w.flow.rules]
         counts = [free[t] for t in types]
         capped = sorted(t for t in types if t in self.capped)
-        if not capped:  # the common case: one statement, no transaction block (two round trips fewer)
-            rows: list[Any] = await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
+        if not types or want <= 0:
+            pass  # every type with free slots is flow-controlled, or they took every slot
+        elif not capped:  # the common case: one statement, no transaction block (two round trips fewer)
+            rows += await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
         else:
             async with conn.transaction():
                 await conn.fetch(w.q.cap_lock, capped)
                 for r in await conn.fetch(w.q.running_count, capped):
                     i = types.index(r["type"])
                     counts[i] = max(0, min(counts[i], r["max_running"] - r["running"]))
-                rows = await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
+                rows += await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
         w.stats.claims += 1
         metrics.observe_claim(len(rows), time.perf_counter() - started)
         return rows

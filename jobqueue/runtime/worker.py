@@ -49,6 +49,7 @@ from jobqueue.runtime.completer import Completer
 from jobqueue.runtime.dispatcher import Dispatcher
 from jobqueue.runtime.executor import Executor
 from jobqueue.runtime.fetcher import Fetcher
+from jobqueue.runtime.flow import FlowClaims
 from jobqueue.runtime.heartbeat import Heartbeat
 from jobqueue.runtime.pool import call, create_pool
 from jobqueue.runtime.progress import ProgressWriter
@@ -125,6 +126,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self.outage = Outage()
         self._fatal: BaseException | None = None
+        self.flow = FlowClaims(self.q, self.specs)
         self.fetcher = Fetcher(self)
         self.heartbeat = Heartbeat(self)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -149,6 +151,7 @@ class Worker:
         self.progress.start()
         self._install_signals()
         await self.heartbeat.beat()
+        await self._db(self.flow.declare, self.id)
         metrics.worker_info(self.id, self.types)
         self._tasks = [
             asyncio.create_task(supervise(name, loop, self._on_fatal), name=f"jobq-{name}")

@@ -26,3 +26,11 @@ ORDER BY state, worker_id;
 -- name: failures
 SELECT type, error, failed, retried, tasks, first_seen, last_seen, latest_task_id, latest_message
 FROM {schema}.failures ORDER BY last_seen DESC LIMIT $1;
+
+-- name: flow_control
+-- Flow-controlled keys (migration 0009), the held-back and the busiest first, at most $1 of them.
+SELECT type, key, fair, queued, running, max_per_key, rate_n, rate_secs, rate_by_key, rate_used, held_by,
+       held_back, wait_seconds
+FROM {schema}.flow_control
+ORDER BY held_back DESC, running DESC, queued DESC, type, key
+LIMIT $1;

@@ -66,6 +66,27 @@ FROM (SELECT DISTINCT type FROM unnest($1::text[]) AS u(type) ORDER BY type) AS 
 -- name: capped_types
 SELECT type FROM {schema}.queues WHERE type = ANY($1::text[]) AND max_running IS NOT NULL;
 
+-- name: claim_flow
+-- A flow-controlled type's claim (runtime/flow.py): fair claims, per-key limits, rate limits. The
+-- statement is the function claim_flow of migration 0009 (one round trip: the type's lock, then the
+-- claim with a snapshot taken after it); its comment says how it works.
+SELECT * FROM {schema}.claim_flow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
+
+-- name: flow_wait
+-- After a rate-limited claim that got fewer tasks than asked: seconds until the earliest grant of
+-- type $1 leaves its window of $2 seconds (the fetcher sets a timer for it, instead of backing off).
+SELECT extract(epoch FROM min(g.at) + make_interval(secs => $2::float8) - clock_timestamp())::float8 AS wait
+FROM {schema}.flow_grants g
+WHERE g.type = $1 AND g.at > clock_timestamp() - make_interval(secs => $2::float8);
+
+-- name: flow_declared
+-- Which of the worker's types ($1) have a flow declaration stored (one a worker without it forgets).
+SELECT type FROM {schema}.flow_rules WHERE type = ANY($1::text[]);
+
+-- name: declare_flow
+-- A type's flow declaration (the views read it) and its key index; SECURITY DEFINER (migration 0009).
+SELECT {schema}.declare_flow($1, $2, $3, $4, $5, $6, $7, $8) AS index_name;
+
 -- name: next_wake
 -- After a claim that found nothing: which of the worker's types ($1) have a max_running cap now (a
 -- cap set since the last heartbeat applies from the next claim on), and in how many seconds the
