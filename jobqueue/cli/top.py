@@ -62,7 +62,7 @@ _SHORT = {
     "run_p99": "r99",
 }  # fmt: skip
 # Names (types, worker ids, errors) give way first when a narrow terminal has no room.
-_NAMES = ("type", "worker", "host", "types", "error")
+_NAMES = ("type", "key", "worker", "host", "types", "error")
 
 Row = list[Text]
 
