@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from jobqueue.cli.app import ensure_schema, fail, out, settings
+from jobqueue.cli.app import ensure_schema, fail, import_task_modules, out, settings
 
 if TYPE_CHECKING:
     from jobqueue.runtime.worker import WorkerStats, WorkerStatus
@@ -43,7 +43,7 @@ def worker(
     from jobqueue.runtime.worker import run_worker
 
     s = settings()
-    registry.import_modules([*(imports or []), *s.imports])
+    import_task_modules(imports or [])
     wanted = [t.strip() for t in types.split(",") if t.strip()]
     if not wanted:
         fail("--types needs at least one task type")
