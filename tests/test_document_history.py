@@ -4,6 +4,7 @@ empty batch when every file is refused."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -115,3 +116,25 @@ def test_a_call_whose_every_file_is_refused_leaves_no_batch(fresh: psycopg.Conne
     res = enqueue_files([HANDBOOK, str(tmp_path / "missing.pdf")])
     assert res.batch_id is not None
     assert fresh.execute("SELECT requested, rejected FROM batches ORDER BY id").fetchall() == [(1, 0), (2, 1)]
+
+
+def test_users_see_one_based_inclusive_pages(fresh: psycopg.Connection[Any]) -> None:
+    res = enqueue_files([HANDBOOK]).files[0]
+    doc = res.doc_id
+    assert doc is not None
+    finish(fresh, doc)
+    # Stored: tasks 0-based with the end excluded; shown: pages as printed.
+    assert fresh.execute("SELECT first_page, last_page FROM document_tasks WHERE doc_id = %s ORDER BY first_page",
+                         (doc,)).fetchall() == [(1, 12), (13, 24), (25, 36), (37, 37)]
+    first = res.tasks[0]
+    assert fresh.execute("SELECT from_page, to_page FROM tasks WHERE id = %s", (first,)).fetchone() == (0, 12)
+    log = fresh.execute("SELECT progress_msg FROM tasks WHERE id = %s", (first,)).fetchone()[0]
+    assert "Page(1~12): Extracting pages 1-12 of handbook.pdf." in log
+    # Chunks: stored 0-based inclusive; the view adds one to both ends, within the task's pages.
+    rows = fresh.execute("SELECT k.from_page, k.to_page, v.first_page, v.last_page FROM chunks k "
+                         "JOIN document_chunks v ON v.chunk_id = k.id WHERE k.task_id = %s", (first,)).fetchall()
+    assert rows and all((a, b) == (lo + 1, hi + 1) and 1 <= a <= b <= 12 for lo, hi, a, b in rows)
+    assert max(r[3] for r in rows) == 12
+    r = jobq_cli("status", str(first))
+    assert r.returncode == 0 and re.search(r"pages\s+1-12", r.stdout), r.stdout
+    assert "from_page" not in r.stdout

@@ -85,7 +85,12 @@ def status(task_id: Annotated[int, typer.Argument(help="Task id.")],
         out.print_json(t.model_dump_json())
         return
     table = Table(show_header=False, box=None)
-    for k, v in t.model_dump().items():
+    row = t.model_dump()
+    if row.get("from_page") is not None and row.get("to_page") is not None:
+        # Pages as printed (1-based, last included); the row stores 0-based with the end excluded.
+        row["pages"] = f"{row['from_page'] + 1}-{row['to_page']}"
+        del row["from_page"], row["to_page"]
+    for k, v in row.items():
         if v is None or v == [] or v == "":
             continue
         table.add_row(Text(k, style="bold"), Text(json.dumps(v) if isinstance(v, dict | list) else str(v)))
