@@ -60,7 +60,7 @@ def runs(conn: psycopg.Connection[Any], clean: None) -> None:
 
 def test_first_ctrl_c_drains_and_says_so(client: Client, conn: psycopg.Connection[Any], runs: None,
                                          procs: list[Any], db_url: str) -> None:
-    tid = client.enqueue("t_sleep", {"s": 1.5})
+    tid = client.enqueue("t_sleep", {"s": 6})
     p = spawn("t_sleep", "--grace", "30", "--concurrency", "3")
     procs.append(p)
     out = Lines(p)
