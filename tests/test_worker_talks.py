@@ -12,8 +12,6 @@ import time
 from typing import Any
 
 import psycopg
-import pytest
-from handlers import RUNS_DDL
 from support import spawn, status, wait_for
 
 from jobqueue import Client
@@ -43,22 +41,7 @@ class Lines:
         raise AssertionError(f"no line matching {pattern!r} in {self.lines}")
 
 
-@pytest.fixture
-def procs() -> Any:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
-@pytest.fixture
-def runs(conn: psycopg.Connection[Any], clean: None) -> None:
-    conn.execute(RUNS_DDL)
-
-
-def test_first_ctrl_c_drains_and_says_so(client: Client, conn: psycopg.Connection[Any], runs: None,
+def test_first_ctrl_c_drains_and_says_so(client: Client, conn: psycopg.Connection[Any], reset: None,
                                          procs: list[Any], db_url: str) -> None:
     tid = client.enqueue("t_sleep", {"s": 6})
     p = spawn("t_sleep", "--grace", "30", "--concurrency", "3")
@@ -80,7 +63,7 @@ def test_first_ctrl_c_drains_and_says_so(client: Client, conn: psycopg.Connectio
     assert re.search(r"worker stopped after [\d.]+s: 1 done, 0 failed", out.wait_for("worker stopped"))
 
 
-def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Connection[Any], runs: None,
+def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Connection[Any], reset: None,
                                              procs: list[Any]) -> None:
     ids = [client.enqueue("t_sleep", {"s": 60}) for _ in range(2)]
     p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
