@@ -270,7 +270,7 @@ def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: 
     reusable: dict[tuple[str, str], int] = {}
     if not plan.force:
         for tid, ttype, digest in fetch(conn, q.reusable_tasks, doc_id):
-            reusable.setdefault((ttype, digest), tid)
+            reusable[(ttype, digest)] = tid
 
     kept: list[int] = []
     flow_ids: list[int] = []
