@@ -113,11 +113,16 @@ def test_unchanged_document_reuses_its_chunks_and_force_reprocesses(fresh: psyco
     before = fresh.execute("SELECT array_agg(id ORDER BY id) FROM chunks WHERE doc_id = %s", (doc,)).fetchone()[0]
     assert len(before) > 10
 
-    again = enqueue_files([HANDBOOK]).files[0]
+    again_batch = enqueue_files([HANDBOOK])
+    again = again_batch.files[0]
     assert (again.doc_id, again.reused, again.queued) == (doc, 4, 0)
-    tasks = fresh.execute("SELECT id, status, progress, progress_msg FROM tasks WHERE doc_id = %s ORDER BY id",
-                          (doc,)).fetchall()
-    assert [t[0] for t in tasks] == again.tasks  # the first run's tasks are gone
+    tasks = fresh.execute("SELECT id, status, progress, progress_msg FROM tasks WHERE doc_id = %s "
+                          "AND superseded_at IS NULL ORDER BY id", (doc,)).fetchall()
+    assert [t[0] for t in tasks] == again.tasks
+    # The first run's tasks stay as history, marked superseded by the new batch.
+    history = fresh.execute("SELECT array_agg(id ORDER BY id), array_agg(DISTINCT superseded_by) FROM tasks "
+                            "WHERE doc_id = %s AND superseded_at IS NOT NULL", (doc,)).fetchone()
+    assert history == (first.files[0].tasks, [again_batch.batch_id])
     assert all(t[1] == "done" and t[2] == 1 and "Reused" in t[3] for t in tasks)
     after = fresh.execute("SELECT array_agg(id ORDER BY id), array_agg(DISTINCT task_id) FROM chunks "
                           "WHERE doc_id = %s", (doc,)).fetchone()

@@ -7,8 +7,14 @@ bad file gets one error line and leaves no row behind while the other files of t
 A document is its content (per owner): enqueueing the same bytes again re-parses that document.
 Each task carries a digest of the content, its settings and its range; a task whose digest matches a
 finished task of the previous run is recorded done at once and takes over that task's chunks, so
-only what changed runs again (``force`` reprocesses everything). The previous run's other tasks and
-chunks are deleted, as RAGFlow does.
+only what changed runs again (``force`` reprocesses everything). The previous run's other tasks stay
+as history, marked superseded (the pruner removes them like any finished task); the chunks no new
+task took over are deleted, as RAGFlow does.
+
+A re-enqueue never drops work it was not asked to redo: when every range is unchanged, the previous
+run's follow-up tasks (the RAPTOR summaries) are carried over with their output too; when ranges do
+run again without ``--then raptor``, the summaries would be stale, so the file is refused unless
+``force`` says to remove them (and the result says how many went).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class FileResult:
     then_task: int | None = None
     error: str | None = None
     note: str | None = None
+    summaries_removed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -188,21 +195,37 @@ def enqueue_files(
     client = Client(url, settings=settings)
     q = sql(settings.schema_name)
     results: list[FileResult] = []
-    with connect(client.url, autocommit=True) as conn, conn.transaction():
-        batch_id = int(_one(conn, q.new_batch, owner, len(paths)))
-        for item in prepared:
-            if isinstance(item, FileResult):
-                results.append(item)
-                continue
-            try:
-                with conn.transaction():
-                    results.append(_store(conn, q, client, item, batch_id, plan))
-            except JobqError as exc:
-                results.append(FileResult(item.path, error=str(exc)))
-            except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
-                results.append(FileResult(item.path, error=f"rejected by the database: {str(exc).splitlines()[0]}"))
-        fetch(conn, q.batch_rejected, batch_id, sum(1 for r in results if not r.ok))
+    with connect(client.url, autocommit=True) as conn:
+        try:
+            with conn.transaction():
+                batch_id = int(_one(conn, q.new_batch, owner, len(paths)))
+                for item in prepared:
+                    if isinstance(item, FileResult):
+                        results.append(item)
+                    else:
+                        results.append(_store_safely(conn, q, client, item, batch_id, plan))
+                if not any(r.doc_id is not None for r in results):
+                    raise _NothingStored  # every file refused: no empty batch is left behind
+                fetch(conn, q.batch_rejected, batch_id, sum(1 for r in results if not r.ok))
+        except _NothingStored:
+            return BatchResult(None, results)
     return BatchResult(batch_id, results)
+
+
+class _NothingStored(Exception):
+    """Rolls back a batch none of whose files was stored."""
+
+
+def _store_safely(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, item: _Prepared, batch_id: int,
+                  plan: _Plan) -> FileResult:
+    """One file under a savepoint of its own: refused by us or by the database, it leaves no row."""
+    try:
+        with conn.transaction():
+            return _store(conn, q, client, item, batch_id, plan)
+    except JobqError as exc:
+        return FileResult(item.path, error=str(exc))
+    except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as exc:
+        return FileResult(item.path, error=f"rejected by the database: {str(exc).splitlines()[0]}")
 
 
 def _one(conn: psycopg.Connection[Any], statement: str, *params: Any) -> Any:
@@ -272,6 +295,7 @@ def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: 
         if old is not None and not specs:  # its input (every dataflow task) is unchanged too
             then_id, _ = _reuse(conn, q, old, batch_id, plan, None, None)
             kept.append(then_id)
+    removed = _keep_follow_ups(conn, q, doc_id, reusable, kept, batch_id, plan, rerun=bool(specs))
     fetch(conn, q.replace_document_run, doc_id, kept)
     new_ids = client.enqueue_many(DATAFLOW, specs, connection=conn) if specs else []
     flow_ids.extend(new_ids)
@@ -281,7 +305,29 @@ def _store(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, prep: 
                                  depends_on=sorted(flow_ids), connection=conn)
     queued = len(new_ids) + (1 if then_id is not None and then_id not in kept else 0)
     return FileResult(prep.path, doc_id=doc_id, tasks=sorted(flow_ids), reused=len(kept), queued=queued,
-                      then_task=then_id)
+                      then_task=then_id, summaries_removed=removed)
+
+
+def _keep_follow_ups(conn: psycopg.Connection[Any], q: DocumentSQL, doc_id: int, reusable: dict[tuple[str, str], int],
+                     kept: list[int], batch_id: int, plan: _Plan, *, rerun: bool) -> int:
+    """The previous run's follow-up tasks (raptor) that this call did not ask for.
+
+    With every range unchanged their output (the summaries) is still valid: they are carried over
+    into the new run (appended to `kept`). When ranges run again the summaries would describe
+    chunks that are replaced: without ``--then`` that is refused unless ``force`` says to remove
+    them. Returns the number of summaries this run removes."""
+    if plan.then is not None:
+        return 0  # the follow-up asked for rebuilds (or reuses) them
+    if not rerun:
+        for (ttype, _), tid in sorted(reusable.items(), key=lambda item: item[1]):
+            if ttype != DATAFLOW:
+                kept.append(_reuse(conn, q, tid, batch_id, plan, None, None)[0])
+        return 0
+    summaries = int(_one(conn, q.summary_count, doc_id) or 0)
+    if summaries and not plan.force:
+        raise DocumentError(f"document {doc_id} has {summaries} RAPTOR summaries of chunks this call re-parses; "
+                            "add --then raptor to rebuild them, or --force to remove them")
+    return summaries
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class DocumentSQL(SQLFile, package="jobq_workers", filename="sql/documents.sql")
     update_document: str
     live_task_count: str
     reusable_tasks: str
+    summary_count: str
     reuse_task: str
     replace_document_run: str
     list_documents: str

@@ -61,8 +61,8 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     # Reads tasks and documents; its own chunks through the own_chunks view (none on chunks itself).
     # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
-        Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "own_chunks",
-                            "alembic_version", "flow_control")),
+        Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "document_tasks",
+                            "own_chunks", "alembic_version", "flow_control")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on

@@ -116,3 +116,16 @@ def client(s: Settings | None = None) -> Client:
     s = s or settings()
     return Client(ensure_schema(s), settings=s)
 
+
+def import_task_modules(modules: list[str]) -> None:
+    """Import the modules that register task types (--import, JOBQ_IMPORTS), from the current
+    directory too, as `python -m` would: `jobq worker --import mytasks` next to mytasks.py works."""
+    import os
+    import sys
+
+    from jobqueue import registry
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    registry.import_modules([*modules, *settings().imports])
+

@@ -39,6 +39,8 @@ def _describe(r: FileResult) -> str:
     if r.reused:
         parts.append(f"{r.reused} reused")
     parts.append(f"{r.queued} to run" if r.queued else "nothing to run")
+    if r.summaries_removed:
+        parts.append(f"{r.summaries_removed} RAPTOR summaries removed (--force)")
     return ", ".join(parts)
 
 

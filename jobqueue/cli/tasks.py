@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jobqueue.cli.app import client, err, fail, out
+from jobqueue.cli.app import client, err, fail, import_task_modules, out
 from jobqueue.states import Status
 
 STATUS_STYLES: dict[str, str] = {
@@ -48,6 +48,8 @@ def enqueue(
     by_reference: Annotated[bool, typer.Option(help="Store only the file's path, not its bytes.")] = False,
     force: Annotated[bool, typer.Option(help="Reprocess even unchanged ranges.")] = False,
     wait: Annotated[bool, typer.Option(help="Watch the documents until they finish.")] = False,
+    imports: Annotated[list[str] | None, typer.Option(
+        "--import", "-i", help="Module that registers --type (repeatable; also JOBQ_IMPORTS).")] = None,
 ) -> None:
     """Enqueue a plain task (--type/--payload) or documents (FILE...)."""
     if files:
@@ -65,6 +67,7 @@ def enqueue(
     from jobqueue import registry
 
     data = _parse_payload(payload)
+    import_task_modules(imports or [])
     registry.get_type(type)
     task_id = client().enqueue(type, data, priority=priority, delay=delay, dedupe_key=dedupe_key,
                                max_retries=max_retries, owner=owner)
@@ -82,7 +85,12 @@ def status(task_id: Annotated[int, typer.Argument(help="Task id.")],
         out.print_json(t.model_dump_json())
         return
     table = Table(show_header=False, box=None)
-    for k, v in t.model_dump().items():
+    row = t.model_dump()
+    if row.get("from_page") is not None and row.get("to_page") is not None:
+        # Pages as printed (1-based, last included); the row stores 0-based with the end excluded.
+        row["pages"] = f"{row['from_page'] + 1}-{row['to_page']}"
+        del row["from_page"], row["to_page"]
+    for k, v in row.items():
         if v is None or v == [] or v == "":
             continue
         table.add_row(Text(k, style="bold"), Text(json.dumps(v) if isinstance(v, dict | list) else str(v)))

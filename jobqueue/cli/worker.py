@@ -1,13 +1,22 @@
-"""`jobq worker`: run task handlers in this process."""
+"""`jobq worker`: run task handlers in this process.
+
+The worker talks: one line when it starts (what it runs, where), one at once on the first Ctrl-C
+(draining: what still runs and the grace left), one on the second (what it abandons), and the summary
+line however it ends. The runtime reports through ``Worker(on_status=...)``; the lines are drawn here.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from jobqueue.cli.app import ensure_schema, fail, out, settings
+from jobqueue.cli.app import ensure_schema, fail, import_task_modules, out, settings
+
+if TYPE_CHECKING:
+    from jobqueue.runtime.worker import WorkerStats, WorkerStatus
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +43,7 @@ def worker(
     from jobqueue.runtime.worker import run_worker
 
     s = settings()
-    registry.import_modules([*(imports or []), *s.imports])
+    import_task_modules(imports or [])
     wanted = [t.strip() for t in types.split(",") if t.strip()]
     if not wanted:
         fail("--types needs at least one task type")
@@ -50,8 +59,45 @@ def worker(
 
         serve(metrics_port)
     started = time.monotonic()
+
+    def on_status(st: WorkerStatus) -> None:
+        say(describe(st, time.monotonic() - started, burst=burst))
+        if st.event == "abandoning":  # the process exits right after this returns
+            say(summary(st.stats, time.monotonic() - started))
+
     code, stats = run_worker(wanted, concurrency=concurrency, burst=burst, name=name, grace_seconds=grace,
-                             poll_seconds=poll, isolation=isolation, url=url, settings=s)
-    out.print(f"worker stopped after {time.monotonic() - started:.1f}s: {stats.done} done, {stats.failed} failed, "
-              f"{stats.retried} retried, {stats.cancelled} cancelled, {stats.rescued} rescued", highlight=False)
+                             poll_seconds=poll, isolation=isolation, url=url, settings=s, on_status=on_status)
+    say(summary(stats, time.monotonic() - started))
     raise typer.Exit(code)
+
+
+def say(line: str) -> None:
+    """One line, at once (stdout may be a pipe to a supervisor's log)."""
+    out.print(line, highlight=False, markup=False, soft_wrap=True)
+    sys.stdout.flush()
+
+
+def _ids(ids: tuple[int, ...]) -> str:
+    return ", ".join(map(str, ids[:10])) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+
+
+def describe(st: WorkerStatus, elapsed: float, *, burst: bool = False) -> str:
+    """The line for one status report of the worker."""
+    if st.event == "started":
+        until = "until nothing is runnable" if burst else "Ctrl-C to stop"
+        return (f"worker {st.worker_id} started: types {','.join(st.types)}, concurrency {st.concurrency}, "
+                f"database {st.database} ({until})")
+    if st.event == "draining":
+        if not st.running:
+            return "stopping: no task running"
+        return (f"draining: {len(st.running)} task(s) still running ({_ids(st.running)}), "
+                f"{st.grace_left:.0f}s of grace left before they are released; Ctrl-C again to abandon them")
+    if not st.running:
+        return "exiting at once: no task was running"
+    return (f"exiting at once after {elapsed:.1f}s: abandoning {len(st.running)} task(s) ({_ids(st.running)}); "
+            "their leases expire and the rescuer puts them back in the queue")
+
+
+def summary(stats: WorkerStats, elapsed: float) -> str:
+    return (f"worker stopped after {elapsed:.1f}s: {stats.done} done, {stats.failed} failed, "
+            f"{stats.retried} retried, {stats.cancelled} cancelled, {stats.rescued} rescued")

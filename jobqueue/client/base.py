@@ -47,5 +47,8 @@ def not_retryable(task_id: int | None, row: Mapping[str, Any] | None, doc_id: in
     """Why a retry changed nothing: the named task is not failed or cancelled, or the document has none."""
     if task_id is None:
         return InvalidTransition(f"document {doc_id} has no failed or cancelled task to retry")
+    if row is not None and row.get("superseded_at") is not None:
+        return InvalidTransition(f"task {task_id} belongs to an earlier run of document {row['doc_id']}, replaced "
+                                 "when it was enqueued again; retry the document's current tasks instead")
     return InvalidTransition(
         f"task {task_id} is {status_of(task_id, row)}; only failed or cancelled tasks can be retried")

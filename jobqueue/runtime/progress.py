@@ -4,6 +4,10 @@
 writer sends the newest value and the pending lines of all dirty tasks in one ``progress_many``,
 which locks the rows in id order and is fenced by (id, attempt, worker_id). Its answer says which
 tasks have a cancel pending and which are no longer ours; the worker acts on both.
+
+The flush takes its lines before its statement runs, so the task may finish (or a user may request
+its cancel) in between: the statement then writes the lines above the log's last line, which stays
+the final state's ("Done in ...", "[Canceled] ..."), rather than below it.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,7 +43,7 @@ from typing import Any
 import asyncpg
 
 from jobqueue import registry
-from jobqueue.db.connect import normalize, resolve_url
+from jobqueue.db.connect import normalize, redact, resolve_url
 from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
 from jobqueue.observe import metrics
 from jobqueue.runtime.completer import Completer
@@ -71,8 +72,27 @@ class WorkerStats:
     claims: int = 0
 
 
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What a worker tells whoever runs it, at once, from its event loop: ``event`` is ``"started"``,
+    ``"draining"`` (the first stop signal) or ``"abandoning"`` (the second: the process exits right
+    after the callback returns). The runner decides how to show it (the CLI prints one line)."""
+
+    event: str
+    worker_id: str
+    types: tuple[str, ...]
+    concurrency: int
+    database: str  # the URL without its password
+    running: tuple[int, ...]  # the tasks in flight, by id
+    grace_left: float  # seconds the running tasks still get before they are released
+    stats: WorkerStats
+
+
 class Worker:
-    """Runs the handlers of `types` until stopped (or, with `burst`, until nothing is runnable)."""
+    """Runs the handlers of `types` until stopped (or, with `burst`, until nothing is runnable).
+
+    `on_status` is called with a :class:`WorkerStatus` when the worker has started and on each stop
+    signal (from the event loop; it must not block)."""
 
     def __init__(
         self,
@@ -89,8 +109,11 @@ class Worker:
         grace_seconds: float | None = None,
         maintenance: bool = True,
         isolation: str | None = None,
+        on_status: Callable[[WorkerStatus], None] | None = None,
     ) -> None:
         self.settings = s = settings or get_settings()
+        self._on_status = on_status
+        self._drain_deadline: float | None = None
         self.types = list(dict.fromkeys(types))
         self.specs = {t: registry.get_type(t) for t in self.types}  # unknown types fail here, at start
         self.concurrency = concurrency or s.concurrency
@@ -159,6 +182,7 @@ class Worker:
                                ("progress", self.progress.run), ("heartbeat", self.heartbeat.loop))
         ]
         log.info("worker %s started: types=%s concurrency=%d", self.id, ",".join(self.types), self.concurrency)
+        self._tell("started")
         try:
             await supervise("claim", self.fetcher.run, self._on_fatal)
         finally:
@@ -189,21 +213,42 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._on_signal, sig)
 
+    def status(self, event: str) -> WorkerStatus:
+        """The worker as it is now (see WorkerStatus)."""
+        grace = self._grace()
+        if self._drain_deadline is not None:
+            grace = max(0.0, self._drain_deadline - time.monotonic())
+        return WorkerStatus(event, self.id, tuple(self.types), self.concurrency, redact(self.url),
+                            tuple(sorted(a.ctx.id for a in self.dispatcher.owned())), grace, self.stats)
+
+    def _tell(self, event: str) -> None:
+        if self._on_status is not None:
+            self._on_status(self.status(event))
+
+    def _grace(self) -> float:
+        return self.grace if not self.burst else 0.0
+
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting now; leases expire and the rescuer requeues our tasks")
+            self._tell("abandoning")
             os._exit(1)
-        log.info("signal %s: draining (grace %.0fs); send it again to exit at once", sig, self.grace)
+        log.info("signal %s: draining (grace %.0fs); send it again to exit at once", sig, self._grace())
         self.stop()
+        self._tell("draining")
 
     def stop(self) -> None:
         """Stop claiming; running tasks get the grace period, then are released back to the queue."""
         self._stopping = True
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self._grace()
         self.fetcher.stop()
 
     async def _shutdown(self) -> None:
-        await self.dispatcher.drain(self.grace if not self.burst else 0)
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self._grace()
+        await self.dispatcher.drain(max(0.0, self._drain_deadline - time.monotonic()))
         await self.completer.flush()
         await self.progress.flush()
         for t in self._tasks:

@@ -21,6 +21,73 @@ branch_labels = None
 depends_on = None
 
 
+def document_progress_sql(s: str, *, current_run: bool = False, create: str = "CREATE VIEW") -> str:
+    """document_progress's DDL; `current_run` (0007) reads only the tasks of the document's current
+    run, leaving the superseded runs kept as history out of its state."""
+
+    def current(alias: str) -> str:
+        return f" AND {alias}.superseded_at IS NULL" if current_run else ""
+
+    return f"""-- A document's state as RAGFlow users know it, computed from its tasks: progress is the mean of the
+-- tasks' progress (errors count as 0); finished documents are failed if any task failed, cancelled
+-- if any was cancelled, else done; unfinished ones are running once any task started, else queued.
+CREATE VIEW "{s}".document_progress AS
+SELECT d.id AS doc_id, d.name, d.owner, d.batch_id, d.format, d.kind, d.parser, d.pages, d.size,
+       d.uri IS NOT NULL AS by_reference, d.created_at,
+       COALESCE(t.tasks, 0) AS tasks,
+       COALESCE(t.waiting, 0) AS waiting, COALESCE(t.queued, 0) AS queued,
+       COALESCE(t.running, 0) AS running, COALESCE(t.done, 0) AS done,
+       COALESCE(t.failed, 0) AS failed, COALESCE(t.cancelled, 0) AS cancelled,
+       COALESCE(t.progress, 0)::real AS progress,
+       CASE
+           WHEN COALESCE(t.tasks, 0) = 0 THEN CASE WHEN c.chunks > 0 THEN 'done' ELSE 'queued' END
+           WHEN t.live = 0 AND t.failed > 0 THEN 'failed'
+           WHEN t.live = 0 AND t.cancelled > 0 THEN 'cancelled'
+           WHEN t.live = 0 THEN 'done'
+           WHEN t.started THEN 'running'
+           ELSE 'queued'
+       END AS status,
+       (SELECT "{s}".queue_position(q.id) FROM "{s}".tasks q
+        WHERE q.doc_id = d.id AND q.status = 'queued'{current("q")}
+        ORDER BY q.priority DESC, q.run_at, q.id LIMIT 1) AS queue_position,
+       COALESCE(t.progress_msg, '') AS progress_msg,
+       (SELECT line FROM "{s}".tasks m, regexp_split_to_table(m.progress_msg, E'\\n') WITH ORDINALITY AS l(line, n)
+        WHERE m.doc_id = d.id AND m.progress_msg <> ''{current("m")}
+        ORDER BY left(line, 8) DESC, m.id DESC, l.n DESC LIMIT 1) AS last_message,
+       (SELECT m.last_error FROM "{s}".tasks m
+        WHERE m.doc_id = d.id AND m.status = 'failed'{current("m")} ORDER BY m.id LIMIT 1) AS error,
+       COALESCE(c.chunks, 0) AS chunks, COALESCE(c.tokens, 0) AS tokens, COALESCE(c.summaries, 0) AS summaries,
+       t.started_at, CASE WHEN t.live = 0 THEN t.finished_at END AS finished_at,
+       extract(epoch FROM (CASE WHEN t.live = 0 THEN t.finished_at ELSE now() END) - t.started_at) AS duration,
+       COALESCE(t.process_duration, 0) AS process_duration
+FROM "{s}".documents d
+LEFT JOIN LATERAL (
+    SELECT count(*) AS tasks,
+           count(*) FILTER (WHERE x.status = 'waiting') AS waiting,
+           count(*) FILTER (WHERE x.status = 'queued') AS queued,
+           count(*) FILTER (WHERE x.status = 'running') AS running,
+           count(*) FILTER (WHERE x.status = 'done') AS done,
+           count(*) FILTER (WHERE x.status = 'failed' OR x.progress < 0) AS failed,
+           count(*) FILTER (WHERE x.status = 'cancelled') AS cancelled,
+           count(*) FILTER (WHERE x.status IN ('waiting', 'queued', 'running')) AS live,
+           bool_or(x.status IN ('running', 'done', 'failed', 'cancelled') OR x.started_at IS NOT NULL) AS started,
+           avg(greatest(x.progress, 0)) AS progress,
+           string_agg(NULLIF(x.progress_msg, ''), E'\\n' ORDER BY x.depends_on IS NOT NULL, x.from_page, x.id)
+               AS progress_msg,
+           min(COALESCE(x.started_at, x.finished_at)) AS started_at,
+           max(x.finished_at) AS finished_at,
+           sum(x.process_duration) AS process_duration
+    FROM "{s}".tasks x WHERE x.doc_id = d.id{current("x")}
+) t ON true
+LEFT JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE k.level = 0) AS chunks,
+           COALESCE(sum(k.token_count) FILTER (WHERE k.level = 0), 0) AS tokens,
+           count(*) FILTER (WHERE k.level > 0) AS summaries
+    FROM "{s}".chunks k WHERE k.doc_id = d.id
+) c ON true;
+""".replace("CREATE VIEW", create)
+
+
 def upgrade() -> None:
     s = migration_schema()
     # The database refuses stored bytes over the limit in force when the schema was created, whatever
@@ -116,64 +183,7 @@ LANGUAGE sql STABLE AS $$
     FROM "{s}".tasks t WHERE t.id = task_id
 $$;
 
--- A document's state as RAGFlow users know it, computed from its tasks: progress is the mean of the
--- tasks' progress (errors count as 0); finished documents are failed if any task failed, cancelled
--- if any was cancelled, else done; unfinished ones are running once any task started, else queued.
-CREATE VIEW "{s}".document_progress AS
-SELECT d.id AS doc_id, d.name, d.owner, d.batch_id, d.format, d.kind, d.parser, d.pages, d.size,
-       d.uri IS NOT NULL AS by_reference, d.created_at,
-       COALESCE(t.tasks, 0) AS tasks,
-       COALESCE(t.waiting, 0) AS waiting, COALESCE(t.queued, 0) AS queued,
-       COALESCE(t.running, 0) AS running, COALESCE(t.done, 0) AS done,
-       COALESCE(t.failed, 0) AS failed, COALESCE(t.cancelled, 0) AS cancelled,
-       COALESCE(t.progress, 0)::real AS progress,
-       CASE
-           WHEN COALESCE(t.tasks, 0) = 0 THEN CASE WHEN c.chunks > 0 THEN 'done' ELSE 'queued' END
-           WHEN t.live = 0 AND t.failed > 0 THEN 'failed'
-           WHEN t.live = 0 AND t.cancelled > 0 THEN 'cancelled'
-           WHEN t.live = 0 THEN 'done'
-           WHEN t.started THEN 'running'
-           ELSE 'queued'
-       END AS status,
-       (SELECT "{s}".queue_position(q.id) FROM "{s}".tasks q
-        WHERE q.doc_id = d.id AND q.status = 'queued'
-        ORDER BY q.priority DESC, q.run_at, q.id LIMIT 1) AS queue_position,
-       COALESCE(t.progress_msg, '') AS progress_msg,
-       (SELECT line FROM "{s}".tasks m, regexp_split_to_table(m.progress_msg, E'\\n') WITH ORDINALITY AS l(line, n)
-        WHERE m.doc_id = d.id AND m.progress_msg <> ''
-        ORDER BY left(line, 8) DESC, m.id DESC, l.n DESC LIMIT 1) AS last_message,
-       (SELECT m.last_error FROM "{s}".tasks m
-        WHERE m.doc_id = d.id AND m.status = 'failed' ORDER BY m.id LIMIT 1) AS error,
-       COALESCE(c.chunks, 0) AS chunks, COALESCE(c.tokens, 0) AS tokens, COALESCE(c.summaries, 0) AS summaries,
-       t.started_at, CASE WHEN t.live = 0 THEN t.finished_at END AS finished_at,
-       extract(epoch FROM (CASE WHEN t.live = 0 THEN t.finished_at ELSE now() END) - t.started_at) AS duration,
-       COALESCE(t.process_duration, 0) AS process_duration
-FROM "{s}".documents d
-LEFT JOIN LATERAL (
-    SELECT count(*) AS tasks,
-           count(*) FILTER (WHERE x.status = 'waiting') AS waiting,
-           count(*) FILTER (WHERE x.status = 'queued') AS queued,
-           count(*) FILTER (WHERE x.status = 'running') AS running,
-           count(*) FILTER (WHERE x.status = 'done') AS done,
-           count(*) FILTER (WHERE x.status = 'failed' OR x.progress < 0) AS failed,
-           count(*) FILTER (WHERE x.status = 'cancelled') AS cancelled,
-           count(*) FILTER (WHERE x.status IN ('waiting', 'queued', 'running')) AS live,
-           bool_or(x.status IN ('running', 'done', 'failed', 'cancelled') OR x.started_at IS NOT NULL) AS started,
-           avg(greatest(x.progress, 0)) AS progress,
-           string_agg(NULLIF(x.progress_msg, ''), E'\\n' ORDER BY x.depends_on IS NOT NULL, x.from_page, x.id)
-               AS progress_msg,
-           min(COALESCE(x.started_at, x.finished_at)) AS started_at,
-           max(x.finished_at) AS finished_at,
-           sum(x.process_duration) AS process_duration
-    FROM "{s}".tasks x WHERE x.doc_id = d.id
-) t ON true
-LEFT JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE k.level = 0) AS chunks,
-           COALESCE(sum(k.token_count) FILTER (WHERE k.level = 0), 0) AS tokens,
-           count(*) FILTER (WHERE k.level > 0) AS summaries
-    FROM "{s}".chunks k WHERE k.doc_id = d.id
-) c ON true;
-
+{document_progress_sql(s)}
 -- A batch (one `jobq enqueue` call): its files and how many of them finished, well or not.
 CREATE VIEW "{s}".batch_progress AS
 SELECT b.id AS batch_id, b.owner, b.created_at, b.requested, b.rejected,

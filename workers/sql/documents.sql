@@ -42,11 +42,16 @@ WHERE id = $1;
 SELECT count(*) FROM {schema}.tasks WHERE doc_id = $1 AND status IN ('waiting', 'queued', 'running');
 
 -- name: reusable_tasks
--- Finished tasks of the document's previous run, by (type, digest); the oldest wins a tie.
+-- Finished tasks of the document's current run (earlier runs are history: their chunks are gone), by
+-- (type, digest); the oldest wins a tie.
 SELECT id, type, digest
 FROM {schema}.tasks
-WHERE doc_id = $1 AND status = 'done' AND digest IS NOT NULL
+WHERE doc_id = $1 AND status = 'done' AND digest IS NOT NULL AND superseded_at IS NULL
 ORDER BY id;
+
+-- name: summary_count
+-- The document's RAPTOR summaries (through the view: a producer has no grant on chunks).
+SELECT summaries FROM {schema}.document_progress WHERE doc_id = $1;
 
 -- name: reuse_task
 -- A new task recorded done at once with the chunks of finished task $1 (a SECURITY DEFINER function of
@@ -54,7 +59,8 @@ ORDER BY id;
 SELECT id, moved FROM {schema}.reuse_task($1, $2, $3, $4, $5);
 
 -- name: replace_document_run
--- The previous run's other tasks go, and with them whatever chunks no reused task took over.
+-- The previous run's other tasks are marked superseded (kept as history until the pruner removes
+-- them), and whatever chunks no reused task took over go.
 SELECT {schema}.replace_document_run($1, $2::bigint[]);
 
 -- name: list_documents

@@ -250,8 +250,11 @@ FROM u;
 -- Coalesced progress for many tasks in one statement, rows locked in id order (see finish_many).
 -- Progress never goes backwards except to -1, and -1 sticks unless a value >= 1 arrives. Returns,
 -- per task still ours, whether a cancel was requested; a task missing from the result is no longer
--- ours (lease lost, or another worker holds it). The same attempt may still append its last lines
--- once it finished (a flush racing the handler's own completion), but no longer moves the progress.
+-- ours (lease lost, or another worker holds it). The same attempt may still write its last lines
+-- once it finished (a flush racing the handler's own completion), but no longer moves the progress,
+-- and the lines go before the log's last line, which stays the final state's ("Done in 1.20s.",
+-- "[Canceled] ..."). Likewise once a cancel was requested: the request's line stays below what the
+-- handler reported before it stopped.
 WITH d AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::real[], $4::text[]) AS d(id, attempt, progress, lines)
 ), mine AS MATERIALIZED (
@@ -265,7 +268,12 @@ WITH d AS (
                         WHEN d.progress < 0 THEN -1
                         WHEN t.progress < 0 AND d.progress < 1 THEN t.progress
                         ELSE greatest(t.progress, least(d.progress, 1)) END,
-        progress_msg = {schema}.append_log(t.progress_msg, d.lines, $5)
+        progress_msg = CASE WHEN (t.status <> 'running' OR t.cancel_requested_at IS NOT NULL)
+                                 AND t.progress_msg <> '' AND d.lines <> ''
+            THEN {schema}.append_log({schema}.append_log(COALESCE(substring(t.progress_msg FROM '^(.*)\n'), ''),
+                                                         d.lines, $5),
+                                     substring(t.progress_msg FROM '[^\n]*$'), $5)
+            ELSE {schema}.append_log(t.progress_msg, d.lines, $5) END
     FROM mine d
     WHERE t.id = d.id
     RETURNING t.id, t.attempt, t.doc_id, t.progress, t.cancel_requested_at IS NOT NULL AS cancel_requested

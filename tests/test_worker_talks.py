@@ -1,0 +1,92 @@
+"""`jobq worker` tells its operator what it does (issue 13): a line when it starts, at once on the first
+Ctrl-C (draining, what remains, the grace left), on the second (what it abandons), and the summary line
+however it ends. A real `jobq worker` process, real signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import psycopg
+from support import spawn, status, wait_for
+
+from jobqueue import Client
+
+
+class Lines:
+    """The worker's stdout, read line by line as it comes (the CLI flushes each line)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if re.search(pattern, line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r} in {self.lines}")
+
+
+def test_first_ctrl_c_drains_and_says_so(client: Client, conn: psycopg.Connection[Any], reset: None,
+                                         procs: list[Any], db_url: str) -> None:
+    tid = client.enqueue("t_sleep", {"s": 6})
+    p = spawn("t_sleep", "--grace", "30", "--concurrency", "3")
+    procs.append(p)
+    out = Lines(p)
+    started = out.wait_for("started")
+    assert "types t_sleep" in started and "concurrency 3" in started
+    user = db_url.split("//")[1].split("@")[0].split(":")[0]
+    assert f"database postgresql://{user}@" in started
+    wait_for(lambda: status(conn, tid) == "running", timeout=20)
+    p.send_signal(signal.SIGINT)
+    draining = out.wait_for("draining", timeout=5)  # at once, while the task still runs
+    assert status(conn, tid) == "running"
+    assert f"1 task(s) still running ({tid})" in draining
+    grace = float(re.search(r"(\d+)s of grace left", draining).group(1))  # type: ignore[union-attr]
+    assert 28 <= grace <= 30 and "Ctrl-C again" in draining
+    assert p.wait(20) == 0
+    assert status(conn, tid) == "done"
+    assert re.search(r"worker stopped after [\d.]+s: 1 done, 0 failed", out.wait_for("worker stopped"))
+
+
+def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Connection[Any], reset: None,
+                                             procs: list[Any]) -> None:
+    ids = [client.enqueue("t_sleep", {"s": 60}) for _ in range(2)]
+    p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
+    procs.append(p)
+    out = Lines(p)
+    wait_for(lambda: all(status(conn, t) == "running" for t in ids), timeout=20)
+    p.send_signal(signal.SIGINT)
+    out.wait_for("draining: 2 task")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(10) == 1
+    abandon = out.wait_for("abandoning")
+    assert f"abandoning 2 task(s) ({ids[0]}, {ids[1]})" in abandon and "rescuer" in abandon
+    out.wait_for(r"worker stopped after [\d.]+s: 0 done")
+    # Abandoned, not released: the tasks stay running until their lease expires.
+    assert [status(conn, t) for t in ids] == ["running", "running"]
+
+
+def test_idle_worker_stops_at_once(conn: psycopg.Connection[Any], clean: None, procs: list[Any]) -> None:
+    p = spawn("t_sleep")
+    procs.append(p)
+    out = Lines(p)
+    out.wait_for("started")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(20) == 0
+    out.wait_for("stopping: no task running")
+    out.wait_for("worker stopped after")
