@@ -16,7 +16,7 @@ Also here, written once: the recursive "cancel the waiting descendants" statemen
 ``pending_deps`` from the parents so a retried task waits for unfinished parents.
 
 Revision ID: 0005
-Revises: 0003 (chained after 0004 when merged)
+Revises: 0004
 Create Date: 2026-12-03
 """
 

@@ -16,7 +16,7 @@
   used, whether the key is held back (by 'limit' or 'rate') and for how long.
 
 Revision ID: 0009
-Revises: 0006 (chained after the parallel revisions when merged)
+Revises: 0007
 Create Date: 2026-12-03
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 from jobqueue.states import migration_schema
 
 revision = "0009"
-down_revision = "0006"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
