@@ -43,6 +43,8 @@ from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 from sklearn.exceptions import ConvergenceWarning  # type: ignore[import-untyped]
 from sklearn.mixture import GaussianMixture  # type: ignore[import-untyped]
 
+from jobqueue import raise_for_backpressure
+
 __all__ = [
     "EMBED_DIM",
     "Node",
@@ -188,6 +190,8 @@ def _post_json(endpoint: str, payload: dict[str, Any], api_key: str | None) -> d
         with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
+        # 429 (or 503 with Retry-After): snooze the task for what the server asks, no retry spent.
+        raise_for_backpressure(exc.code, exc.headers)
         detail = exc.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
         raise RaptorError(f"{endpoint} answered HTTP {exc.code}: {detail or exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
