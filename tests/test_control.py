@@ -336,3 +336,41 @@ def test_views_show_paused_capped_and_unserved_queues(client: Client, conn: psyc
     assert 'jobq_cluster_queue_max_running{type="ctl_gate"} 3.0' in text
     assert 'jobq_cluster_queue_workers{type="typo_gate"} 0.0' in text
     assert 'jobq_cluster_queue_paused{type="ctl_gate"} 1.0' in text
+
+
+def test_0008_goes_down_and_up_keeping_queue_depth_grants(server_url: str) -> None:
+    """queue_depth gains its columns in place; going down re-creates it without them, and a role's grant
+    on it survives both ways; the selector functions and queue_state come and go with the revision."""
+    import uuid
+
+    from alembic import command
+    from support import create_database, drop_database
+
+    from jobqueue.admin.migrate import alembic_config, migrate
+
+    url = create_database(server_url)
+    role = f"jobq_m8_{uuid.uuid4().hex[:6]}"
+
+    def state() -> tuple[int, bool, bool]:
+        with psycopg.connect(url) as c:
+            columns = one(c, "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+                             "AND table_name = 'queue_depth' AND column_name IN ('max_running', 'served')", SCHEMA)
+            granted = one(c, "SELECT has_table_privilege(%s, %s, 'SELECT')", role, f'"{SCHEMA}".queue_depth')
+            functions = one(c, "SELECT to_regclass(%s) IS NOT NULL AND to_regproc(%s) IS NOT NULL",
+                            f'"{SCHEMA}".queue_state', f'"{SCHEMA}".matching_tasks')
+        return int(columns), bool(granted), bool(functions)
+
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(f'CREATE ROLE "{role}"')
+            c.execute(f'GRANT SELECT ON "{SCHEMA}".queue_depth TO "{role}"')
+        assert state() == (2, True, True)
+        command.downgrade(alembic_config(url), "0006")
+        assert state() == (0, True, False)
+        migrate(url)
+        assert state() == (2, True, True)
+    finally:
+        drop_database(server_url, url)
+        with psycopg.connect(server_url, autocommit=True) as c:
+            c.execute(f'DROP ROLE IF EXISTS "{role}"')
