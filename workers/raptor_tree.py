@@ -19,7 +19,9 @@ Setting ``JOBQ_EMBED_URL`` and/or ``JOBQ_LLM_URL`` switches embeddings and/or
 summaries to any OpenAI-compatible server (``/embeddings`` and
 ``/chat/completions``), with model names from ``JOBQ_EMBED_MODEL`` and
 ``JOBQ_LLM_MODEL`` and optional bearer tokens from ``JOBQ_EMBED_API_KEY`` and
-``JOBQ_LLM_API_KEY``.
+``JOBQ_LLM_API_KEY``. A server that answers 429 (or 503 with ``Retry-After``)
+snoozes the task for what it asks (``jobqueue.raise_for_backpressure``)
+instead of spending one of its retries.
 """
 
 from __future__ import annotations
