@@ -4,6 +4,7 @@ back-pressure from an HTTP server's Retry-After; paused, capped and unserved que
 from __future__ import annotations
 
 import asyncio
+import email.message
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from support import REPO, SCHEMA, BackgroundWorker, jobq_cli, one, status, wait_for
 
-from jobqueue import AsyncClient, Client, Context, Snooze, retry_after_seconds, task
+from jobqueue import AsyncClient, Client, Context, Snooze, raise_for_backpressure, retry_after_seconds, task
 from jobqueue.errors import InvalidPayload, InvalidTransition, TaskNotFound
 
 GATE = threading.Event()
@@ -245,6 +246,26 @@ def test_retry_after_values() -> None:
     assert Snooze.from_retry_after("7").seconds == 7
     assert Snooze.from_retry_after("86400").seconds == 3600  # capped
     assert Snooze.from_retry_after(None, default=12).seconds == 12
+    # 429 always snoozes (the default wait without the header); 503 only with a Retry-After
+    with pytest.raises(Snooze) as caught:
+        raise_for_backpressure(429, {"retry-after": "5"})  # any case in a plain dict
+    assert caught.value.seconds == 5 and "Retry-After '5'" in str(caught.value)
+    with pytest.raises(Snooze) as caught:
+        raise_for_backpressure(429, None)
+    assert caught.value.seconds == 30
+    with pytest.raises(Snooze):
+        raise_for_backpressure(503, _headers({"retry-after": "2"}))
+    raise_for_backpressure(503, {})  # an outage, not a rate limit: the caller's error path
+    raise_for_backpressure(500, {"Retry-After": "2"})
+    raise_for_backpressure(200, {})
+
+
+def _headers(values: dict[str, str]) -> Any:
+    """Response headers as http.client gives them (case-insensitive, with get_all)."""
+    message = email.message.Message()
+    for k, v in values.items():
+        message[k] = v
+    return message
 
 
 class _RateLimited(BaseHTTPRequestHandler):
