@@ -13,6 +13,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .backpressure import raise_for_backpressure, retry_after_seconds
     from .client.aio import AsyncClient
     from .client.sync import Client, cancel, enqueue, enqueue_many, get, list_tasks, retry
     from .db.connect import connect
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
         TaskNotFound,
         UnknownTaskType,
     )
-    from .models import Task, TaskSpec
+    from .models import QueueState, Task, TaskSpec
     from .registry import get_type, task
     from .runtime.context import Context
     from .settings import Settings, get_settings
@@ -57,6 +58,7 @@ _WHERE = {
     "InvalidTransition": ".errors",
     "JobqError": ".errors",
     "PermissionDenied": ".errors",
+    "QueueState": ".models",
     "SQLFile": ".db.sqlfile",
     "SchemaMissing": ".errors",
     "Settings": ".settings",
@@ -76,7 +78,9 @@ _WHERE = {
     "get_settings": ".settings",
     "get_type": ".registry",
     "list_tasks": ".client.sync",
+    "raise_for_backpressure": ".backpressure",
     "retry": ".client.sync",
+    "retry_after_seconds": ".backpressure",
     "task": ".registry",
 }
 
@@ -111,6 +115,7 @@ __all__ = [
     "InvalidTransition",
     "JobqError",
     "PermissionDenied",
+    "QueueState",
     "SQLFile",
     "SchemaMissing",
     "Settings",
@@ -129,6 +134,8 @@ __all__ = [
     "get_settings",
     "get_type",
     "list_tasks",
+    "raise_for_backpressure",
     "retry",
+    "retry_after_seconds",
     "task",
 ]

@@ -76,6 +76,15 @@ class Snooze(Exception):
         super().__init__(reason or f"snoozed for {seconds:g}s")
         self.seconds = seconds
 
+    @classmethod
+    def from_retry_after(cls, value: str | float | None, **limits: float) -> Snooze:
+        """The snooze an HTTP ``Retry-After`` asks for (seconds or an HTTP date), capped; `default` and
+        `cap` as :func:`jobqueue.backpressure.snooze_for`.
+        ``raise Snooze.from_retry_after(response.headers.get("Retry-After"))``."""
+        from jobqueue.backpressure import snooze_for
+
+        return snooze_for(value, **limits)
+
 
 class LeaseLost(Exception):
     """The worker no longer owns the task (its lease expired and it was rescued elsewhere)."""

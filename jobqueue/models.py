@@ -63,3 +63,23 @@ class Task(BaseModel):
     attempt: int
     lease_expires_at: datetime | None = None
     cancel_requested_at: datetime | None = None
+
+
+class QueueState(BaseModel):
+    """One task type's queue as ``Client.queues()`` reads it (the view queue_state, migration 0008)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    paused: bool
+    max_running: int | None
+    queued: int
+    runnable: int
+    waiting: int
+    running: int
+    workers: int  # live workers serving this type; 0 with queued tasks is a typo or a missing worker
+    updated_at: datetime | None
+
+    @property
+    def served(self) -> bool:
+        return self.workers > 0

@@ -42,7 +42,14 @@ def test_flow_control(db_url: str) -> None:
     assert order[:4].count("small-tenant") == 2  # the small tenant is not queued behind the big one
 
 
+def test_queue_control(db_url: str) -> None:
+    result = load("queue_control").main()
+    assert result["paused_with"] == 4 and result["cancelled"] == 2
+    assert result["first"] == "urgent" and result["done"] == 4 and result["retries_spent"] == 0
+
+
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control"}
+    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control",
+              "queue_control"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

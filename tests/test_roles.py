@@ -254,6 +254,48 @@ def test_producer_cancels_and_retries_only_its_own_tasks(
         conn.execute("DELETE FROM tasks WHERE type = 'r_ok'")
 
 
+def test_selectors_reach_only_the_callers_tasks_and_only_the_owner_controls_queues(
+    conn: psycopg.Connection[Any], roles: str, producers: tuple[str, str], client: Client, as_role: Any
+) -> None:
+    alice, bob = (Client(as_user(roles, name)) for name in producers)
+    try:
+        mine = alice.enqueue_many("r_ok", [{}, {}], labels=["acme"])
+        theirs = bob.enqueue("r_ok", {}, labels=["acme"])
+        # A producer's selector matches only what its role enqueued: bob's task under the same label
+        # is neither cancelled nor an error (an operator's selector, below, reaches it).
+        assert alice.cancel_where(label="acme") == dict.fromkeys(mine, "cancelled")
+        assert client.get(theirs).status == "queued"
+        assert bob.retry_where(label="acme") == {}
+        assert alice.retry_where(label="acme", status="cancelled") == dict.fromkeys(mine, "queued")
+        assert bob.prioritize(label="acme", priority=9) == [theirs]
+        with pytest.raises(PermissionDenied, match="another role"):
+            bob.prioritize(mine[0], priority=9)
+        assert [client.get(i).priority for i in mine] == [0, 0]
+        res = jobq_cli("cancel", "--label", "acme", env={"JOBQ_DATABASE_URL": as_user(roles, producers[1])})
+        assert res.returncode == 0 and f"{theirs}: cancelled" in res.stdout and str(mine[0]) not in res.stdout
+        # Queue control is the operator's: producers read the queues but may not pause or cap them.
+        assert any(q.type == "r_ok" for q in alice.queues())
+        with pytest.raises(PermissionDenied):
+            alice.pause("r_ok")
+        with pytest.raises(PermissionDenied):
+            bob.cap("r_ok", 1)
+        res = jobq_cli("queue", "pause", "r_ok", env={"JOBQ_DATABASE_URL": as_user(roles, producers[0])})
+        assert res.returncode == 1 and "permission denied" in res.stderr.lower() and "Traceback" not in res.stderr
+        for role in (DASHBOARD, WORKER):
+            with pytest.raises(PermissionDenied):
+                client.pause("r_ok", connection=as_role(role))
+        with pytest.raises(PermissionDenied):
+            client.cancel_where(label="acme", connection=as_role(DASHBOARD))
+        assert conn.execute("SELECT count(*) FROM queues WHERE type = 'r_ok'").fetchone() == (0,)
+        client.pause("r_ok")  # the schema owner may
+        assert client.cancel_where(label="acme") == dict.fromkeys(mine, "cancelled")  # and reaches every role's
+    finally:
+        alice.close()
+        bob.close()
+        conn.execute("DELETE FROM tasks WHERE type = 'r_ok'")
+        conn.execute("DELETE FROM queues WHERE type = 'r_ok'")
+
+
 def test_chunks_and_documents_of_another_role_are_out_of_reach(
     conn: psycopg.Connection[Any], roles: str, producers: tuple[str, str]
 ) -> None:

@@ -24,7 +24,9 @@ Setting ``JOBQ_EMBED_URL`` and/or ``JOBQ_LLM_URL`` switches embeddings and/or
 summaries to any OpenAI-compatible server (``/embeddings`` and
 ``/chat/completions``), with model names from ``JOBQ_EMBED_MODEL`` and
 ``JOBQ_LLM_MODEL`` and optional bearer tokens from ``JOBQ_EMBED_API_KEY`` and
-``JOBQ_LLM_API_KEY``.
+``JOBQ_LLM_API_KEY``. A server that answers 429 (or 503 with ``Retry-After``)
+snoozes the task for what it asks (``jobqueue.raise_for_backpressure``)
+instead of spending one of its retries.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ import numpy.typing as npt
 from sklearn.decomposition import PCA  # type: ignore[import-untyped]
 from sklearn.exceptions import ConvergenceWarning  # type: ignore[import-untyped]
 from sklearn.mixture import GaussianMixture  # type: ignore[import-untyped]
+
+from jobqueue import raise_for_backpressure
 
 from .chunking import count_tokens
 
@@ -214,6 +218,8 @@ def _post_json(endpoint: str, payload: dict[str, Any], api_key: str | None) -> d
         with urllib.request.urlopen(request, timeout=_HTTP_TIMEOUT) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
+        # 429 (or 503 with Retry-After): snooze the task for what the server asks, no retry spent.
+        raise_for_backpressure(exc.code, exc.headers)
         detail = exc.read(300).decode("utf-8", "replace").strip().replace("\n", " ")
         raise RaptorError(f"{endpoint} answered HTTP {exc.code}: {detail or exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:

@@ -61,8 +61,8 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     # Reads tasks and documents; its own chunks through the own_chunks view (none on chunks itself).
     # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
-        Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "document_tasks",
-                            "own_chunks", "alembic_version", "flow_control")),
+        Grant(("SELECT",), ("tasks", "documents", "queues", "queue_state", "document_progress", "batch_progress",
+                            "document_tasks", "own_chunks", "alembic_version", "flow_control")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on
@@ -95,7 +95,9 @@ COLUMNS: dict[str, tuple[ColumnGrant, ...]] = {
 # The producer's only other ways to change tasks and chunks (each checks the caller's ownership).
 FUNCTIONS: dict[str, tuple[str, ...]] = {
     "dashboard": (),
-    "producer": ("cancel_tasks", "retry_tasks", "reuse_task", "replace_document_run"),
+    "producer": ("cancel_tasks", "retry_tasks", "reuse_task", "replace_document_run",
+                 # by selector (migration 0008): the same rules, over the tasks the selector matches
+                 "cancel_where", "retry_where", "prioritize_tasks"),
     # A worker stores its types' flow declarations and gets their key index (0009).
     "worker": ("declare_flow",),
 }

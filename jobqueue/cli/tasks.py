@@ -1,4 +1,4 @@
-"""Producer commands: enqueue, status, ls, cancel, retry."""
+"""Producer commands: enqueue, status, ls, cancel, retry, prioritize (by id, document or selector)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ STATUS_STYLES: dict[str, str] = {
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `jobq` app."""
-    for command in (enqueue, status, ls, cancel, retry):
+    for command in (enqueue, status, ls, cancel, retry, prioritize):
         app.command()(command)
 
 
@@ -121,7 +121,8 @@ def ls(
     for s in status or []:
         if s not in {x.value for x in Status}:
             fail(f"unknown status {s!r} (one of: {', '.join(Status)})")
-    tasks = client().list(status=status, type=type, owner=owner, doc_id=doc, limit=limit)
+    c = client()
+    tasks = c.list(status=status, type=type, owner=owner, doc_id=doc, limit=limit)
     table = Table(title=f"{len(tasks)} task(s)")
     for col in ("id", "type", "status", "prio", "progress", "tries", "age", "last message"):
         table.add_column(col, overflow="fold" if col == "last message" else "ellipsis")
@@ -131,37 +132,117 @@ def ls(
                       str(t.priority), f"{t.progress:.0%}" if t.progress >= 0 else "error", str(t.retry_count),
                       _age(t.created_at), Text(last[:80]))
     out.print(table)
+    waiting_on = {t.type for t in tasks if t.status == Status.QUEUED}
+    if waiting_on:  # why listed tasks may not move: a paused queue, or a type no live worker serves
+        from jobqueue.cli.queues import notes
+
+        for line in notes(c.queues(), waiting_on):
+            out.print(line)
+
+
+# The filters every bulk command takes (one selector: each given filter must match).
+TypeSel = Annotated[str | None, typer.Option("--type", "-t", help="Select by task type.")]
+OwnerSel = Annotated[str | None, typer.Option("--owner", help="Select by owner.")]
+BatchSel = Annotated[int | None, typer.Option("--batch", help="Select by batch id.")]
+LabelSel = Annotated[str | None, typer.Option("--label", help="Select by label.")]
+DocSel = Annotated[int | None, typer.Option("--doc", help="Select by document id.")]
+StatusSel = Annotated[list[str] | None, typer.Option("--status", "-s", help="Select by status (repeatable).")]
+_SHOWN = 50  # tasks listed one per line; a bigger bulk action prints the first ones and a count
+
+
+def _selector(**filters: Any) -> dict[str, Any]:
+    """The filters that were given, as the client's keyword arguments."""
+    return {k: v for k, v in filters.items() if v is not None and v != []}
+
+
+def _described(sel: dict[str, Any]) -> str:
+    flags = {"type": "--type", "owner": "--owner", "batch_id": "--batch", "label": "--label", "doc_id": "--doc"}
+    words = [f"{flags[k]} {v}" for k, v in sel.items() if k in flags]
+    return " ".join([*words, *(f"--status {s}" for s in sel.get("status") or [])])
+
+
+def _report(result: dict[int, str], notes: dict[str, str]) -> None:
+    for tid, st in sorted(result.items())[:_SHOWN]:
+        out.print(f"{tid}: {notes.get(st, f'already {st}')}", highlight=False)
+    if len(result) > _SHOWN:
+        counts = ", ".join(f"{n} {notes.get(st, st)}" for st in sorted(set(result.values()))
+                           if (n := sum(1 for v in result.values() if v == st)))
+        out.print(f"... {len(result) - _SHOWN} more; {len(result)} task(s) in all: {counts}", highlight=False)
+
+
+def _by_selector(task_ids: list[int] | None, sel: dict[str, Any], what: str) -> bool:
+    """Whether the command acts by selector; ids with filters, or nothing at all, are refused."""
+    filters = {k for k in sel if k != "doc_id"}
+    if task_ids and filters:
+        fail("give task ids or a selector (--type, --owner, --batch, --label, --status), not both")
+    if not task_ids and not sel:
+        fail(f"give {what}, --doc DOC or a selector (--type, --owner, --batch, --label, --status); "
+             "nothing is selected by default")
+    return bool(filters)
+
+
+_CANCEL_NOTES: dict[str, str] = {Status.CANCELLED: "cancelled", Status.RUNNING: "cancel requested; its worker stops it"}
+_RETRY_NOTES: dict[str, str] = {Status.QUEUED: "queued", Status.WAITING: "waiting (until its parents are done)"}
 
 
 def cancel(
     task_ids: Annotated[list[int] | None, typer.Argument(help="Task ids.", show_default=False)] = None,
-    doc: Annotated[int | None, typer.Option("--doc", help="Cancel every task of this document.")] = None,
+    doc: DocSel = None, type: TypeSel = None, owner: OwnerSel = None, batch: BatchSel = None,
+    label: LabelSel = None, status: StatusSel = None,
 ) -> None:
-    """Cancel tasks: queued ones at once, running ones through their worker."""
-    if not task_ids and doc is None:
-        fail("give task ids or --doc DOC")
-    c = client()
-    result = c.cancel(task_ids or [], doc_id=doc)
-    if not result and doc is not None:
-        # Like an unknown task id: a mistyped document id is an error, not "nothing to cancel".
-        if not c.list(doc_id=doc, limit=1):
-            fail(f"no task belongs to document {doc}")
-        out.print(f"nothing to cancel: every task of document {doc} has finished")
-    elif not result:
-        out.print("nothing to cancel")
-    for tid, st in sorted(result.items()):
-        notes: dict[str, str] = {Status.CANCELLED: "cancelled", Status.RUNNING: "cancel requested; its worker stops it"}
-        note = notes.get(st, f"already {st}")
-        out.print(f"{tid}: {note}", highlight=False)
+    """Cancel tasks by id, document or selector (one statement): queued ones at once, running ones
+    through their worker. A selector that matches nothing is not an error (exit 0)."""
+    sel = _selector(doc_id=doc, type=type, owner=owner, batch_id=batch, label=label, status=status)
+    if _by_selector(task_ids, sel, "task ids"):
+        result = client().cancel_where(**sel)
+        if not result:
+            out.print(f"nothing to cancel: no live task matches {_described(sel)}", highlight=False)
+    else:
+        c = client()
+        result = c.cancel(task_ids or [], doc_id=doc)
+        if not result and doc is not None:
+            # Like an unknown task id: a mistyped document id is an error, not "nothing to cancel".
+            if not c.list(doc_id=doc, limit=1):
+                fail(f"no task belongs to document {doc}")
+            out.print(f"nothing to cancel: every task of document {doc} has finished")
+        elif not result:
+            out.print("nothing to cancel")
+    _report(result, _CANCEL_NOTES)
 
 
 def retry(
     task_id: Annotated[int | None, typer.Argument(help="Task id.", show_default=False)] = None,
-    doc: Annotated[int | None, typer.Option("--doc", help="Retry every failed or cancelled task of this document.")]
-    = None,
+    doc: DocSel = None, type: TypeSel = None, owner: OwnerSel = None, batch: BatchSel = None,
+    label: LabelSel = None, status: StatusSel = None,
 ) -> None:
-    """Requeue failed or cancelled tasks with a fresh set of retries (waiting while a parent is not done)."""
-    if task_id is None and doc is None:
-        fail("give a task id or --doc DOC")
-    for tid, st in sorted(client().retry(task_id, doc_id=doc).items()):
-        out.print(f"{tid}: {st}" + (" (until its parents are done)" if st == Status.WAITING else ""), highlight=False)
+    """Requeue failed or cancelled tasks (by id, document or selector) with a fresh set of retries
+    (waiting while a parent is not done). A selector that matches nothing is not an error (exit 0)."""
+    sel = _selector(doc_id=doc, type=type, owner=owner, batch_id=batch, label=label, status=status)
+    if _by_selector(None if task_id is None else [task_id], sel, "a task id"):
+        result = client().retry_where(**sel)
+        if not result:
+            out.print(f"nothing to retry: no failed or cancelled task matches {_described(sel)}", highlight=False)
+    else:
+        result = client().retry(task_id, doc_id=doc)
+    _report(result, _RETRY_NOTES)
+
+
+def prioritize(
+    values: Annotated[list[int], typer.Argument(
+        help="[TASK_ID...] PRIORITY: the new priority last (higher runs first; after -- when negative).",
+        show_default=False)],
+    doc: DocSel = None, type: TypeSel = None, owner: OwnerSel = None, batch: BatchSel = None,
+    label: LabelSel = None, status: StatusSel = None,
+) -> None:
+    """Give queued and waiting tasks (by id, document or selector) a new priority: the next claim takes
+    them in that order. A selector that matches nothing is not an error (exit 0)."""
+    *task_ids, priority = values
+    sel = _selector(doc_id=doc, type=type, owner=owner, batch_id=batch, label=label, status=status)
+    _by_selector(task_ids, sel, "task ids")
+    changed = client().prioritize(task_ids, priority=priority, **sel)
+    if not changed:
+        out.print(f"nothing to reprioritise: no queued or waiting task matches {_described(sel)}", highlight=False)
+        return
+    shown = ", ".join(map(str, changed[:_SHOWN])) + (f" ... ({len(changed) - _SHOWN} more)" if len(changed) > _SHOWN
+                                                     else "")
+    out.print(f"{len(changed)} task(s) now at priority {priority}: {shown}", highlight=False)

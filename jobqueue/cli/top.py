@@ -94,7 +94,11 @@ def _count(n: int, style: str) -> Text:
 def _queues(s: Snapshot) -> list[Row]:
     rows: list[Row] = []
     for q in s.queues:
-        name = Text.assemble(q.type, (" (paused)", "yellow")) if q.paused else _text(q.type)
+        name = _text(q.type)
+        held = [w for w, on in (("paused", q.paused), (f"cap {q.max_running}", q.max_running is not None),
+                                ("no worker", q.unserved)) if on]
+        if held:
+            name.append(f" ({', '.join(held)})", style="red" if q.unserved else "yellow")
         wait_style = "red" if q.oldest_wait_seconds > 300 else "yellow" if q.oldest_wait_seconds > 30 else ""
         rows.append([name, _text(q.runnable), _text(q.scheduled), _text(q.waiting), _text(q.running, "cyan"),
                      Text(_secs(q.oldest_wait_seconds) if q.runnable else "-", style=wait_style),

@@ -7,6 +7,7 @@ driver) to enqueue inside the caller's transaction.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -16,11 +17,11 @@ from typing import Any
 import asyncpg
 
 from jobqueue.client import encode
-from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_retryable, status_of
+from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
 from jobqueue.db.connect import first_line, redact
 from jobqueue.db.errors import translate
 from jobqueue.errors import DatabaseError, DatabaseUnavailable, JobqError, TaskNotFound
-from jobqueue.models import Task, TaskSpec
+from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
 
 AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
@@ -205,6 +206,64 @@ class AsyncClient(ClientBase):
         if not result:
             raise not_retryable(None, None, doc_id)
         return result
+
+    async def cancel_where(self, *, type: str | None = None, owner: str | None = None, batch_id: int | None = None,
+                           label: str | None = None, doc_id: int | None = None,
+                           status: str | Sequence[str] | None = None, reason: str = "Task stopped by user.",
+                           connection: Any = None) -> dict[int, str]:
+        """As :meth:`jobqueue.Client.cancel_where`."""
+        sel = encode.required("cancel", encode.selector("cancel", encode.CANCELLABLE, type, owner, batch_id,
+                                                        label, doc_id, status))
+        async with self._using(connection) as conn:
+            return id_statuses(await self._fetch(conn, self.q.cancel_where,
+                                                 encode.cancel_where_params(sel, reason, self.settings)))
+
+    async def retry_where(self, *, type: str | None = None, owner: str | None = None, batch_id: int | None = None,
+                          label: str | None = None, doc_id: int | None = None,
+                          status: str | Sequence[str] | None = None, connection: Any = None) -> dict[int, str]:
+        """As :meth:`jobqueue.Client.retry_where`."""
+        sel = encode.required("retry", encode.selector("retry", encode.RETRYABLE, type, owner, batch_id, label,
+                                                       doc_id, status))
+        async with self._using(connection) as conn:
+            return id_statuses(await self._fetch(conn, self.q.retry_where,
+                                                 encode.retry_where_params(sel, self.settings)))
+
+    async def prioritize(self, task_id: int | Sequence[int] | None = None, *, priority: int,
+                         type: str | None = None, owner: str | None = None, batch_id: int | None = None,
+                         label: str | None = None, doc_id: int | None = None,
+                         status: str | Sequence[str] | None = None, connection: Any = None) -> builtins.list[int]:
+        """As :meth:`jobqueue.Client.prioritize`."""
+        ids = encode.cancel_ids(task_id)
+        sel = encode.selector("prioritize", encode.REPRIORITISABLE, type, owner, batch_id, label, doc_id, status)
+        params = encode.prioritize_params(ids, sel, priority)
+        async with self._using(connection) as conn:
+            changed = sorted(int(r["id"]) for r in await self._fetch(conn, self.q.prioritize, params))
+            for i in ids:
+                if i not in changed and sel.is_empty():
+                    raise not_prioritized(i, await self._row(conn, i))
+        return changed
+
+    async def pause(self, type: str, *, connection: Any = None) -> None:
+        """As :meth:`jobqueue.Client.pause`."""
+        await self._set_queue(encode.queue_params(type, paused=True), connection)
+
+    async def resume(self, type: str, *, connection: Any = None) -> None:
+        await self._set_queue(encode.queue_params(type, paused=False), connection)
+
+    async def cap(self, type: str, max_running: int, *, connection: Any = None) -> None:
+        await self._set_queue(encode.queue_params(type, max_running=max_running), connection)
+
+    async def uncap(self, type: str, *, connection: Any = None) -> None:
+        await self._set_queue(encode.queue_params(type, uncap=True), connection)
+
+    async def queues(self, *, connection: Any = None) -> builtins.list[QueueState]:
+        """As :meth:`jobqueue.Client.queues`."""
+        async with self._using(connection) as conn:
+            return [QueueState.model_validate(r) for r in await self._fetch(conn, self.q.queues, ())]
+
+    async def _set_queue(self, params: tuple[Any, ...], connection: Any) -> None:
+        async with self._using(connection) as conn:
+            await self._fetch(conn, self.q.set_queue, params)
 
     async def _row(self, conn: AnyConnection, task_id: int) -> dict[str, Any] | None:
         row = await conn.fetchrow(self.q.get, task_id)

@@ -7,8 +7,9 @@ from typing import Any
 
 from jobqueue.db.connect import normalize, resolve_url
 from jobqueue.db.queries import ClientSQL
-from jobqueue.errors import InvalidTransition, TaskNotFound
+from jobqueue.errors import InvalidTransition, PermissionDenied, TaskNotFound
 from jobqueue.settings import Settings, get_settings
+from jobqueue.states import Status
 
 # How often a batch's rows that lost a dedupe race are re-run before giving up (each run resolves
 # every row whose rival committed before it started; a new rival per run is practically impossible).
@@ -52,3 +53,11 @@ def not_retryable(task_id: int | None, row: Mapping[str, Any] | None, doc_id: in
                                  "when it was enqueued again; retry the document's current tasks instead")
     return InvalidTransition(
         f"task {task_id} is {status_of(task_id, row)}; only failed or cancelled tasks can be retried")
+
+
+def not_prioritized(task_id: int, row: Mapping[str, Any] | None) -> TaskNotFound | InvalidTransition | PermissionDenied:
+    """Why a task named by id kept its priority: missing, no longer queued or waiting, or another role's."""
+    status = status_of(task_id, row)
+    if status in (Status.QUEUED, Status.WAITING):
+        return PermissionDenied(f"task {task_id} was enqueued by another role; only its own tasks can be reprioritised")
+    return InvalidTransition(f"task {task_id} is {status}; only queued or waiting tasks can be reprioritised")

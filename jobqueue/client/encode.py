@@ -349,3 +349,75 @@ def retry_ids(task_id: int | None, doc_id: int | None) -> list[int]:
 def retry_params(ids: Sequence[int], doc_id: int | None, settings: Settings) -> tuple[Any, ...]:
     """client.sql `retry` ($1..$4)."""
     return (list(ids), doc_id, stamp("[RETRY] requeued by user"), settings.progress_log_chars)
+
+
+# ---------------------------------------------------------------- control by selector
+
+# The statuses each bulk action may touch (the SQL functions of migration 0008 enforce the same).
+CANCELLABLE = LIVE
+RETRYABLE = (Status.FAILED.value, Status.CANCELLED.value)
+REPRIORITISABLE = (Status.WAITING.value, Status.QUEUED.value)
+
+
+class Selector(NamedTuple):
+    """The filters of a bulk action, in the order client.sql's `*_where` statements take them."""
+
+    type: str | None
+    owner: str | None
+    batch_id: int | None
+    label: str | None
+    doc_id: int | None
+    status: list[str] | None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self)
+
+
+def selector(action: str, allowed: Sequence[str], type: str | None, owner: str | None, batch_id: int | None,
+             label: str | None, doc_id: int | None, status: str | Sequence[str] | None) -> Selector:
+    """Validated filters; `status` must be among `allowed` (what `action` can change)."""
+    statuses = _many(status)
+    for s in statuses or []:
+        if s not in allowed:
+            raise InvalidPayload(f"cannot {action} {s!r} tasks: status must be among {', '.join(allowed)}")
+    return Selector(_text("type", type, limit=200), _text("owner", owner, limit=200), _bigint("batch_id", batch_id),
+                    _text("label", label, limit=200), _bigint("doc_id", doc_id), statuses)
+
+
+def required(action: str, sel: Selector) -> Selector:
+    """A bulk action without any filter would act on every task: refused, never a default."""
+    if sel.is_empty():
+        raise InvalidPayload(f"{action} needs a selector (type, owner, batch_id, label, doc_id or status); "
+                             "nothing is selected by default")
+    return sel
+
+
+def cancel_where_params(sel: Selector, reason: str, settings: Settings) -> tuple[Any, ...]:
+    """client.sql `cancel_where` ($1..$9)."""
+    return (*sel, *cancel_params([], None, reason, settings)[2:])
+
+
+def retry_where_params(sel: Selector, settings: Settings) -> tuple[Any, ...]:
+    """client.sql `retry_where` ($1..$8)."""
+    return (*sel, *retry_params([], None, settings)[2:])
+
+
+def prioritize_params(ids: Sequence[int], sel: Selector, priority: int) -> tuple[Any, ...]:
+    """client.sql `prioritize` ($1..$8): ids, or a selector, or both (the tasks both name)."""
+    if not ids:
+        required("prioritize", sel)
+    checked = _int32("priority", priority)
+    if checked is None:
+        raise InvalidPayload("priority is required")
+    return ([_bigint("task id", i) for i in ids] or None, *sel, checked)
+
+
+def queue_params(task_type: str, *, paused: bool | None = None, max_running: int | None = None,
+                 uncap: bool = False) -> tuple[Any, ...]:
+    """client.sql `set_queue` ($1..$4): a type name as the tasks table accepts it, a cap of 0 or more."""
+    if not isinstance(task_type, str) or not registry.TYPE_NAME.fullmatch(task_type):
+        raise InvalidPayload(f"task type name {task_type!r} must be 1-48 characters among letters, digits and _ . : -")
+    cap = _int32("max_running", max_running)
+    if cap is not None and cap < 0:
+        raise InvalidPayload(f"max_running must be 0 or more, got {cap}")
+    return (task_type, paused, cap, uncap)

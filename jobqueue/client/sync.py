@@ -20,12 +20,12 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from jobqueue.client import encode
-from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_retryable, status_of
+from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
 from jobqueue.client.encode import LIVE
 from jobqueue.db.connect import connect
 from jobqueue.db.errors import translate
 from jobqueue.errors import DatabaseError, JobqError, TaskNotFound
-from jobqueue.models import Task, TaskSpec
+from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
 
 Row = dict[str, Any]
@@ -235,6 +235,72 @@ class Client(ClientBase):
         if not result:
             raise not_retryable(None, None, doc_id)
         return result
+
+    # -- control by selector (one statement each; a producer's selector matches only its role's tasks)
+
+    def cancel_where(self, *, type: str | None = None, owner: str | None = None, batch_id: int | None = None,
+                     label: str | None = None, doc_id: int | None = None, status: str | Sequence[str] | None = None,
+                     reason: str = "Task stopped by user.", connection: Any = None) -> dict[int, str]:
+        """Cancel every live task the filters match (at least one filter; `status` among waiting, queued,
+        running). Returns {id: status} as :meth:`cancel` does; empty when nothing matched."""
+        sel = encode.required("cancel", encode.selector("cancel", encode.CANCELLABLE, type, owner, batch_id,
+                                                        label, doc_id, status))
+        with self._using(connection) as conn:
+            return id_statuses(self._fetch(conn, self.q.cancel_where,
+                                           encode.cancel_where_params(sel, reason, self.settings)))
+
+    def retry_where(self, *, type: str | None = None, owner: str | None = None, batch_id: int | None = None,
+                    label: str | None = None, doc_id: int | None = None, status: str | Sequence[str] | None = None,
+                    connection: Any = None) -> dict[int, str]:
+        """Retry every failed or cancelled task the filters match; {id: status} as :meth:`retry`, empty when
+        nothing matched."""
+        sel = encode.required("retry", encode.selector("retry", encode.RETRYABLE, type, owner, batch_id, label,
+                                                       doc_id, status))
+        with self._using(connection) as conn:
+            return id_statuses(self._fetch(conn, self.q.retry_where, encode.retry_where_params(sel, self.settings)))
+
+    def prioritize(self, task_id: int | Sequence[int] | None = None, *, priority: int, type: str | None = None,
+                   owner: str | None = None, batch_id: int | None = None, label: str | None = None,
+                   doc_id: int | None = None, status: str | Sequence[str] | None = None,
+                   connection: Any = None) -> builtins.list[int]:
+        """Give queued and waiting tasks (by id and/or filters) a new priority; the next claim orders by it.
+        Returns the ids changed. A task named by id that could not be changed raises why."""
+        ids = encode.cancel_ids(task_id)
+        sel = encode.selector("prioritize", encode.REPRIORITISABLE, type, owner, batch_id, label, doc_id, status)
+        params = encode.prioritize_params(ids, sel, priority)
+        with self._using(connection) as conn:
+            changed = sorted(int(r["id"]) for r in self._fetch(conn, self.q.prioritize, params))
+            for i in ids:
+                if i not in changed and sel.is_empty():
+                    raise not_prioritized(i, self._row(conn, i))
+        return changed
+
+    # -- queue control (writes the queues table: the schema owner may, the jobq_* roles may not)
+
+    def pause(self, type: str, *, connection: Any = None) -> None:
+        """Stop claiming `type` from the next claim on; its running tasks carry on."""
+        self._set_queue(encode.queue_params(type, paused=True), connection)
+
+    def resume(self, type: str, *, connection: Any = None) -> None:
+        """Claim `type` again (its workers are woken at once)."""
+        self._set_queue(encode.queue_params(type, paused=False), connection)
+
+    def cap(self, type: str, max_running: int, *, connection: Any = None) -> None:
+        """At most `max_running` tasks of `type` running across all workers."""
+        self._set_queue(encode.queue_params(type, max_running=max_running), connection)
+
+    def uncap(self, type: str, *, connection: Any = None) -> None:
+        self._set_queue(encode.queue_params(type, uncap=True), connection)
+
+    def queues(self, *, connection: Any = None) -> builtins.list[QueueState]:
+        """Every type known anywhere (queues table, live tasks, live workers) with its pause, cap, counts
+        and the live workers serving it."""
+        with self._using(connection) as conn:
+            return [QueueState.model_validate(r) for r in self._fetch(conn, self.q.queues, ())]
+
+    def _set_queue(self, params: tuple[Any, ...], connection: Any) -> None:
+        with self._using(connection) as conn:
+            self._fetch(conn, self.q.set_queue, params)
 
     def _row(self, conn: psycopg.Connection[Any], task_id: int) -> Row | None:
         rows = self._fetch(conn, self.q.get, (task_id,))

@@ -22,6 +22,11 @@ class ClientSQL(SQLFile, package=PACKAGE, filename="sql/client.sql"):
     lock_parents: str
     cancel: str
     retry: str
+    cancel_where: str
+    retry_where: str
+    prioritize: str
+    set_queue: str
+    queues: str
     get: str
     list: str
 
@@ -79,6 +84,7 @@ class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
     snapshot_begin: str
     now: str
     queue_depth: str
+    queue_state: str
     throughput: str
     latency: str
     workers: str

@@ -82,12 +82,24 @@ class ViewsCollector(Collector):
         paused = GaugeMetricFamily(
             "jobq_cluster_queue_paused", "1 if the type's queue is paused", labels=["type"]
         )
+        cap = GaugeMetricFamily(
+            "jobq_cluster_queue_max_running", "The type's cluster-wide cap on running tasks (capped types only)",
+            labels=["type"],
+        )
+        serving = GaugeMetricFamily(
+            "jobq_cluster_queue_workers",
+            "Live workers serving the type (0 with runnable tasks: a typo or a missing worker)",
+            labels=["type"],
+        )
         for q in s.queues:
             for state in STATES:
                 depth.add_metric([q.type, state], getattr(q, state))
             wait.add_metric([q.type], q.oldest_wait_seconds)
             paused.add_metric([q.type], 1 if q.paused else 0)
-        yield from (depth, wait, paused)
+            serving.add_metric([q.type], q.workers)
+            if q.max_running is not None:
+                cap.add_metric([q.type], q.max_running)
+        yield from (depth, wait, paused, cap, serving)
 
         finished = GaugeMetricFamily(
             "jobq_cluster_tasks_finished_last_hour",

@@ -41,6 +41,12 @@ class QueueRow:
     oldest_wait_seconds: float = 0.0
     paused: bool = False
     priorities: list[int] = field(default_factory=list)
+    max_running: int | None = None  # the cluster-wide cap (jobq queue cap)
+    workers: int = 0  # live workers serving the type: none with queued tasks is a typo or a missing worker
+
+    @property
+    def unserved(self) -> bool:
+        return self.queued > 0 and self.workers == 0
 
 
 @dataclass
@@ -80,6 +86,7 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         now_row = cur.execute(q.now).fetchone()
         assert now_row is not None
         depth = cur.execute(q.queue_depth).fetchall()
+        state = cur.execute(q.queue_state).fetchall()
         thr = cur.execute(q.throughput).fetchall()
         lat = cur.execute(q.latency).fetchall()
         workers = cur.execute(q.workers, (STOPPED_VISIBLE_SECONDS,)).fetchall()
@@ -93,6 +100,11 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         row.oldest_wait_seconds = max(row.oldest_wait_seconds, float(r["oldest_wait_seconds"]))
         row.paused = row.paused or bool(r["paused"])
         row.priorities.append(int(r["priority"]))
+    for r in state:  # pause, cap and workers of every type, also of paused or capped queues with no task
+        if r["type"] not in queues and not r["paused"] and r["max_running"] is None:
+            continue  # a type a worker serves with nothing to show
+        known = queues.setdefault(r["type"], QueueRow(type=r["type"]))
+        known.paused, known.max_running, known.workers = bool(r["paused"]), r["max_running"], int(r["workers"])
     throughput: dict[str, list[dict[str, Any]]] = {}
     for r in thr:
         throughput.setdefault(r.pop("type"), []).append(r)

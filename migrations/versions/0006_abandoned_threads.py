@@ -40,13 +40,11 @@ def upgrade() -> None:
     op.execute(_views().views_sql(s, worker_columns=_WORKER_COLUMNS))
 
 
-def downgrade() -> None:
-    # A view cannot lose a column in place: worker_health is dropped and created again, and the
-    # privileges it held are granted again (so a dashboard role keeps reading it).
-    s = migration_schema()
-    ddl = _views().views_sql(s)
+def recreate_view(s: str, view: str, ddl: str) -> str:
+    """Drop view `view` and run `ddl` (its new definition) in one DO block, granting again what the
+    view held: a view cannot lose a column in place (0008's downgrade of queue_depth uses it too)."""
     assert "$ddl$" not in ddl
-    op.execute(f"""
+    return f"""
 DO $do$
 DECLARE
     v_acl aclitem[];
@@ -54,16 +52,23 @@ DECLARE
     g record;
 BEGIN
     SELECT c.relacl, c.relowner INTO v_acl, v_owner FROM pg_class c
-    WHERE c.oid = '"{s}".worker_health'::regclass;
-    DROP VIEW "{s}".worker_health;
+    WHERE c.oid = '"{s}".{view}'::regclass;
+    DROP VIEW "{s}".{view};
     EXECUTE $ddl${ddl}$ddl$;
     FOR g IN SELECT a.grantee, a.privilege_type, a.is_grantable FROM aclexplode(v_acl) a
              WHERE a.grantee <> v_owner LOOP
-        EXECUTE format('GRANT %s ON "{s}".worker_health TO %s%s', g.privilege_type,
+        EXECUTE format('GRANT %s ON "{s}".{view} TO %s%s', g.privilege_type,
                        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
                        CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
     END LOOP;
 END
 $do$;
-ALTER TABLE "{s}".workers DROP COLUMN abandoned;
-""")
+"""
+
+
+def downgrade() -> None:
+    # A view cannot lose a column in place: worker_health is dropped and created again, and the
+    # privileges it held are granted again (so a dashboard role keeps reading it).
+    s = migration_schema()
+    op.execute(recreate_view(s, "worker_health", _views().views_sql(s)))
+    op.execute(f'ALTER TABLE "{s}".workers DROP COLUMN abandoned;')

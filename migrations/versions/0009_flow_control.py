@@ -16,7 +16,7 @@
   used, whether the key is held back (by 'limit' or 'rate') and for how long.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-03
 """
 
@@ -25,7 +25,7 @@ from alembic import op
 from jobqueue.states import migration_schema
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -91,6 +91,45 @@ SELECT id, status, dependents_cancelled FROM {schema}.cancel_tasks($1::bigint[],
 -- dedupe key is held by a live task, insufficient_privilege for another role's task.
 SELECT id, status FROM {schema}.retry_tasks($1::bigint[], $2, $3, $4);
 
+-- name: cancel_where
+-- Cancel the live tasks a selector matches: $1 type, $2 owner, $3 batch, $4 label, $5 document, $6
+-- statuses (NULL: every live one); a NULL filter is off, and the function refuses a selector with none.
+-- The matched tasks go through cancel_tasks (migration 0008): running ones hear it by NOTIFY. A
+-- producer's selector matches only the tasks its role enqueued.
+SELECT id, status, dependents_cancelled
+FROM {schema}.cancel_where($1::text, $2::text, $3::bigint, $4::text, $5::bigint, $6::text[], $7, $8, $9);
+
+-- name: retry_where
+-- Retry the failed or cancelled tasks a selector matches (the filters of cancel_where) through retry_tasks.
+SELECT id, status FROM {schema}.retry_where($1::text, $2::text, $3::bigint, $4::text, $5::bigint, $6::text[], $7, $8);
+
+-- name: prioritize
+-- Set priority $8 on the queued and waiting tasks named by ids ($1) or a selector ($2..$7, as
+-- cancel_where); the next claim orders by it.
+SELECT id, priority
+FROM {schema}.prioritize_tasks($1::bigint[], $2::text, $3::text, $4::bigint, $5::text, $6::bigint, $7::text[],
+                               $8::int);
+
+-- name: set_queue
+-- Pause, resume, cap or uncap type $1: $2 paused and $3 max_running (NULL: unchanged), $4 true clears
+-- the cap. The claim reads the queues table in its own statement, so the change holds from the next
+-- claim; running tasks are left alone. A queue that may run now wakes its type's workers (NOTIFY at
+-- commit, as an enqueue does). Only roles that may write the queues table (the schema owner) can.
+INSERT INTO {schema}.queues AS q (type, paused, max_running, updated_at)
+VALUES ($1::text, COALESCE($2::boolean, false), CASE WHEN $4::boolean THEN NULL ELSE $3::int END, now())
+ON CONFLICT (type) DO UPDATE
+SET paused = COALESCE($2::boolean, q.paused),
+    max_running = CASE WHEN $4::boolean THEN NULL ELSE COALESCE($3::int, q.max_running) END,
+    updated_at = now()
+RETURNING q.type, q.paused, q.max_running,
+          CASE WHEN NOT q.paused THEN pg_notify('{schema}.' || q.type, extract(epoch FROM now())::text) END
+              AS woken;
+
+-- name: queues
+-- Every type known anywhere (queues table, live tasks, live workers): the view queue_state (0008).
+SELECT type, paused, max_running, queued, runnable, waiting, running, workers, updated_at
+FROM {schema}.queue_state ORDER BY type;
+
 -- name: get
 SELECT * FROM {schema}.tasks WHERE id = $1::bigint;
 

@@ -11,6 +11,10 @@ SELECT now() AS now;
 -- name: queue_depth
 SELECT * FROM {schema}.queue_depth ORDER BY type, priority DESC;
 
+-- name: queue_state
+-- Pause, cap and live workers per type (view of migration 0008), also for queues with no task.
+SELECT type, paused, max_running, workers FROM {schema}.queue_state ORDER BY type;
+
 -- name: throughput
 SELECT * FROM {schema}.throughput ORDER BY type, minute;
 
