@@ -9,6 +9,7 @@ event streams, which wait on the hub in the event loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -92,7 +93,9 @@ def _duration(seconds: float | None) -> str:
 
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("jobq_console", "templates"), autoescape=True)
-    env.filters.update(ago=_ago, duration=_duration, pct=lambda p: f"{max(float(p or 0), 0) * 100:.0f}%")
+    env.filters.update(ago=_ago, duration=_duration, pct=lambda p: f"{max(float(p or 0), 0) * 100:.0f}%",
+                       # JSON as the user wrote it (Jinja's tojson writes < as \u003c); autoescape makes it safe
+                       pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False, default=str))
     return env
 
 

@@ -157,3 +157,14 @@ def serve(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def dashboard_login(url: str) -> str:
+    """The URL of a new login in the read-only role `jobq roles` creates (<schema>_dashboard)."""
+    res = jobq_cli("roles")
+    assert res.returncode == 0, res.stderr
+    login = f"viewer_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_dashboard")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}"))

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FULL, SAMPLES, SCHEMA, BackgroundWorker, jobq_cli, one, serve, wait_for
+from support import FULL, SAMPLES, SCHEMA, BackgroundWorker, dashboard_login, jobq_cli, one, serve, wait_for
 
 from jobqueue import Client, Context, Fail, task
 
@@ -238,13 +238,7 @@ def test_page_actions_need_the_csrf_token(web: TestClient, client: Client, clean
 
 @pytest.fixture(scope="module")
 def dashboard_url(db_url: str) -> str:
-    """A login in the read-only role `jobq roles` creates."""
-    res = jobq_cli("roles")
-    assert res.returncode == 0, res.stderr
-    login = f"ui_viewer_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_dashboard")
-    return db_url.replace("postgres@", f"{login}@", 1)
+    return dashboard_login(db_url)
 
 
 def test_read_only_role_sees_no_action_and_is_refused(dashboard_url: str, client: Client, clean: None) -> None:
