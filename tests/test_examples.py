@@ -36,7 +36,11 @@ def test_cancel_running(db_url: str) -> None:
     assert status == "cancelled" and took < 2.0
 
 
+def test_http_api(db_url: str) -> None:
+    assert load("http_api").main() == "done"
+
+
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples"}
+    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "http_api"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"
