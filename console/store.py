@@ -18,7 +18,17 @@ from typing import Any, BinaryIO
 import psycopg
 from psycopg.rows import dict_row
 
-from jobqueue import Client, InvalidPayload, Settings, Task, TaskNotFound, connect
+from jobqueue import (
+    Client,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidPayload,
+    PermissionDenied,
+    Settings,
+    Task,
+    TaskNotFound,
+    connect,
+)
 from jobqueue.observe import snapshot
 
 from .queries import ConsoleSQL
@@ -66,9 +76,19 @@ class Store:
         return conn
 
     def rows(self, statement: str, *params: Any) -> list[Row]:
-        with psycopg.RawCursor(self._conn(), row_factory=dict_row) as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
+        """One statement's rows; the database's refusals as the library's errors (so as HTTP statuses)."""
+        try:
+            with psycopg.RawCursor(self._conn(), row_factory=dict_row) as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description else []
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            raise PermissionDenied(f"the database refused: {first_line(exc)}") from None
+        except psycopg.errors.DataError as exc:
+            raise InvalidPayload(first_line(exc)) from None
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(first_line(exc)) from None
+        except psycopg.Error as exc:
+            raise DatabaseError(first_line(exc)) from None
 
     def one(self, statement: str, *params: Any) -> Row | None:
         found = self.rows(statement, *params)
@@ -193,6 +213,10 @@ class Store:
             return enqueue_files(paths, url=self.url, settings=self.settings, **options)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def safe_name(filename: str | None) -> str:

@@ -103,6 +103,9 @@ def test_every_page_renders_with_data(web: TestClient, client: Client, clean: No
     assert "guide.md" in docpage and 'class="strip"' in docpage and "raptor" in docpage
     assert web.get("/tasks/999999").status_code == 404
     assert web.get("/documents/999999").status_code == 404
+    huge = 10**20  # over bigint: the database's refusal is a 400, never a 500
+    for path in (f"/documents/{huge}", f"/api/documents/{huge}", f"/api/tasks/{huge}", f"/tasks?doc={huge}"):
+        assert web.get(path).status_code in (400, 404), path
 
 
 def test_task_list_pages_by_keyset(web: TestClient, client: Client, clean: None) -> None:
