@@ -446,3 +446,33 @@ def test_console_queries_use_indexes(conn: psycopg.Connection[Any], big: int, na
     read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) + n.get("Rows Removed by Filter", 0)
                for n in scans if n.get("Relation Name") == "tasks")
     assert read < big * 0.05, f"{name} read {read} task rows"
+
+
+def test_jobq_ui_serves_the_console(db_url: str) -> None:
+    """`jobq ui` as an operator runs it: it says where it listens and answers there."""
+    import socket
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "jobqueue", "ui", "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert f"http://127.0.0.1:{port}/" in proc.stdout.readline()
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, timeout=30, interval=0.2)
+        assert "Queues" in httpx.get(f"http://127.0.0.1:{port}/").text
+    finally:
+        proc.terminate()
+        proc.wait(15)
