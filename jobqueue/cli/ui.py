@@ -42,4 +42,5 @@ def ui(
     s = settings()
     app = create_app(ensure_schema(s), settings=s, console=console)
     out.print(f"jobq console on http://{host}:{port}/ (Ctrl-C stops)", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Open event streams never end by themselves: Ctrl-C closes them after a short grace.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
