@@ -58,11 +58,17 @@ class Overview:
 
 
 class Store:
+    """The console's database access: one autocommit connection per server thread, passed to the
+    Client's calls too, and all closed when the server stops."""
+
     def __init__(self, url: str | None, settings: Settings) -> None:
         self.settings = settings
         self.client = Client(url, settings=settings)
         self.q = ConsoleSQL.load(settings.schema_name)
         self._local = threading.local()
+        # Every connection opened, whichever server thread holds it, so close() ends them all.
+        self._opened: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -73,6 +79,9 @@ class Store:
         if conn is None or conn.closed or conn.broken:
             conn = connect(self.url, autocommit=True)
             self._local.conn = conn
+            with self._lock:
+                self._opened = [c for c in self._opened if not c.closed]
+                self._opened.append(conn)
         return conn
 
     def rows(self, statement: str, *params: Any) -> list[Row]:
@@ -95,8 +104,10 @@ class Store:
         return found[0] if found else None
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every thread's connection (the server is stopping; no request runs any more)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
             conn.close()
         self.client.close()
 
@@ -123,10 +134,10 @@ class Store:
               label: str | None = None, doc_id: int | None = None, error: str | None = None,
               before_id: int | None = None, limit: int = 50) -> list[Task]:
         return self.client.list(status=status or None, type=type, owner=owner, label=label, doc_id=doc_id,
-                                error=error, before_id=before_id, limit=limit)
+                                error=error, before_id=before_id, limit=limit, connection=self._conn())
 
     def task(self, task_id: int) -> Task:
-        return self.client.get(task_id)
+        return self.client.get(task_id, connection=self._conn())
 
     def task_detail(self, task_id: int) -> dict[str, Any]:
         t = self.task(task_id)
@@ -171,10 +182,11 @@ class Store:
     # -- changes
 
     def cancel(self, task_id: int | None = None, doc_id: int | None = None) -> dict[int, str]:
-        return self.client.cancel(task_id, doc_id=doc_id, reason="Task stopped from the web console.")
+        return self.client.cancel(task_id, doc_id=doc_id, reason="Task stopped from the web console.",
+                                  connection=self._conn())
 
     def retry(self, task_id: int | None = None, doc_id: int | None = None) -> dict[int, str]:
-        return self.client.retry(task_id, doc_id=doc_id)
+        return self.client.retry(task_id, doc_id=doc_id, connection=self._conn())
 
     def set_priority(self, priority: int, task_id: int | None = None, doc_id: int | None = None) -> list[int]:
         if task_id is None and doc_id is None:
@@ -186,7 +198,7 @@ class Store:
         return [int(r["id"]) for r in self.rows(self.q.set_priority, task_id, doc_id, priority)]
 
     def enqueue(self, type: str, payload: Any = None, **options: Any) -> int:
-        return self.client.enqueue(type, payload, **options)
+        return self.client.enqueue(type, payload, connection=self._conn(), **options)
 
     def upload(self, files: Sequence[Upload], **options: Any) -> Any:
         """Store the uploads under their own names in a temporary folder and enqueue them as one batch
