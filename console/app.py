@@ -238,7 +238,8 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview(request: Request) -> Response:
-        return page(request, "overview.html", overview=store.overview())
+        rows = store.overview()
+        return page(request, "overview.html", rows=rows, at=rows[0]["at"] if rows else None)
 
     @app.get("/tasks", response_class=HTMLResponse, include_in_schema=False)
     def tasks_page(request: Request, status: Statuses = None, type: str | None = None, owner: str | None = None,
@@ -334,11 +335,11 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     @app.get("/workers", response_class=HTMLResponse, include_in_schema=False)
     def workers_page(request: Request) -> Response:
-        return page(request, "workers.html", overview=store.overview(), running=store.running())
+        return page(request, "workers.html", workers=store.workers(), running=store.running())
 
     @app.get("/failures", response_class=HTMLResponse, include_in_schema=False)
     def failures_page(request: Request) -> Response:
-        return page(request, "failures.html", overview=store.overview())
+        return page(request, "failures.html", failures=store.failures())
 
     @app.get("/events", include_in_schema=False)
     def page_events(tasks: str | None = None, docs: str | None = None) -> StreamingResponse:

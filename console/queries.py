@@ -9,7 +9,7 @@ class ConsoleSQL(SQLFile, package="jobq_console", filename="sql/console.sql"):
     """Every statement the console runs itself (the rest goes through Client and jobq_workers)."""
 
     read_only: str
-    queues: str
+    overview: str
     parents: str
     children: str
     queue_position: str
@@ -22,3 +22,5 @@ class ConsoleSQL(SQLFile, package="jobq_console", filename="sql/console.sql"):
     set_priority: str
     live_tasks: str
     live_documents: str
+    workers: str
+    failures: str

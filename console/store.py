@@ -1,8 +1,9 @@
 """Every read and write the console makes, on one psycopg connection per server thread.
 
 Task reads and changes go through :class:`jobqueue.Client` (its list is the keyset-paginated SQL
-filter the CLI uses), document uploads through jobq_workers' enqueue, the overview through the
-observation views' snapshot; what is left is ``sql/console.sql``.
+filter the CLI uses), document uploads through jobq_workers' enqueue; the rest is ``sql/console.sql``,
+which reads the observation views `jobq top` reads for the overview, workers and failures (each page
+only the views it shows).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,13 +30,16 @@ from jobqueue import (
     TaskNotFound,
     connect,
 )
-from jobqueue.observe import snapshot
 
 from .queries import ConsoleSQL
 
 Row = dict[str, Any]
 # Characters of a chunk or summary shown in a list (the page for one chunk shows it all).
 CHUNK_PREVIEW = 400
+# Stopped workers stay on the workers page this long (as in `jobq top`), so a crash remains visible.
+STOPPED_VISIBLE_SECONDS = 3600
+# (type, error) groups the failures page lists.
+FAILURE_GROUPS = 200
 
 
 class TooLarge(InvalidPayload):
@@ -48,13 +52,6 @@ class Upload:
 
     filename: str
     file: BinaryIO
-
-
-@dataclass
-class Overview:
-    snapshot: snapshot.Snapshot
-    queues: dict[str, Row]
-    rows: list[Row] = field(default_factory=list)
 
 
 class Store:
@@ -117,18 +114,8 @@ class Store:
         row = self.one(self.q.read_only)
         return bool(row and row["read_only"])
 
-    def overview(self) -> Overview:
-        snap = snapshot.fetch(self._conn(), self.settings.schema_name)
-        queues = {r["type"]: r for r in self.rows(self.q.queues)}
-        latency = {r["type"]: r for r in snap.latency if r["period"] == "1h"}
-        rows = []
-        for qr in snap.queues:
-            lat = latency.get(qr.type, {})
-            conf = queues.get(qr.type, {})
-            rows.append({**vars(qr), "wait_p50": lat.get("wait_p50"), "run_p50": lat.get("run_p50"),
-                         "run_p95": lat.get("run_p95"), "max_running": conf.get("max_running"),
-                         "paused": qr.paused or bool(conf.get("paused"))})
-        return Overview(snap, queues, rows)
+    def overview(self) -> list[Row]:
+        return self.rows(self.q.overview)
 
     def tasks(self, *, status: Sequence[str] | None = None, type: str | None = None, owner: str | None = None,
               label: str | None = None, doc_id: int | None = None, error: str | None = None,
@@ -165,6 +152,12 @@ class Store:
         chunks = self.rows(self.q.document_chunks, doc_id, *key, limit, CHUNK_PREVIEW)
         return {"doc": doc, "tasks": self.rows(self.q.document_tasks, doc_id), "chunks": chunks,
                 "summaries": summary_tree(self.rows(self.q.document_summaries, doc_id, CHUNK_PREVIEW))}
+
+    def workers(self) -> list[Row]:
+        return self.rows(self.q.workers, STOPPED_VISIBLE_SECONDS)
+
+    def failures(self) -> list[Row]:
+        return self.rows(self.q.failures, FAILURE_GROUPS)
 
     def running(self) -> dict[str, list[Row]]:
         by_worker: dict[str, list[Row]] = {}

@@ -424,6 +424,9 @@ def _plans() -> list[tuple[str, str, list[Any]]]:
         ("document chunks, next page", q.document_chunks, [7, 10, 0, 100, 50, 400]),
         ("document summaries", q.document_summaries, [7, 400]),
         ("running tasks", q.running_tasks, []),
+        ("overview", q.overview, []),
+        ("workers", q.workers, [3600]),
+        ("failures", q.failures, [200]),
         ("live tasks", q.live_tasks, [[1, 2, 3]]),
         ("live documents", q.live_documents, [[1, 2, 3]]),
     ]

@@ -9,10 +9,6 @@
 SELECT current_setting('transaction_read_only') = 'on'
        OR NOT has_any_column_privilege('{schema}.tasks', 'INSERT') AS read_only;
 
--- name: queues
--- Per-type pause and cluster cap (the flow-control settings), for the overview.
-SELECT type, max_running, paused FROM {schema}.queues ORDER BY type;
-
 -- name: parents
 SELECT id, type, status, progress FROM {schema}.tasks WHERE id = ANY($1::bigint[]) ORDER BY id;
 
@@ -101,3 +97,43 @@ SELECT doc_id AS id, status, progress, COALESCE(last_message, '') AS message, do
 FROM {schema}.document_progress
 WHERE doc_id = ANY($1::bigint[])
 ORDER BY doc_id;
+
+-- name: workers
+-- The workers page reads only worker_health (the overview's snapshot reads every view); stopped
+-- workers stay visible for $1 seconds, as in `jobq top`.
+SELECT * FROM {schema}.worker_health
+WHERE stopped_at IS NULL OR stopped_at > now() - make_interval(secs => $1)
+ORDER BY state, worker_id;
+
+-- name: failures
+-- The failures page reads only the failures view: every (type, error) group of the last 24 hours.
+SELECT type, error, failed, retried, tasks, first_seen, last_seen, latest_task_id, latest_message
+FROM {schema}.failures ORDER BY last_seen DESC LIMIT $1;
+
+-- name: overview
+-- Per type, from the views `jobq top` reads: queue_depth summed over priorities, the queues table's pause
+-- and cap, and the last hour's latency (the latency view's other windows are not computed: the
+-- period filter removes their branches).
+WITH depth AS (
+    SELECT type, sum(queued) AS queued, sum(runnable) AS runnable, sum(scheduled) AS scheduled,
+           sum(waiting) AS waiting, sum(running) AS running, sum(done_last_hour) AS done_last_hour,
+           sum(failed_last_hour) AS failed_last_hour, sum(cancelled_last_hour) AS cancelled_last_hour,
+           max(oldest_wait_seconds) AS oldest_wait_seconds, bool_or(paused) AS paused
+    FROM {schema}.queue_depth
+    GROUP BY type
+), lat AS (
+    SELECT type, wait_p50, run_p50, run_p95 FROM {schema}.latency WHERE period = '1h'
+)
+SELECT COALESCE(d.type, q.type) AS type,
+       COALESCE(d.queued, 0) AS queued, COALESCE(d.runnable, 0) AS runnable,
+       COALESCE(d.scheduled, 0) AS scheduled, COALESCE(d.waiting, 0) AS waiting,
+       COALESCE(d.running, 0) AS running, COALESCE(d.done_last_hour, 0) AS done_last_hour,
+       COALESCE(d.failed_last_hour, 0) AS failed_last_hour,
+       COALESCE(d.cancelled_last_hour, 0) AS cancelled_last_hour,
+       COALESCE(d.oldest_wait_seconds, 0) AS oldest_wait_seconds,
+       COALESCE(d.paused, false) OR COALESCE(q.paused, false) AS paused, q.max_running,
+       l.wait_p50, l.run_p50, l.run_p95, now() AS at
+FROM depth d
+FULL JOIN {schema}.queues q ON q.type = d.type
+LEFT JOIN lat l ON l.type = COALESCE(d.type, q.type)
+ORDER BY 1;
