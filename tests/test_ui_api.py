@@ -501,3 +501,30 @@ def test_jobq_ui_serves_the_console(db_url: str) -> None:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_document_actions_and_stale_workers(web: TestClient, client: Client, conn: psycopg.Connection[Any],
+                                            clean: None) -> None:
+    r = web.post("/api/documents", files={"files": ("notes.md", f"# notes {uuid.uuid4()}\n\nsome text".encode())},
+                 data={"then": "raptor"}, headers=API)
+    assert r.status_code == 201, r.text
+    doc = r.json()["files"][0]["doc_id"]
+    r = web.post(f"/api/documents/{doc}/retry", headers=API)
+    assert r.status_code == 409 and "no failed or cancelled task" in r.json()["error"]
+    token = page_csrf(web, f"/documents/{doc}")
+    r = web.post(f"/documents/{doc}/priority", data={"csrf": token, "priority": "3"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert {t.priority for t in client.list(doc_id=doc)} == {3}  # the range and its waiting raptor task
+    r = web.post(f"/documents/{doc}/cancel", data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert {t.status for t in client.list(doc_id=doc)} == {"cancelled"}
+    assert web.get(f"/api/documents/{doc}").json()["status"] == "cancelled"
+    assert set(web.post(f"/api/documents/{doc}/retry", headers=API).json()["tasks"].values()) <= {"queued", "waiting"}
+    assert web.post("/api/documents/987654321/cancel", headers=API).status_code == 404
+
+    conn.execute("INSERT INTO workers (id, host, pid, types, concurrency, last_seen) VALUES "
+                 "('w-old', 'h1', 1, '{dataflow}', 4, now() - interval '10 minutes'), "
+                 "('w-new', 'h2', 2, '{dataflow}', 4, now())")
+    html = web.get("/workers").text
+    rows = re.findall(r'<tr class="(stale|)">\s*<td>(w-\w+)</td>', html)
+    assert sorted(rows) == [("", "w-new"), ("stale", "w-old")]
