@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -133,3 +136,35 @@ def spawn(types: str, *extra: str, env: dict[str, str] | None = None) -> subproc
         [sys.executable, "-m", "jobqueue", "worker", "--types", types, "--import", "handlers", *extra],
         env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """An ASGI app served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), timeout=30)
+        assert server.started, "the console did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def dashboard_login(url: str) -> str:
+    """The URL of a new login in the read-only role `jobq roles` creates (<schema>_dashboard)."""
+    res = jobq_cli("roles")
+    assert res.returncode == 0, res.stderr
+    login = f"viewer_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_dashboard")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}"))

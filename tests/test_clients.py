@@ -133,6 +133,16 @@ def test_list_filters_and_keyset_pages(either: Any) -> None:
         either.list(limit=-1)
 
 
+def test_list_finds_text_in_the_last_error(either: Any, conn: psycopg.Connection[Any]) -> None:
+    ids = [either.enqueue("cl_plain", {}) for _ in range(3)]
+    conn.execute("UPDATE tasks SET last_error = 'ValueError: Page 3 of ZQX is empty' WHERE id = %s", (ids[1],))
+    assert [t.id for t in either.list(error="page 3 of zqx")] == [ids[1]]  # case-insensitive
+    assert either.list(error="Pag_ 3 of ZQX") == []  # a plain substring, not a LIKE pattern
+    assert [t.id for t in either.list(error="ZQX", before_id=ids[2])] == [ids[1]]
+    with pytest.raises(InvalidPayload):
+        either.list(error="a\x00b")
+
+
 def test_get_reads_the_row_by_name(either: Any) -> None:
     tid = either.enqueue("cl_plain", {"a": [1, 2]}, priority=7, owner="o", labels=["l1"], digest="d")
     t = either.get(tid)

@@ -48,8 +48,12 @@ def test_queue_control(db_url: str) -> None:
     assert result["first"] == "urgent" and result["done"] == 4 and result["retries_spent"] == 0
 
 
+def test_http_api(db_url: str) -> None:
+    assert load("http_api").main() == "done"
+
+
 def test_every_example_is_tested() -> None:
     tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control",
-              "queue_control"}
+              "queue_control", "http_api"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

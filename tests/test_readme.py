@@ -3,7 +3,7 @@ fresh database, through bash (globs, quotes and comments as a user's shell reads
 
 Not run, by design (the short list of exceptions):
 - what is not a `jobq` command: the install lines (`python3 -m venv`, `pip install`) and `pytest`;
-- `jobq worker` without `--burst`: it runs until stopped;
+- `jobq worker` without `--burst` and `jobq ui` (a web server): they run until stopped;
 - a command with `--wait` is run as written, beside a worker (it watches until a worker finishes it).
 """
 
@@ -40,7 +40,7 @@ def blocks() -> list[list[str]]:
 
 def runnable(command: str) -> bool:
     words = command.split("#")[0].split()
-    return not (words[1] == "worker" and "--burst" not in words)
+    return not ((words[1] == "worker" and "--burst" not in words) or words[1] == "ui")
 
 
 def test_the_readme_shows_the_commands_this_test_runs() -> None:

@@ -176,10 +176,11 @@ class AsyncClient(ClientBase):
         label: str | None = None,
         before_id: int | None = None,
         limit: int = 50,
+        error: str | None = None,
         connection: Any = None,
     ) -> list[Task]:
         """Newest first, filtered; see :meth:`jobqueue.Client.list`."""
-        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit)
+        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit, error)
         async with self._using(connection) as conn:
             return [_task(r) for r in await self._fetch(conn, self.q.list, params)]
 

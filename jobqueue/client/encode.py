@@ -315,12 +315,14 @@ def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapp
 
 
 def list_params(status: str | Sequence[str] | None, type: str | Sequence[str] | None, owner: str | None,
-                doc_id: int | None, label: str | None, before_id: int | None, limit: int) -> tuple[Any, ...]:
-    """client.sql `list` ($1..$7); a None filter is off."""
+                doc_id: int | None, label: str | None, before_id: int | None, limit: int,
+                error: str | None = None) -> tuple[Any, ...]:
+    """client.sql `list` ($1..$8); a None filter is off."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise InvalidPayload(f"limit must be a non-negative integer, got {limit!r}")
     return (_many(status), _many(type), _text("owner", owner, limit=200), _bigint("doc_id", doc_id),
-            _text("label", label, limit=200), _bigint("before_id", before_id), limit)
+            _text("label", label, limit=200), _bigint("before_id", before_id), limit,
+            _text("error", error, limit=200))
 
 
 def _many(value: str | Sequence[str] | None) -> list[str] | None:

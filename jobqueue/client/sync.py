@@ -197,11 +197,13 @@ class Client(ClientBase):
         label: str | None = None,
         before_id: int | None = None,
         limit: int = 50,
+        error: str | None = None,
         connection: Any = None,
     ) -> builtins.list[Task]:
         """Newest first, filtered; every filter is optional. Pass the last id seen as `before_id` for the
-        next page (keyset pagination: stable while tasks are added, no OFFSET scan)."""
-        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit)
+        next page (keyset pagination: stable while tasks are added, no OFFSET scan). `error` finds text in
+        the last error (case-insensitive)."""
+        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit, error)
         with self._using(connection) as conn:
             return [Task.model_validate(r) for r in self._fetch(conn, self.q.list, params)]
 

@@ -135,6 +135,7 @@ SELECT * FROM {schema}.tasks WHERE id = $1::bigint;
 
 -- name: list
 -- Newest first; a NULL filter is off. Keyset pagination: pass the last id seen as $6 (before_id).
+-- $8 finds text in last_error (case-insensitive; a plain substring, no pattern characters).
 SELECT * FROM {schema}.tasks
 WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
   AND ($2::text[] IS NULL OR type = ANY($2::text[]))
@@ -142,5 +143,6 @@ WHERE ($1::text[] IS NULL OR status = ANY($1::text[]))
   AND ($4::bigint IS NULL OR doc_id = $4::bigint)
   AND ($5::text IS NULL OR labels @> ARRAY[$5::text])
   AND ($6::bigint IS NULL OR id < $6::bigint)
+  AND ($8::text IS NULL OR strpos(lower(last_error), lower($8::text)) > 0)
 ORDER BY id DESC
 LIMIT $7::bigint;
