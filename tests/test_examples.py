@@ -36,7 +36,12 @@ def test_cancel_running(db_url: str) -> None:
     assert status == "cancelled" and took < 2.0
 
 
+def test_producer(db_url: str) -> None:
+    payload, refused, kind = load("producer").main()
+    assert payload == {"url": "s3://bucket/cat.png", "width": 256} and "url" in refused and kind == "transcode"
+
+
 def test_every_example_is_tested() -> None:
-    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples"}
+    tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "producer"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

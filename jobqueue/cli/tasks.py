@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jobqueue.cli.app import client, err, fail, out
+from jobqueue.cli.app import client, err, fail, out, settings
 from jobqueue.states import Status
 
 STATUS_STYLES: dict[str, str] = {
@@ -48,6 +48,9 @@ def enqueue(
     by_reference: Annotated[bool, typer.Option(help="Store only the file's path, not its bytes.")] = False,
     force: Annotated[bool, typer.Option(help="Reprocess even unchanged ranges.")] = False,
     wait: Annotated[bool, typer.Option(help="Watch the documents until they finish.")] = False,
+    imports: Annotated[list[str] | None, typer.Option(
+        "--import", "-i", help="Module declaring or registering task types, to validate --payload (repeatable; "
+        "adds to JOBQ_IMPORTS).")] = None,
 ) -> None:
     """Enqueue a plain task (--type/--payload) or documents (FILE...)."""
     if files:
@@ -65,7 +68,9 @@ def enqueue(
     from jobqueue import registry
 
     data = _parse_payload(payload)
-    registry.get_type(type)
+    # A type nobody here registered or declared is accepted (its workers live elsewhere); one that an
+    # imported module knows has its payload validated.
+    registry.import_modules([*(imports or []), *settings().imports])
     task_id = client().enqueue(type, data, priority=priority, delay=delay, dedupe_key=dedupe_key,
                                max_retries=max_retries, owner=owner)
     out.print(task_id)

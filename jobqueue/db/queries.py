@@ -93,3 +93,10 @@ class ServerSQL(SQLFile, package=PACKAGE, filename="sql/server.sql"):
     ping: str
     database_exists: str
     create_database: str
+
+
+class WaitSQL(SQLFile, package=PACKAGE, filename="sql/wait.sql"):
+    """What waiters run (jobqueue/client/wait.py)."""
+
+    watch: str
+    probe: str
