@@ -47,7 +47,8 @@ def test_enqueue_a_type_without_its_handler(db_url: str, conn: psycopg.Connectio
     r = jobq_cli("enqueue", "--type", "transcode", "--payload", '{"file": "a.mp4"}')
     assert r.returncode == 0, r.stderr
     assert conn.execute("SELECT type FROM tasks WHERE id = %s", (int(r.stdout),)).fetchone() == ("transcode",)
-    r = jobq_cli("enqueue", "--type", "thumbnail", "--payload", '{"url": "s3://b/c.png"}', "--import", "examples.producer")
+    r = jobq_cli("enqueue", "--type", "thumbnail", "--payload", '{"url": "s3://b/c.png"}',
+                 "--import", "examples.producer")
     assert r.returncode == 0, r.stderr
     row = conn.execute("SELECT payload, priority FROM tasks WHERE id = %s", (int(r.stdout),)).fetchone()
     assert row == ({"url": "s3://b/c.png", "width": 256}, 5)
