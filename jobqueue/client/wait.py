@@ -194,6 +194,7 @@ class Feed:
         if self.listener is not None:
             await self.listener.stop()
         if self._task is not None:
+            self._task.cancel()  # it may be sleeping in a reconnect backoff
             await asyncio.gather(self._task, return_exceptions=True)
 
     def _connected(self) -> None:
@@ -313,6 +314,16 @@ class Hub:
             feed.remove(watch, waker)
             if feed.users == 0 and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._schedule_close, feed)
+
+    def forget(self, url: str) -> None:
+        """Close the feeds on `url` now, whoever waits (a test database about to be dropped)."""
+        with self.lock:
+            gone = [self.feeds.pop(key) for key in [k for k in self.feeds if k[0] == url]]
+            loop = self._loop
+        if loop is None or not gone:
+            return
+        for feed in gone:
+            asyncio.run_coroutine_threadsafe(feed.stop(), loop).result(timeout=10)
 
     def _schedule_close(self, feed: Feed) -> None:
         """In the hub's thread: close an unused feed after LINGER_SECONDS (a new waiter cancels it)."""
