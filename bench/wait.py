@@ -59,6 +59,11 @@ def complete(conn: psycopg.Connection[Any], q: Any, claimed: list[tuple[int, int
                                       ["done"] * len(claimed), 3000, "bench"))
 
 
+def wait_then_stamp(client: Any, task_id: int, stamps: list[float]) -> None:
+    client.wait(task_id, timeout=30)
+    stamps.append(time.perf_counter())
+
+
 def latencies(url: str, rounds: int, *, listen: bool) -> list[float]:
     from jobqueue import Client
     from jobqueue.db.queries import RuntimeSQL
@@ -73,8 +78,7 @@ def latencies(url: str, rounds: int, *, listen: bool) -> list[float]:
             claimed = [tuple(r) for r in worker.execute(CLAIM.format(s=settings.schema_name), ([tid],)).fetchall()]
             worker.commit()
             returned: list[float] = []
-            waiter = threading.Thread(target=lambda: (producer.wait(tid, timeout=30),
-                                                      returned.append(time.perf_counter())))
+            waiter = threading.Thread(target=wait_then_stamp, args=(producer, tid, returned))
             waiter.start()
             time.sleep(0.03)  # the waiter has read the row (running) and sleeps until woken
             complete(worker, q, claimed)  # type: ignore[arg-type]
