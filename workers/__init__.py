@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .documents import BatchResult, FileResult
     from .ingest import (
         DocumentFailed,
+        DocumentOptions,
         enqueue_document,
         enqueue_document_async,
         enqueue_documents,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "BatchResult": ".documents",
     "DocumentFailed": ".ingest",
+    "DocumentOptions": ".ingest",
     "FileResult": ".documents",
     "Row": ".watch",
     "enqueue_document": ".ingest",
@@ -57,5 +59,6 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["BatchResult", "DocumentFailed", "FileResult", "Row", "enqueue_document", "enqueue_document_async",
-           "enqueue_documents", "enqueue_documents_async", "wait_document", "wait_document_async"]
+__all__ = ["BatchResult", "DocumentFailed", "DocumentOptions", "FileResult", "Row", "enqueue_document",
+           "enqueue_document_async", "enqueue_documents", "enqueue_documents_async", "wait_document",
+           "wait_document_async"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TypedDict, Unpack
 
 from jobqueue import AsyncClient, Client, DocumentError, JobqError, Settings, connect
 
@@ -48,67 +48,53 @@ def _source(item: Source, name: str | None = None) -> str:
     raise DocumentError(f"a document is a path or bytes, got {type(item).__name__}")
 
 
-def enqueue_documents(
-    sources: Iterable[Source],
-    *,
-    parser: str = "general",
-    page_size: int | None = None,
-    pages: str | Sequence[tuple[int, int]] | None = None,
-    priority: int = 0,
-    then: str | None = None,
-    owner: str | None = None,
-    by_reference: bool = False,
-    force: bool = False,
-    url: str | None = None,
-    settings: Settings | None = None,
-) -> BatchResult:
+class DocumentOptions(TypedDict, total=False):
+    """The options of `jobq enqueue FILE...`, with its defaults (see :func:`.documents.enqueue_files`)."""
+
+    parser: str  # general, paper, book, table, one
+    page_size: int | None  # pages per task (default 12; 22 for paper)
+    pages: str | Sequence[tuple[int, int]] | None  # "1-20,30-40" or [(0, 20), (29, 40)]
+    priority: int
+    then: str | None  # a task type to run per document after all its tasks (e.g. raptor)
+    owner: str | None
+    by_reference: bool  # store only the file's path (shared storage), not its bytes
+    force: bool  # reprocess even unchanged ranges
+    url: str | None
+    settings: Settings | None
+
+
+def enqueue_documents(sources: Iterable[Source], **options: Unpack[DocumentOptions]) -> BatchResult:
     """Enqueue documents (paths, or ``(name, bytes)``) as one batch, as `jobq enqueue FILE...` does.
 
     A refused document does not stop the others: its :class:`FileResult` carries the one-line reason
     (``result.errors``). A bad option raises :class:`DocumentError` before anything is read or written.
     """
-    return enqueue_files([_source(s) for s in sources], parser=parser, page_size=page_size, pages=pages,
-                         priority=priority, then=then, owner=owner, by_reference=by_reference, force=force,
-                         url=url, settings=settings)
+    return enqueue_files([_source(s) for s in sources], **options)
 
 
-def enqueue_document(
-    source: str | os.PathLike[str] | bytes,
-    *,
-    name: str | None = None,
-    parser: str = "general",
-    page_size: int | None = None,
-    pages: str | Sequence[tuple[int, int]] | None = None,
-    priority: int = 0,
-    then: str | None = None,
-    owner: str | None = None,
-    by_reference: bool = False,
-    force: bool = False,
-    url: str | None = None,
-    settings: Settings | None = None,
-) -> FileResult:
+def enqueue_document(source: str | os.PathLike[str] | bytes, *, name: str | None = None,
+                     **options: Unpack[DocumentOptions]) -> FileResult:
     """Enqueue one document (a path, or bytes with `name`); :class:`DocumentError` with the reason if refused.
 
     The same bytes again re-parse the same document, reusing the tasks whose content and settings did
     not change; a document whose previous run is still live is refused.
     """
-    result = enqueue_files([_source(source, name)], parser=parser, page_size=page_size, pages=pages,
-                           priority=priority, then=then, owner=owner, by_reference=by_reference, force=force,
-                           url=url, settings=settings)
-    found = result.files[0]
+    found = enqueue_files([_source(source, name)], **options).files[0]
     if found.error is not None:
         raise DocumentError(f"{found.path}: {found.error}")
     return found
 
 
-async def enqueue_document_async(source: str | os.PathLike[str] | bytes, **options: Any) -> FileResult:
+async def enqueue_document_async(source: str | os.PathLike[str] | bytes, *, name: str | None = None,
+                                 **options: Unpack[DocumentOptions]) -> FileResult:
     """:func:`enqueue_document` off the event loop (reading and splitting a file is CPU and disk work)."""
-    return await asyncio.to_thread(enqueue_document, source, **options)
+    return await asyncio.to_thread(lambda: enqueue_document(source, name=name, **options))
 
 
-async def enqueue_documents_async(sources: Iterable[Source], **options: Any) -> BatchResult:
+async def enqueue_documents_async(sources: Iterable[Source], **options: Unpack[DocumentOptions]) -> BatchResult:
     """:func:`enqueue_documents` off the event loop."""
-    return await asyncio.to_thread(enqueue_documents, list(sources), **options)
+    items = list(sources)
+    return await asyncio.to_thread(lambda: enqueue_documents(items, **options))
 
 
 # ---------------------------------------------------------------- waiting
@@ -162,5 +148,5 @@ async def wait_document_async(doc_id: int, *, timeout: float | None = None,
             await c.close()
 
 
-__all__ = ["DocumentFailed", "Source", "enqueue_document", "enqueue_document_async", "enqueue_documents",
-           "enqueue_documents_async", "wait_document", "wait_document_async"]
+__all__ = ["DocumentFailed", "DocumentOptions", "Source", "enqueue_document", "enqueue_document_async",
+           "enqueue_documents", "enqueue_documents_async", "wait_document", "wait_document_async"]
