@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -344,6 +345,15 @@ _hub = Hub()
 
 def hub() -> Hub:
     return _hub
+
+
+def _forked() -> None:
+    """A forked child has none of its parent's threads: it starts a listener of its own when it waits."""
+    global _hub
+    _hub = Hub()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def interval(feed: Feed | None, settings: Settings) -> float:
