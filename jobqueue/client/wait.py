@@ -179,6 +179,7 @@ class Feed:
         self.listener: Any = None
         self._token = ""
         self._task: asyncio.Task[None] | None = None
+        self._probing: asyncio.Task[None] | None = None
         self._linger: asyncio.TimerHandle | None = None
 
     # -- in the hub's thread
@@ -201,7 +202,7 @@ class Feed:
     def _connected(self) -> None:
         self.heard = False
         self._token = f"{_PROBE_PREFIX}{uuid.uuid4().hex}"
-        asyncio.get_running_loop().create_task(self._probe(self._token))
+        self._probing = asyncio.get_running_loop().create_task(self._probe(self._token))  # kept: not collected
         self.wake_all()  # anything that finished before LISTEN took effect is read now
 
     async def _probe(self, token: str) -> None:
