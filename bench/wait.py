@@ -8,6 +8,9 @@ the completion with the completer's own ``complete_many`` statement and commits.
 the moment COMMIT returned to the moment ``wait`` returned, on the same clock. ``--poll`` repeats it
 with LISTEN off (``JOBQ_WAIT_LISTEN=false``, polling every ``wait_poll_seconds``) for comparison.
 
+``--drain N``: an in-process burst worker drains 10,000 no-op tasks N times with ``complete_many`` as
+shipped and N times with its finished NOTIFY taken out, alternating.
+
 The NOTIFY cost: a transaction sending one ``pg_notify('<schema>.finished', <100 ids>)`` (what the
 completer adds per batch), alternating with the same transaction without it.
 """
@@ -34,6 +37,7 @@ WRITE_NOTIFY = ("WITH u AS (UPDATE public.bench_wait_row SET x = x + 1 RETURNING
 # Both transactions of the NOTIFY cost write a row (a completion is a write transaction).
 ROW_TABLE = "CREATE TABLE IF NOT EXISTS public.bench_wait_row AS SELECT 0 AS x"
 WRITE = "UPDATE public.bench_wait_row SET x = x + 1"
+TRUNCATE = "TRUNCATE {s}.tasks, {s}.workers RESTART IDENTITY CASCADE"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -117,12 +121,52 @@ def notify_cost(url: str, rounds: int, batch: int = 100) -> tuple[list[float], l
     return plain, notified
 
 
+def drain_ab(url: str, rounds: int, n: int = 10_000) -> dict[str, list[float]]:
+    """A burst worker draining `n` no-op tasks in this process, with complete_many as shipped and with its
+    finished NOTIFY taken out (the statement patched in memory), alternating: jobs/s of each."""
+    import asyncio
+    import re
+
+    from jobqueue import Client, task
+    from jobqueue.db.queries import RuntimeSQL
+    from jobqueue.runtime.worker import Worker
+    from jobqueue.settings import get_settings
+
+    task("bench_noop", max_retries=0)(_noop)
+    s = get_settings().schema_name
+    q = RuntimeSQL.load(s)
+    shipped = q.complete_many
+    without = re.sub(r", finished AS \(.*?GROUP BY f\.part\n\)", "", shipped, flags=re.S)
+    without = without.replace(", (SELECT count(*) FROM finished) AS notified", "")
+    assert "finished AS" not in without
+    out: dict[str, list[float]] = {"as shipped": [], "without the finished NOTIFY": []}
+    try:
+        with Client(url) as client, psycopg.connect(url, autocommit=True) as conn:
+            for r in range(rounds * 2):
+                name = list(out)[r % 2]
+                q.complete_many = shipped if r % 2 == 0 else without
+                conn.execute(TRUNCATE.format(s=s))
+                client.enqueue_many("bench_noop", [{}] * n)
+                t = time.perf_counter()
+                asyncio.run(Worker(["bench_noop"], burst=True, url=url, concurrency=100, maintenance=False).run())
+                out[name].append(n / (time.perf_counter() - t))
+    finally:
+        q.complete_many = shipped
+    return out
+
+
+async def _noop(ctx: Any, payload: Any) -> None:
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="a server's maintenance URL (bench_wait is created there)")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--poll", action="store_true", help="also measure with LISTEN off")
+    parser.add_argument("--drain", type=int, default=0, metavar="ROUNDS",
+                        help="also drain 10,000 no-op tasks with and without the finished NOTIFY, ROUNDS each")
     args = parser.parse_args()
     url = fresh_database(args.url)
     try:
@@ -137,6 +181,10 @@ def main() -> None:
         print(report("the same sending one NOTIFY of 100 ids", notified))
         print(f"one finished NOTIFY per completed batch costs about "
               f"{(statistics.median(notified) - statistics.median(plain)) * 1e6:.0f} us (difference of medians)")
+        if args.drain:
+            for name, rates in drain_ab(url, args.drain).items():
+                print(f"drain of 10,000 no-op tasks, {name}: median {statistics.median(rates):,.0f} jobs/s "
+                      f"({', '.join(f'{r:,.0f}' for r in rates)})")
     finally:
         with psycopg.connect(args.url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
