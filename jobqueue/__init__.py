@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .backpressure import raise_for_backpressure, retry_after_seconds
     from .client.aio import AsyncClient
     from .client.sync import Client, cancel, enqueue, enqueue_many, get, list_tasks, retry
+    from .client.wait import TaskEvent
     from .db.connect import connect
     from .db.sqlfile import SQLFile
     from .errors import (
@@ -32,11 +33,13 @@ if TYPE_CHECKING:
         PermissionDenied,
         SchemaMissing,
         Snooze,
+        TaskFailed,
         TaskNotFound,
         UnknownTaskType,
+        WaitTimeout,
     )
     from .models import QueueState, Task, TaskSpec
-    from .registry import get_type, task
+    from .registry import declare, get_type, task
     from .runtime.context import Context
     from .settings import Settings, get_settings
     from .states import LIVE, TERMINAL, Status
@@ -64,14 +67,18 @@ _WHERE = {
     "Settings": ".settings",
     "Snooze": ".errors",
     "Task": ".models",
+    "TaskEvent": ".client.wait",
+    "TaskFailed": ".errors",
     "TaskNotFound": ".errors",
     "TaskSpec": ".models",
     "UnknownTaskType": ".errors",
+    "WaitTimeout": ".errors",
     "LIVE": ".states",
     "TERMINAL": ".states",
     "Status": ".states",
     "cancel": ".client.sync",
     "connect": ".db.connect",
+    "declare": ".registry",
     "enqueue": ".client.sync",
     "enqueue_many": ".client.sync",
     "get": ".client.sync",
@@ -122,12 +129,16 @@ __all__ = [
     "Snooze",
     "Status",
     "Task",
+    "TaskEvent",
+    "TaskFailed",
     "TaskNotFound",
     "TaskSpec",
     "UnknownTaskType",
+    "WaitTimeout",
     "__version__",
     "cancel",
     "connect",
+    "declare",
     "enqueue",
     "enqueue_many",
     "get",

@@ -55,6 +55,20 @@ class DocumentError(JobqError):
     """A file that cannot be enqueued: missing, empty, encrypted, corrupt, unsupported or too big."""
 
 
+class TaskFailed(JobqError):
+    """A waited-for task ended failed or cancelled: its final status and last error."""
+
+    def __init__(self, task_id: int, status: str, error: str | None) -> None:
+        super().__init__(f"task {task_id} {status}" + (f": {error}" if error else ""))
+        self.task_id = task_id
+        self.status = status
+        self.error = error
+
+
+class WaitTimeout(JobqError, TimeoutError):
+    """The wait's timeout passed before the task (or document) finished; the task is untouched."""
+
+
 # --- raised by handlers to steer the runtime ---
 
 

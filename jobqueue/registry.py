@@ -2,7 +2,11 @@
 
 Types register in-process with :func:`task`, and installed packages register through the entry
 point group ``jobq.tasks`` (each entry point names a module whose import registers its types), so
-a producer knows every type a worker could run and refuses the others at enqueue time.
+a producer validates the payloads of every type a worker could run.
+
+A producer that does not import the handlers (an API server, while GPU workers run them) can
+:func:`declare` a type's payload model and defaults without a handler, or enqueue a type it knows
+nothing of: the name is checked, the payload only as JSON (a typo shows as a queued type nobody serves).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class TaskType:
 
 
 _registry: dict[str, TaskType] = {}
+_declared: dict[str, TaskType] = {}
 _entry_points_loaded = False
 _load_errors: dict[str, str] = {}
 
@@ -104,6 +109,42 @@ def task(
         return fn
 
     return register
+
+
+def declare(
+    name: str,
+    *,
+    payload: type[BaseModel] | None = None,
+    max_retries: int | None = None,
+    priority: int = 0,
+) -> None:
+    """Describe a type this process enqueues but does not run: its payload model (validated at enqueue)
+    and defaults, without importing the handler's code. A registered handler of the same name wins."""
+    check_name(name, get_settings().schema_name)
+    _declared[name] = TaskType(name=name, handler=_no_handler, payload=payload, max_retries=max_retries,
+                               priority=priority)
+
+
+def _no_handler(*_: Any) -> None:
+    raise ConfigurationError("a declared task type has no handler in this process")
+
+
+def for_enqueue(name: str, schema: str) -> TaskType:
+    """What this process knows of a type it enqueues: registered, declared, or only a valid name.
+
+    A plug-in that fails to load counts as unknown here: a producer must not need the handler's
+    dependencies (the worker, which does, still refuses to start).
+    """
+    if name not in _registry and name not in _declared:
+        load_entry_points()
+    known = _registry.get(name) or _declared.get(name)
+    if known is not None:
+        return known
+    try:
+        check_name(name, schema)
+    except ConfigurationError as exc:
+        raise UnknownTaskType(str(exc)) from None
+    return TaskType(name=name, handler=_no_handler)
 
 
 def check_name(name: str, schema: str) -> None:
@@ -220,3 +261,4 @@ def known_types() -> list[str]:
 def unregister(name: str) -> None:
     """Forget a type (tests and plug-in reloads)."""
     _registry.pop(name, None)
+    _declared.pop(name, None)

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 5.0
     # The poll is only a safety net under LISTEN/NOTIFY.
     poll_seconds: float = 2.0
+    # Client.wait and Client.events hear completions through one LISTEN connection per process; false
+    # (or a LISTEN that hears nothing, as behind PgBouncer in transaction mode) makes them poll.
+    wait_listen: bool = True
+    # How often a waiter re-reads its tasks when it cannot LISTEN: about half of this is the added delay.
+    wait_poll_seconds: float = 0.2
     # Progress writes are coalesced to at most one statement per task per interval.
     progress_interval: float = 0.25
     grace_seconds: float = 30.0

@@ -76,7 +76,13 @@ def cancel_channel(schema: str) -> str:
 
 
 def progress_channel(schema: str) -> str:
+    """Progress of running tasks and the end of document tasks: ``<id>,<doc_id or 0>,<progress>``."""
     return f"{schema}.progress"
+
+
+def finished_channel(schema: str) -> str:
+    """Tasks that reached a final state (the completer and the rescuer): ``<id>,<id>,...``."""
+    return f"{schema}.finished"
 
 
 def migration_schema() -> str:

@@ -39,6 +39,12 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def jobq_server_url(server_url: str) -> str:
+    """The jobq_* fixtures of jobqueue.testing (the plugin users get) use the suite's server."""
+    return server_url
+
+
+@pytest.fixture(scope="session")
 def embedded_home(server_url: str) -> Path | None:
     return None if os.environ.get("JOBQ_TEST_DATABASE_URL") else Path(os.environ["JOBQ_HOME"])
 

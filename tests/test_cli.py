@@ -42,10 +42,26 @@ def test_enqueue_status_ls_cancel_retry(db_url: str, conn: psycopg.Connection[An
     assert r.returncode == 0 and "queued" in r.stdout
 
 
+def test_enqueue_a_type_without_its_handler(db_url: str, conn: psycopg.Connection[Any], clean: None) -> None:
+    """--type accepts an unregistered type; --import (or JOBQ_IMPORTS) brings a declared model to validate."""
+    r = jobq_cli("enqueue", "--type", "transcode", "--payload", '{"file": "a.mp4"}')
+    assert r.returncode == 0, r.stderr
+    assert conn.execute("SELECT type FROM tasks WHERE id = %s", (int(r.stdout),)).fetchone() == ("transcode",)
+    r = jobq_cli("enqueue", "--type", "thumbnail", "--payload", '{"url": "s3://b/c.png"}',
+                 "--import", "examples.producer")
+    assert r.returncode == 0, r.stderr
+    row = conn.execute("SELECT payload, priority FROM tasks WHERE id = %s", (int(r.stdout),)).fetchone()
+    assert row == ({"url": "s3://b/c.png", "width": 256}, 5)
+    line = one_line_error(jobq_cli("enqueue", "--type", "thumbnail", "--payload", '{"width": 1}',
+                                   env={"JOBQ_IMPORTS": "examples.producer"}))
+    assert "url" in line and tasks_count(conn) == 2
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("enqueue", "--type", "no_such_type", "--payload", "{}"), "unknown task type"),
+        (("enqueue", "--type", "no such type", "--payload", "{}"), "1-48 characters"),
+        (("enqueue", "--type", "t", "--import", "no_such_module"), "cannot import"),
         (("enqueue", "--type", "dataflow", "--payload", "{not json"), "not valid JSON"),
         (("status", "999999999"), "no task with id"),
         (("cancel", "999999999"), "no task with id"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import psycopg
+import pytest
 from support import REPO
 
 
@@ -52,8 +53,31 @@ def test_http_api(db_url: str) -> None:
     assert load("http_api").main() == "done"
 
 
+def test_producer(db_url: str) -> None:
+    payload, refused, kind = load("producer").main()
+    assert payload == {"url": "s3://bucket/cat.png", "width": 256} and "url" in refused and kind == "transcode"
+
+
+def test_wait_for_result(db_url: str) -> None:
+    result, lines, failure = load("wait_for_result").main()
+    assert result == {"width": 800, "height": 600}
+    assert lines[-1].startswith("done 1.00") and any("tile" in line for line in lines)
+    assert failure.startswith("failed") and "width must be positive, got 0" in failure
+
+
+def test_ingest(db_url: str) -> None:
+    status, chunks, batch, refused = load("ingest").main()
+    assert status == "done" and chunks > 0 and batch == [True, False] and "empty.txt" in refused
+
+
+def test_testing_with_jobq(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin example runs its own pytest session, on the suite's server."""
+    monkeypatch.setenv("JOBQ_TEST_DATABASE_URL", server_url)
+    assert load("testing_with_jobq").main() == 0
+
+
 def test_every_example_is_tested() -> None:
     tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control",
-              "queue_control", "http_api"}
+              "queue_control", "http_api", "producer", "wait_for_result", "ingest", "testing_with_jobq"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

@@ -222,9 +222,11 @@ def test_database_limit_holds_for_plain_sql(conn: psycopg.Connection[Any]) -> No
         conn.execute("INSERT INTO tasks (type, payload) VALUES ('t_plain', %s::jsonb)", (big,))
 
 
-def test_unknown_type(client: Client) -> None:
-    with pytest.raises(UnknownTaskType, match="no_such_type"):
-        client.enqueue("no_such_type", {})
+def test_unregistered_type_is_accepted_and_a_bad_name_refused(client: Client) -> None:
+    """A producer need not import the handlers (issue 15); a name the table would refuse still fails."""
+    assert client.get(client.enqueue("no_such_type", {})).type == "no_such_type"
+    with pytest.raises(UnknownTaskType, match="1-48 characters"):
+        client.enqueue("no such type", {})
 
 
 def test_cancel_and_retry(client: Client, conn: psycopg.Connection[Any], clean: None) -> None:

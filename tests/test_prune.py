@@ -1,11 +1,15 @@
 """Retention: the pruner deletes exactly the finished tasks past their retention, in batches,
-keeps document chunks, and never makes a claim wait."""
+keeps document chunks, and never makes a claim wait.
+
+Written with jobqueue.testing, the plugin users get: each test has a database of its own (jobq_url,
+jobq_client), so no test needs to empty the queue first."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,6 +21,12 @@ from jobqueue.db.connect import aconnect
 from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
 from jobqueue.runtime.maintenance import pruner
 from jobqueue.states import PRUNER_LOCK_KEY
+
+
+@pytest.fixture
+def conn(jobq_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(jobq_url, autocommit=True) as c:
+        yield c
 
 
 @task("p_work")
@@ -58,7 +68,7 @@ def counts(conn: psycopg.Connection[Any]) -> dict[tuple[str, int], int]:
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: None, db_url: str) -> None:
+def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], jobq_url: str) -> None:
     history(conn, 20, "done", 10)
     history(conn, 5, "cancelled", 8)
     history(conn, 4, "done", 3)
@@ -93,13 +103,13 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
     settings = Settings(keep_done_days=7, keep_failed_days=30)
 
     dry = run(
-        _with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), dry_run=True))
+        _with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), dry_run=True))
     )
     assert (dry.rows, dry.batches) == (29, 0)
     assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (42,)
 
     result = run(
-        _with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), batch=7))
+        _with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, pruner.default_plans(settings), batch=7))
     )
     # done/cancelled: 26 eligible -> 7 + 7 + 7 + 5; failed: 3 eligible -> one short batch.
     assert (result.rows, result.batches, result.more) == (29, 5, False)
@@ -114,28 +124,28 @@ def test_prune_keeps_what_retention_keeps(conn: psycopg.Connection[Any], clean: 
     assert conn.execute("SELECT count(*) FROM documents").fetchone() == (1,)
 
 
-def test_prune_bounds_and_validation(conn: psycopg.Connection[Any], clean: None, db_url: str) -> None:
+def test_prune_bounds_and_validation(conn: psycopg.Connection[Any], jobq_url: str) -> None:
     history(conn, 50, "done", 10)
     plan = [pruner.PrunePlan(("done",), 86400)]
-    first = run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10, max_batches=2)))
+    first = run(_with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10, max_batches=2)))
     assert (first.rows, first.batches, first.more) == (20, 2, True)
-    rest = run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10)))
+    rest = run(_with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=10)))
     assert (rest.rows, rest.more) == (30, False)
     with pytest.raises(ValueError, match="only finished"):
-        run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, [pruner.PrunePlan(("queued",), 0)])))
+        run(_with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, [pruner.PrunePlan(("queued",), 0)])))
 
 
 def test_a_pruning_batch_never_blocks_a_claim(
-    conn: psycopg.Connection[Any], clean: None, client: Client, db_url: str
+    conn: psycopg.Connection[Any], jobq_client: Client, jobq_url: str
 ) -> None:
     history(conn, 2000, "done", 10)
-    client.enqueue_many("p_work", [{}] * 10)
-    pruning = psycopg.connect(db_url)  # a batch left open: its row locks are held until commit
+    jobq_client.enqueue_many("p_work", [{}] * 10)
+    pruning = psycopg.connect(jobq_url)  # a batch left open: its row locks are held until commit
     try:
         with psycopg.RawCursor(pruning) as cur:
             n = cur.execute(MaintenanceSQL.load(SCHEMA).prune_delete, (["done"], 86400.0, 1000)).rowcount
         assert n == 1000
-        with psycopg.connect(db_url, autocommit=True) as claimer:
+        with psycopg.connect(jobq_url, autocommit=True) as claimer:
             claimer.execute("SET lock_timeout = '500ms'")
             with psycopg.RawCursor(claimer) as cur:
                 claimed = cur.execute(
@@ -149,21 +159,21 @@ def test_a_pruning_batch_never_blocks_a_claim(
 
 
 def test_prune_while_a_worker_keeps_claiming(
-    conn: psycopg.Connection[Any], clean: None, client: Client, db_url: str
+    conn: psycopg.Connection[Any], jobq_client: Client, jobq_url: str
 ) -> None:
     history(conn, 20_000, "done", 10)
     history(conn, 100, "done", 1)
-    ids = client.enqueue_many("p_work", [{}] * 300)
+    ids = jobq_client.enqueue_many("p_work", [{}] * 300)
     results: list[pruner.PruneResult] = []
 
     def prune_in_thread() -> None:
         plan = [pruner.PrunePlan(("done",), 2 * 86400)]
-        results.append(run(_with_conn(db_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=500))))
+        results.append(run(_with_conn(jobq_url, lambda c: pruner.prune(c, SCHEMA, plan, batch=500))))
 
     with BackgroundWorker(["p_work"], concurrency=8, poll_seconds=0.1, maintenance=False):
         t = threading.Thread(target=prune_in_thread)
         t.start()
-        client.enqueue_many("p_work", [{}] * 300)  # enqueued while the pruner deletes
+        jobq_client.enqueue_many("p_work", [{}] * 300)  # enqueued while the pruner deletes
         wait_for(
             lambda: (
                 conn.execute(
@@ -176,11 +186,11 @@ def test_prune_while_a_worker_keeps_claiming(
         t.join(60)
     assert results and results[0].rows == 20_000 and results[0].batches == math.ceil(20_000 / 500) + 1
     assert conn.execute("SELECT count(*) FROM tasks WHERE type = 'p_old'").fetchone() == (100,)
-    assert all(client.get(i).status == "done" for i in ids[:5])
+    assert all(jobq_client.get(i).status == "done" for i in ids[:5])
 
 
 def test_worker_maintenance_prunes_and_catches_up(
-    conn: psycopg.Connection[Any], clean: None, db_url: str
+    conn: psycopg.Connection[Any], jobq_url: str
 ) -> None:
     history(conn, 3000, "done", 10)
     history(conn, 10, "failed", 10)
@@ -200,7 +210,7 @@ def test_worker_maintenance_prunes_and_catches_up(
         out.append(await schedule.run(c, batch=1))  # caught up: waits its minute
         return out
 
-    got = run(_with_conn(db_url, passes))
+    got = run(_with_conn(jobq_url, passes))
     assert 0 < got[0] < 3000 and sum(got) == 3000 and got[-1] == 0
     assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (10,)
     assert conn.execute("SELECT count(*) FROM workers").fetchone() == (0,)
@@ -209,7 +219,7 @@ def test_worker_maintenance_prunes_and_catches_up(
     history(conn, 5, "done", 10)
     conn.execute("SELECT pg_advisory_lock(%s)", (PRUNER_LOCK_KEY,))
     try:
-        assert run(_with_conn(db_url, lambda c: pruner.PruneSchedule(settings).run(c, force=True))) == 0
+        assert run(_with_conn(jobq_url, lambda c: pruner.PruneSchedule(settings).run(c, force=True))) == 0
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (PRUNER_LOCK_KEY,))
     # A real worker's heartbeat runs the pass: each worker has its own schedule (no module state), so
@@ -220,7 +230,7 @@ def test_worker_maintenance_prunes_and_catches_up(
         )
 
 
-def test_prune_command(conn: psycopg.Connection[Any], clean: None) -> None:
+def test_prune_command(conn: psycopg.Connection[Any]) -> None:
     history(conn, 4, "done", 5)
     history(conn, 2, "failed", 5)
     history(conn, 3, "done", 1)

@@ -112,9 +112,34 @@ def _range_prefix(lo: int | None, hi: int | None) -> str:
     return f"Page({lo + 1}~{hi}): " if lo is not None and hi is not None else ""
 
 
+class Blob(str):
+    """A document given as bytes (jobq_workers.enqueue_document): its name, as a path is, and its bytes.
+
+    A ``str`` so it travels through :func:`enqueue_files` exactly as a path does (same checks, same
+    reuse, its name in the result); only :func:`prepare` reads it differently."""
+
+    data: bytes
+
+    def __new__(cls, name: str, data: bytes) -> Blob:
+        blob = super().__new__(cls, name)
+        blob.data = data
+        return blob
+
+
+def _read_blob(blob: Blob, plan: _Plan, settings: Settings) -> bytes:
+    if plan.by_reference:
+        raise DocumentError("by_reference needs a file path, not bytes")
+    if len(blob.data) > settings.max_document_bytes:
+        raise DocumentError(f"{len(blob.data)} bytes is over the limit of {settings.max_document_bytes} bytes "
+                            "(JOBQ_MAX_DOCUMENT_BYTES)")
+    return blob.data
+
+
 def prepare(path: str, plan: _Plan, settings: Settings) -> _Prepared:
     """Read and check one file; raises DocumentError with the reason (without the path)."""
     p = Path(path)
+    if isinstance(path, Blob):
+        return _inspected(path, p, _read_blob(path, plan, settings), plan)
     try:
         size = p.stat().st_size
         if p.is_dir():
@@ -128,6 +153,10 @@ def prepare(path: str, plan: _Plan, settings: Settings) -> _Prepared:
         raise DocumentError("no such file") from None
     except OSError as exc:
         raise DocumentError(exc.strerror or str(exc)) from None
+    return _inspected(path, p, data, plan)
+
+
+def _inspected(path: str, p: Path, data: bytes, plan: _Plan) -> _Prepared:
     try:
         layout = splitter.inspect(p.name, data)  # one parse: detection, validation and counting
         ranges = splitter.split(layout.kind, layout.units, parser=plan.parser, page_size=plan.page_size,
@@ -358,4 +387,4 @@ def list_documents(*, batch: int | None = None, owner: str | None = None, status
     return [DocumentRow(*row) for row in rows]
 
 
-__all__ = ["BatchResult", "DocumentRow", "FileResult", "enqueue_files", "list_documents", "prepare"]
+__all__ = ["BatchResult", "Blob", "DocumentRow", "FileResult", "enqueue_files", "list_documents", "prepare"]

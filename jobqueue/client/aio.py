@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -17,7 +18,9 @@ from typing import Any
 import asyncpg
 
 from jobqueue.client import encode
+from jobqueue.client import wait as waits
 from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
+from jobqueue.client.wait import TaskEvent
 from jobqueue.db.connect import first_line, redact
 from jobqueue.db.errors import translate
 from jobqueue.errors import DatabaseError, DatabaseUnavailable, JobqError, TaskNotFound
@@ -269,6 +272,38 @@ class AsyncClient(ClientBase):
     async def _row(self, conn: AnyConnection, task_id: int) -> dict[str, Any] | None:
         row = await conn.fetchrow(self.q.get, task_id)
         return None if row is None else dict(row)
+
+    # -- waiting (jobqueue/client/wait.py)
+
+    async def wait(self, task_id: int, *, timeout: float | None = None) -> Any:
+        """As :meth:`jobqueue.Client.wait`: the result, or TaskFailed, or WaitTimeout."""
+        watch = waits.Watch(waits.one_task(task_id), None, with_result=True)
+        async for _ in self._follow(watch, timeout):
+            pass
+        return watch.outcome(task_id)
+
+    def events(self, task_ids: int | Iterable[int] | None = None, *, doc_id: int | None = None,
+               timeout: float | None = None) -> AsyncIterator[TaskEvent]:
+        """As :meth:`jobqueue.Client.events`: ``async for event in client.events(doc_id=7)``."""
+        return self._follow(waits.Watch(task_ids, doc_id), timeout)
+
+    async def _follow(self, watch: waits.Watch, timeout: float | None) -> AsyncIterator[TaskEvent]:
+        deadline = waits.Deadline(timeout)
+        waker = waits.LoopWaker()
+        feed = waits.hub().join(self.settings, self.url, watch, waker)
+        try:
+            while True:
+                waker.event.clear()  # before the read: a wake-up during it is not lost
+                async with self._using(None) as conn:
+                    rows = await self._fetch(conn, waits.statements(self.settings).watch, watch.params())
+                for event in watch.update(rows):
+                    yield event
+                if watch.finished:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waker.event.wait(), waits.sleep_for(feed, self.settings, deadline, watch))
+        finally:
+            waits.hub().leave(feed, watch, waker)
 
 
 def _task(row: dict[str, Any]) -> Task:

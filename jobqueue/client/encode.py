@@ -205,7 +205,7 @@ def _encode(spec: registry.TaskType, payload: Any, settings: Settings) -> str:
 
 def row(task_type: str, spec: TaskSpec, settings: Settings) -> TaskRow:
     """One task spec, validated into its named row."""
-    t = registry.get_type(task_type)
+    t = registry.for_enqueue(task_type, settings.schema_name)
     return _row(t, spec, settings, _encode(t, spec.payload, settings))
 
 
@@ -230,7 +230,7 @@ def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str)
 
 def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[TaskRow]:
     """Rows of an enqueue_many batch: a bare payload takes the type's defaults, computed once."""
-    t = registry.get_type(task_type)
+    t = registry.for_enqueue(task_type, settings.schema_name)
     d = _row(t, TaskSpec(), settings, "")
     return [_row(t, item, settings, _encode(t, item.payload, settings)) if isinstance(item, TaskSpec)
             else TaskRow(d.type, d.priority, _encode(t, item, settings), None, d.max_retries,

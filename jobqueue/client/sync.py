@@ -20,8 +20,10 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
 from jobqueue.client import encode
+from jobqueue.client import wait as waits
 from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
 from jobqueue.client.encode import LIVE
+from jobqueue.client.wait import TaskEvent
 from jobqueue.db.connect import connect
 from jobqueue.db.errors import translate
 from jobqueue.errors import DatabaseError, JobqError, TaskNotFound
@@ -307,6 +309,37 @@ class Client(ClientBase):
     def _row(self, conn: psycopg.Connection[Any], task_id: int) -> Row | None:
         rows = self._fetch(conn, self.q.get, (task_id,))
         return rows[0] if rows else None
+
+    # -- waiting (jobqueue/client/wait.py)
+
+    def wait(self, task_id: int, *, timeout: float | None = None) -> Any:
+        """Block until the task is final and return its result; :class:`TaskFailed` (with its final status
+        and last error) when it failed or was cancelled, :class:`WaitTimeout` after `timeout` seconds."""
+        watch = waits.Watch(waits.one_task(task_id), None, with_result=True)
+        for _ in self._follow(watch, timeout):
+            pass
+        return watch.outcome(task_id)
+
+    def events(self, task_ids: int | Iterable[int] | None = None, *, doc_id: int | None = None,
+               timeout: float | None = None) -> Iterator[TaskEvent]:
+        """The tasks' progress and state changes (each task's current state first), until all are final."""
+        return self._follow(waits.Watch(task_ids, doc_id), timeout)
+
+    def _follow(self, watch: waits.Watch, timeout: float | None) -> Iterator[TaskEvent]:
+        deadline = waits.Deadline(timeout)
+        waker = waits.ThreadWaker()
+        feed = waits.hub().join(self.settings, self.url, watch, waker)
+        try:
+            while True:
+                waker.event.clear()  # before the read: a wake-up during it is not lost
+                with self._using(None) as conn:
+                    rows = self._fetch(conn, waits.statements(self.settings).watch, watch.params())
+                yield from watch.update(rows)
+                if watch.finished:
+                    return
+                waker.event.wait(waits.sleep_for(feed, self.settings, deadline, watch))
+        finally:
+            waits.hub().leave(feed, watch, waker)
 
 
 def _atomic(conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:

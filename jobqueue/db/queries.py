@@ -105,3 +105,21 @@ class ServerSQL(SQLFile, package=PACKAGE, filename="sql/server.sql"):
     ping: str
     database_exists: str
     create_database: str
+
+
+class WaitSQL(SQLFile, package=PACKAGE, filename="sql/wait.sql"):
+    """What waiters run (jobqueue/client/wait.py)."""
+
+    watch: str
+    probe: str
+
+
+class FixtureSQL(SQLFile, package=PACKAGE, filename="sql/testing.sql"):
+    """What the pytest plugin runs on the test server (jobqueue/testing.py): ``FixtureSQL.load("")``."""
+
+    clone_database: str
+    drop_database: str
+    search_path: str
+    not_durable: str
+    no_sync_commit: str
+    reload: str

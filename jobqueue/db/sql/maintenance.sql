@@ -43,7 +43,9 @@ WITH gate AS (
     RETURNING t.id, t.type, t.status, t.has_dependents
 )
 SELECT r.id, r.type, r.status, r.has_dependents,
-       CASE WHEN r.status = 'queued' THEN pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text) END
+       CASE WHEN r.status = 'queued' THEN pg_notify('{schema}.' || r.type, extract(epoch FROM now())::text)
+            -- failed or cancelled: waiters (Client.wait) hear it at once
+            ELSE pg_notify('{schema}.finished', r.id::text) END
 FROM r;
 
 -- name: prune_lock

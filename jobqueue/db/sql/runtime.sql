@@ -209,12 +209,17 @@ WITH d AS (
     -- Whatever went back to queued wakes its type's workers with the earliest run_at.
     SELECT pg_notify('{schema}.' || u.type, extract(epoch FROM min(u.run_at))::text)
     FROM u WHERE u.status = 'queued' GROUP BY u.type
+), finished AS (
+    -- Waiters (Client.wait): the ids that reached a final state, as complete_many sends them.
+    SELECT pg_notify('{schema}.finished', string_agg(f.id::text, ','))
+    FROM (SELECT u.id, (row_number() OVER () - 1) / 300 AS part FROM u WHERE u.status <> 'queued') f
+    GROUP BY f.part
 )
 SELECT u.id, u.status, u.outcome, u.run_at, u.has_dependents,
        -- Finished document tasks tell watchers (`jobq watch`); failures and cancels tell everyone.
        CASE WHEN u.status IN ('failed', 'cancelled') OR (u.status = 'done' AND u.doc_id IS NOT NULL)
             THEN pg_notify('{schema}.progress', u.id || ',' || COALESCE(u.doc_id, 0) || ',' || u.progress) END,
-       (SELECT count(*) FROM woken) AS woken
+       (SELECT count(*) FROM woken) AS woken, (SELECT count(*) FROM finished) AS notified
 FROM u;
 
 -- name: complete_many
@@ -239,11 +244,16 @@ WITH d AS (
     RETURNING t.id, t.status, t.run_at, t.has_dependents, t.doc_id
 ), counted AS (
     UPDATE {schema}.workers SET done = done + (SELECT count(*) FROM u), last_seen = now() WHERE id = $6
+), finished AS (
+    -- Waiters (Client.wait): the batch's ids on {schema}.finished, in as few notifications as fit
+    -- PostgreSQL's 8000-byte payload (300 ids of up to 20 digits and a comma each).
+    SELECT pg_notify('{schema}.finished', string_agg(f.id::text, ','))
+    FROM (SELECT u.id, (row_number() OVER () - 1) / 300 AS part FROM u) f GROUP BY f.part
 )
 -- Finished document tasks tell watchers (`jobq watch`).
 SELECT u.id, u.status, 'done'::text AS outcome, u.run_at, u.has_dependents,
        CASE WHEN u.doc_id IS NOT NULL THEN pg_notify('{schema}.progress', u.id || ',' || u.doc_id || ',1') END,
-       0::bigint AS woken
+       0::bigint AS woken, (SELECT count(*) FROM finished) AS notified
 FROM u;
 
 -- name: progress_many
