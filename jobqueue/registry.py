@@ -14,13 +14,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from jobqueue.errors import ConfigurationError, UnknownTaskType
 from jobqueue.settings import get_settings
 from jobqueue.states import type_channel
+
+if TYPE_CHECKING:
+    from jobqueue.cron import Cron
 
 ENTRY_POINT_GROUP = "jobq.tasks"
 # The tasks table's CHECK on type (migrations/versions/0001_tasks.py): a name it refuses could be
@@ -49,6 +52,13 @@ class TaskType:
     backoff_base: float | None = None
     backoff_max: float | None = None
     isolation: Isolation = "thread"
+    # Retry only on these exception types (others fail the task at once); None: retry on any error.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    # The delay before retry n (1 for the first), replacing the exponential backoff and its jitter.
+    backoff: Callable[[int], float] | None = None
+    # A periodic task: its schedule (named after the type), and how many missed ticks to catch up.
+    cron: Cron | None = None
+    cron_backfill: int | None = None
 
     @cached_property
     def is_async(self) -> bool:
@@ -72,13 +82,29 @@ def task(
     backoff_base: float | None = None,
     backoff_max: float | None = None,
     isolation: Isolation = "thread",
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    backoff: Callable[[int], float] | None = None,
+    cron: str | None = None,
+    tz: str | None = None,
+    cron_backfill: int | None = None,
 ) -> Callable[[F], F]:
     """Register a handler for task type `name`.
 
     The handler is ``async def h(ctx, payload)`` or a plain ``def h(ctx, payload)`` (run in a thread,
     or a child process with ``isolation="process"``); its return value is stored as the result.
+    ``retry_on`` retries only those exception types (any other error fails the task at once);
+    ``backoff(n)`` is the delay in seconds before retry n. ``cron`` (with ``tz``, default UTC) makes it
+    a periodic task: the workers serving the type enqueue one task per tick (see jobqueue/cron.py).
     """
     check_name(name, get_settings().schema_name)
+    schedule = None if cron is None else check_schedule(name, name, cron, tz, cron_backfill)
+    if tz is not None and cron is None:
+        raise ConfigurationError(f"task {name!r}: tz= is the time zone of a cron schedule; give cron= too")
+    retry_types = (retry_on,) if isinstance(retry_on, type) else retry_on
+    if retry_types is not None and not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_types):
+        raise ConfigurationError(f"task {name!r}: retry_on must be exception types")
+    if backoff is not None and not callable(backoff):
+        raise ConfigurationError(f"task {name!r}: backoff must be a function of the retry number")
 
     def register(fn: F) -> F:
         if isolation == "process" and asyncio.iscoroutinefunction(fn):
@@ -86,7 +112,8 @@ def task(
         _registry[name] = TaskType(
             name=name, handler=fn, payload=payload, max_retries=max_retries, timeout=timeout,
             hard_timeout=hard_timeout, concurrency=concurrency, priority=priority,
-            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation,
+            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation, retry_on=retry_types,
+            backoff=backoff, cron=schedule, cron_backfill=cron_backfill,
         )
         return fn
 
@@ -104,6 +131,19 @@ def check_name(name: str, schema: str) -> None:
         raise ConfigurationError(
             f"task type name {name!r} is too long for schema {schema!r}: its NOTIFY channel {channel!r} would be "
             f"{len(channel.encode())} bytes, PostgreSQL allows {CHANNEL_MAX_BYTES} (at most {room} characters here)")
+
+
+def check_schedule(name: str, task_type: str, cron: str, tz: str | None, backfill: int | None) -> Cron:
+    """Refuse a schedule the scheduler could not fire: its name, type, expression, time zone, backfill."""
+    from jobqueue.cron import MAX_BACKFILL, parse
+
+    if not isinstance(name, str) or not TYPE_NAME.fullmatch(name):
+        raise ConfigurationError(f"schedule name {name!r} must be 1-48 characters among letters, digits and _ . : -")
+    check_name(task_type, get_settings().schema_name)
+    if backfill is not None and (isinstance(backfill, bool) or not isinstance(backfill, int)
+                                 or not 1 <= backfill <= MAX_BACKFILL):
+        raise ConfigurationError(f"schedule {name!r}: backfill must be an integer from 1 to {MAX_BACKFILL}")
+    return parse(cron, tz, what=f"schedule {name!r}")
 
 
 def load_entry_points() -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from jobqueue.cli import db, documents, observe, roles, tasks, worker
+from jobqueue.cli import cron, db, documents, observe, roles, tasks, worker
 from jobqueue.cli.app import app, error_line
 
-for _module in (tasks, worker, db, observe, documents, roles):
+for _module in (tasks, worker, cron, db, observe, documents, roles):
     _module.register(app)
 
 
