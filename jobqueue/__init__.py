@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     )
     from .models import Task, TaskSpec
     from .registry import get_type, task
-    from .runtime.context import Context
+    from .runtime.context import Context, ParentOutcome
     from .settings import Settings, get_settings
-    from .states import LIVE, TERMINAL, Status
+    from .states import LIVE, TERMINAL, RunOn, Status
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ _WHERE = {
     "InvalidPayload": ".errors",
     "InvalidTransition": ".errors",
     "JobqError": ".errors",
+    "ParentOutcome": ".runtime.context",
     "PermissionDenied": ".errors",
     "SQLFile": ".db.sqlfile",
     "SchemaMissing": ".errors",
@@ -67,6 +68,7 @@ _WHERE = {
     "UnknownTaskType": ".errors",
     "LIVE": ".states",
     "TERMINAL": ".states",
+    "RunOn": ".states",
     "Status": ".states",
     "cancel": ".client.sync",
     "connect": ".db.connect",
@@ -110,7 +112,9 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JobqError",
+    "ParentOutcome",
     "PermissionDenied",
+    "RunOn",
     "SQLFile",
     "SchemaMissing",
     "Settings",

@@ -103,6 +103,8 @@ def task(
     retry_types = (retry_on,) if isinstance(retry_on, type) else retry_on
     if retry_types is not None and not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_types):
         raise ConfigurationError(f"task {name!r}: retry_on must be exception types")
+    if retry_types is not None and isolation == "process":  # the child's exception arrives as its text
+        raise ConfigurationError(f"task {name!r}: retry_on cannot match the exceptions of a process-isolated handler")
     if backoff is not None and not callable(backoff):
         raise ConfigurationError(f"task {name!r}: backoff must be a function of the retry number")
 
