@@ -264,3 +264,18 @@ def test_cli_cron_add_ls_pause_resume_rm(db_url: str, schedules: Schedules) -> N
     assert schedules.list() == []
     gone = jobq_cli("cron", "pause", "nope", env=env)
     assert gone.returncode == 1 and "no schedule named 'nope'" in gone.stderr
+
+
+def test_top_shows_the_schedules_and_their_next_tick(db_url: str, conn: psycopg.Connection[Any],
+                                                     schedules: Schedules) -> None:
+    from jobqueue.cli.top import render_text
+    from jobqueue.observe.snapshot import fetch
+
+    schedules.add("nightly_report", "cron_t", "0 3 * * *", tz="Europe/Berlin")
+    schedules.add("paused_one", "cron_t", "*/5 * * * *")
+    schedules.set_paused("paused_one", True)
+    snap = fetch(conn, SCHEMA)
+    assert [s["name"] for s in snap.schedules] == ["nightly_report", "paused_one"]
+    frame = render_text(snap, width=160)
+    assert "cron schedules" in frame and "0 3 * * * (Europe/Berlin)" in frame and "paused" in frame
+    assert snap.to_json()["schedules"][0]["next_tick"] == schedules.list()[0].next_tick.isoformat()

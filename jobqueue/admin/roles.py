@@ -62,7 +62,7 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
         Grant(("SELECT",), ("tasks", "documents", "queues", "document_progress", "batch_progress", "own_chunks",
-                            "alembic_version")),
+                            "alembic_version", "schedules", "schedules_due")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on
@@ -72,6 +72,9 @@ TABLES: dict[str, tuple[Grant, ...]] = {
         Grant(("SELECT", "UPDATE", "DELETE"), ("tasks",)),
         Grant(("SELECT", "INSERT", "UPDATE", "DELETE"), ("workers", "chunks")),
         Grant(("SELECT",), ("queues", "documents", "batches", "alembic_version")),
+        # Cron: the worker declares its types' schedules and moves them on; it enqueues their ticks
+        # only through fire_ticks (migration 0010), never by INSERT on tasks.
+        Grant(("SELECT", "INSERT", "UPDATE"), ("schedules",)),
     ),
 }
 
@@ -93,7 +96,7 @@ COLUMNS: dict[str, tuple[ColumnGrant, ...]] = {
 FUNCTIONS: dict[str, tuple[str, ...]] = {
     "dashboard": (),
     "producer": ("cancel_tasks", "retry_tasks", "reuse_task", "replace_document_run"),
-    "worker": (),
+    "worker": ("fire_ticks",),
 }
 
 

@@ -143,6 +143,15 @@ def _failures(s: Snapshot, limit: int = 8) -> Table:
     return t
 
 
+def _schedules(s: Snapshot) -> Table:
+    t = _table("schedule", "type", "cron", "next in", "last task", right=("next in",))
+    for r in s.schedules:
+        last = f"{r['last_task_id']} {r['last_task_status']}" if r["last_task_id"] is not None else "-"
+        t.add_row(_text(r["name"]), _text(r["type"]), _text(f"{r['cron']} ({r['tz']})"),
+                  Text("paused", style="yellow") if r["paused"] else Text(_secs(r["next_in_seconds"])), _text(last))
+    return t
+
+
 def render(s: Snapshot, title: str = "jobq") -> RenderableType:
     """One frame of `jobq top`."""
     header = Text.assemble(
@@ -155,6 +164,7 @@ def render(s: Snapshot, title: str = "jobq") -> RenderableType:
         Panel(_latency(s), title="latency (wait = run_at to start; run = handler time)", title_align="left"),
         Panel(_workers(s), title="workers", title_align="left"),
         Panel(_failures(s), title="failing types (24h)", title_align="left"),
+        *([Panel(_schedules(s), title="cron schedules", title_align="left")] if s.schedules else []),
     )
 
 

@@ -93,6 +93,7 @@ class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
     latency: str
     workers: str
     failures: str
+    schedules: str
 
 
 class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):

@@ -21,6 +21,8 @@ from jobqueue.db.queries import ObserveSQL
 STOPPED_VISIBLE_SECONDS = 3600
 # Failing (type, error) groups read per snapshot: the panel shows 8, the JSON all of these.
 FAILURE_GROUPS = 20
+# Cron schedules read per snapshot (the next to fire first).
+SCHEDULES = 10
 _COUNTS = ("queued", "runnable", "scheduled", "waiting", "running",
            "done_last_hour", "failed_last_hour", "cancelled_last_hour")
 
@@ -50,6 +52,7 @@ class Snapshot:
     latency: list[dict[str, Any]]
     workers: list[dict[str, Any]]
     failures: list[dict[str, Any]]
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: datetimes as ISO 8601, numbers as numbers."""
@@ -80,6 +83,7 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         lat = cur.execute(q.latency).fetchall()
         workers = cur.execute(q.workers, (STOPPED_VISIBLE_SECONDS,)).fetchall()
         failures = cur.execute(q.failures, (FAILURE_GROUPS,)).fetchall()
+        schedules = cur.execute(q.schedules, (SCHEDULES,)).fetchall()
     queues: dict[str, QueueRow] = {}
     for r in depth:
         row = queues.setdefault(r["type"], QueueRow(type=r["type"]))
@@ -93,4 +97,4 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         throughput.setdefault(r.pop("type"), []).append(r)
     return Snapshot(at=now_row["now"], queues=list(queues.values()), throughput=throughput,
                     latency=[dict(r) for r in lat], workers=[dict(r) for r in workers],
-                    failures=[dict(r) for r in failures])
+                    failures=[dict(r) for r in failures], schedules=[dict(r) for r in schedules])

@@ -56,6 +56,7 @@ $$;
 
 def upgrade() -> None:
     s = migration_schema()
+    definer = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
     op.execute(f"""
 ALTER TABLE "{s}".tasks ADD COLUMN run_on text NOT NULL DEFAULT 'success'
     CONSTRAINT tasks_run_on_check CHECK (run_on IN ('success', 'always', 'failure'));
@@ -92,6 +93,33 @@ LEFT JOIN LATERAL (
     SELECT t.id, t.status FROM "{s}".tasks t
     WHERE t.schedule = s.name ORDER BY t.tick DESC LIMIT 1
 ) l ON true;
+
+-- The scheduler's write (jobqueue/runtime/maintenance/scheduler.py): one task per (schedule, tick),
+-- made from the schedule's row, under the unique key (schedule, tick), which refuses a tick fired
+-- before whoever fired it; then each schedule moves on. SECURITY DEFINER: a worker role, which may not
+-- INSERT tasks, enqueues exactly what a schedule says and nothing else.
+CREATE FUNCTION "{s}".fire_ticks(p_names text[], p_ticks timestamptz[], p_moved text[], p_last timestamptz[],
+                                 p_next timestamptz[], p_max_retries integer)
+RETURNS TABLE (id bigint, schedule text, tick timestamptz)
+LANGUAGE sql {definer} AS $$
+    WITH fired AS (
+        INSERT INTO "{s}".tasks AS t (type, priority, payload, run_at, max_retries, schedule, tick)
+        SELECT s.type, s.priority, s.payload, f.tick, COALESCE(s.max_retries, p_max_retries), s.name, f.tick
+        FROM unnest(p_names, p_ticks) AS f(name, tick)
+        JOIN "{s}".schedules s ON s.name = f.name
+        ORDER BY f.name, f.tick
+        ON CONFLICT (schedule, tick) WHERE schedule IS NOT NULL DO NOTHING
+        RETURNING t.id, t.schedule, t.tick
+    ), moved AS (
+        UPDATE "{s}".schedules s
+        SET last_tick = COALESCE(m.last_tick, s.last_tick), next_tick = m.next_tick, updated_at = now()
+        FROM unnest(p_moved, p_last, p_next) AS m(name, last_tick, next_tick)
+        WHERE s.name = m.name
+    )
+    SELECT fired.id, fired.schedule, fired.tick FROM fired
+$$;
+REVOKE EXECUTE ON FUNCTION "{s}".fire_ticks(text[], timestamptz[], text[], timestamptz[], timestamptz[], integer)
+    FROM PUBLIC;
 
 -- Parents failed or were cancelled: their waiting dependents that run only on success are cancelled
 -- (and, in turn, theirs); those that run always or on failure count the parent off and are queued
@@ -146,6 +174,7 @@ $$;
 def downgrade() -> None:
     s = migration_schema()
     op.execute(_cancel_dependents_05(s) + f"""
+DROP FUNCTION IF EXISTS "{s}".fire_ticks(text[], timestamptz[], text[], timestamptz[], timestamptz[], integer);
 DROP VIEW IF EXISTS "{s}".schedules_due;
 DROP TABLE IF EXISTS "{s}".schedules;
 DROP INDEX IF EXISTS "{s}".tasks_schedule_tick_idx;

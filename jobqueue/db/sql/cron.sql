@@ -69,21 +69,8 @@ LIMIT $3
 FOR NO KEY UPDATE OF s SKIP LOCKED;
 
 -- name: fire_ticks
--- One task per (schedule, tick) of $1/$2, run_at the tick; the unique index on (schedule, tick)
--- refuses a tick fired before, whoever fired it. Then each schedule of $3 moves on: its latest tick
--- fired ($4) and its next ($5). $6 is the retries of a schedule that names none. Returns the new tasks.
-WITH fired AS (
-    INSERT INTO {schema}.tasks (type, priority, payload, run_at, max_retries, schedule, tick)
-    SELECT s.type, s.priority, s.payload, f.tick, COALESCE(s.max_retries, $6), s.name, f.tick
-    FROM unnest($1::text[], $2::timestamptz[]) AS f(name, tick)
-    JOIN {schema}.schedules s ON s.name = f.name
-    ORDER BY f.name, f.tick
-    ON CONFLICT (schedule, tick) WHERE schedule IS NOT NULL DO NOTHING
-    RETURNING id, schedule, tick
-), moved AS (
-    UPDATE {schema}.schedules s
-    SET last_tick = COALESCE(m.last_tick, s.last_tick), next_tick = m.next_tick, updated_at = now()
-    FROM unnest($3::text[], $4::timestamptz[], $5::timestamptz[]) AS m(name, last_tick, next_tick)
-    WHERE s.name = m.name
-)
-SELECT id, schedule, tick FROM fired;
+-- One task per (schedule, tick) of $1/$2, run_at the tick, and each schedule of $3 moved on (its
+-- latest tick fired $4, its next $5); $6 is the retries of a schedule that names none. The function
+-- (migration 0010) is how a worker, which may not INSERT tasks, enqueues exactly what a schedule says.
+SELECT id, schedule, tick FROM {schema}.fire_ticks($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[],
+                                                   $5::timestamptz[], $6::int);

@@ -26,3 +26,8 @@ ORDER BY state, worker_id;
 -- name: failures
 SELECT type, error, failed, retried, tasks, first_seen, last_seen, latest_task_id, latest_message
 FROM {schema}.failures ORDER BY last_seen DESC LIMIT $1;
+
+-- name: schedules
+-- Cron schedules (migration 0010's schedules_due), the next to fire first; at most $1.
+SELECT name, type, cron, tz, paused, next_tick, next_in_seconds, last_task_id, last_task_status
+FROM {schema}.schedules_due ORDER BY paused, next_tick, name LIMIT $1;
