@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .client.aio import AsyncClient
     from .client.sync import Client, cancel, enqueue, enqueue_many, get, list_tasks, retry
+    from .cron import Schedules
     from .db.connect import connect
     from .db.sqlfile import SQLFile
     from .errors import (
@@ -59,6 +60,7 @@ _WHERE = {
     "ParentOutcome": ".runtime.context",
     "PermissionDenied": ".errors",
     "SQLFile": ".db.sqlfile",
+    "Schedules": ".cron",
     "SchemaMissing": ".errors",
     "Settings": ".settings",
     "Snooze": ".errors",
@@ -116,6 +118,7 @@ __all__ = [
     "PermissionDenied",
     "RunOn",
     "SQLFile",
+    "Schedules",
     "SchemaMissing",
     "Settings",
     "Snooze",

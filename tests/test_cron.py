@@ -279,3 +279,32 @@ def test_top_shows_the_schedules_and_their_next_tick(db_url: str, conn: psycopg.
     frame = render_text(snap, width=160)
     assert "cron schedules" in frame and "0 3 * * * (Europe/Berlin)" in frame and "paused" in frame
     assert snap.to_json()["schedules"][0]["next_tick"] == schedules.list()[0].next_tick.isoformat()
+
+
+def test_worker_role_fires_ticks_without_insert_on_tasks(db_url: str, conn: psycopg.Connection[Any],
+                                                         schedules: Schedules) -> None:
+    """jobq_worker may not INSERT tasks: it enqueues a schedule's ticks through fire_ticks only."""
+    assert jobq_cli("roles", env={"JOBQ_DATABASE_URL": db_url}).returncode == 0
+    worker = f"{SCHEMA}_worker"
+
+    @registry.task("cron_role", cron="* * * * *")
+    async def declared(ctx: Any, payload: Any) -> None:
+        return None
+
+    async def main() -> int:
+        c = await _connect(db_url)
+        try:
+            await c.execute(f"SET ROLE {worker}")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await c.execute("INSERT INTO tasks (type) VALUES ('cron_role')")
+            s = Scheduler(SCHEMA, declare=[registry.get_type("cron_role")])
+            return len(await s.run(c, datetime.now(UTC) + timedelta(minutes=1, seconds=1)))
+        finally:
+            await c.close()
+
+    try:
+        assert asyncio.run(main()) == 1
+    finally:
+        registry.unregister("cron_role")
+    row = conn.execute("SELECT type, schedule, status FROM tasks").fetchone()
+    assert row == ("cron_role", "cron_role", "queued")
