@@ -283,7 +283,8 @@ def test_top_shows_the_schedules_and_their_next_tick(db_url: str, conn: psycopg.
 
 def test_worker_role_fires_ticks_without_insert_on_tasks(db_url: str, conn: psycopg.Connection[Any],
                                                          schedules: Schedules) -> None:
-    """jobq_worker may not INSERT tasks: it enqueues a schedule's ticks through fire_ticks only."""
+    """jobq_worker may not INSERT tasks: it enqueues a schedule's ticks through fire_ticks only; a
+    producer may not write a task's schedule and tick."""
     assert jobq_cli("roles", env={"JOBQ_DATABASE_URL": db_url}).returncode == 0
     worker = f"{SCHEMA}_worker"
 
@@ -298,7 +299,11 @@ def test_worker_role_fires_ticks_without_insert_on_tasks(db_url: str, conn: psyc
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await c.execute("INSERT INTO tasks (type) VALUES ('cron_role')")
             s = Scheduler(SCHEMA, declare=[registry.get_type("cron_role")])
-            return len(await s.run(c, datetime.now(UTC) + timedelta(minutes=1, seconds=1)))
+            fired = len(await s.run(c, datetime.now(UTC) + timedelta(minutes=1, seconds=1)))
+            await c.execute(f"RESET ROLE; SET ROLE {SCHEMA}_producer")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a forged tick would take a real one's place
+                await c.execute("INSERT INTO tasks (type, schedule, tick) VALUES ('cron_role', 'cron_role', now())")
+            return fired
         finally:
             await c.close()
 

@@ -83,7 +83,8 @@ COLUMNS: dict[str, tuple[ColumnGrant, ...]] = {
     "producer": (
         # Enqueue (INSERT and COPY) writes the enqueue columns; the insert guard of 0005 keeps the
         # status to waiting, queued or cancelled. `id` is there for enqueue_many's preallocated ids.
-        ColumnGrant("INSERT", "tasks", never=(*RUNTIME_COLUMNS, "enqueued_by", "created_at")),
+        # `schedule` and `tick` are the scheduler's (a forged pair would take a cron tick's place).
+        ColumnGrant("INSERT", "tasks", never=(*RUNTIME_COLUMNS, "enqueued_by", "created_at", "schedule", "tick")),
         # Enqueue with depends_on marks the parents (never unmarks them: a trigger of 0005).
         ColumnGrant("UPDATE", "tasks", only=("has_dependents",)),
         ColumnGrant("INSERT", "documents", never=DATABASE_COLUMNS),
