@@ -313,3 +313,34 @@ def test_worker_role_fires_ticks_without_insert_on_tasks(db_url: str, conn: psyc
         registry.unregister("cron_role")
     row = conn.execute("SELECT type, schedule, status FROM tasks").fetchone()
     assert row == ("cron_role", "cron_role", "queued")
+
+
+def test_0010_goes_down_and_up(server_url: str) -> None:
+    """Down to 0006: schedules, the new columns and fire_ticks go, cancel_dependents is 0005's again;
+    then up again to head."""
+    from alembic import command
+    from support import create_database, drop_database
+
+    from jobqueue.admin.migrate import alembic_config, current, migrate
+
+    url = create_database(server_url)
+    try:
+        migrate(url)
+        command.downgrade(alembic_config(url), "0006")
+        assert current(url) == "0006"
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute("SELECT to_regclass('schedules')").fetchone() == (None,)
+            assert c.execute("SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND "
+                             "table_name = 'tasks' AND column_name IN ('run_on', 'schedule', 'tick')",
+                             (SCHEMA,)).fetchone() == (0,)
+            parent = c.execute("INSERT INTO tasks (type, status) VALUES ('m', 'failed') RETURNING id").fetchone()
+            assert parent is not None
+            child = c.execute("INSERT INTO tasks (type, status, depends_on, pending_deps) VALUES "
+                              "('m', 'waiting', %s, 1) RETURNING id", ([parent[0]],)).fetchone()
+            assert c.execute("SELECT count(*) FROM cancel_dependents(%s, 'x', 100)", ([parent[0]],)).fetchone() == (1,)
+            assert child is not None
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM schedules_due").fetchone() == (0,)
+    finally:
+        drop_database(server_url, url)

@@ -24,7 +24,7 @@ Create Date: 2026-12-03
 
 from alembic import op
 
-from jobqueue.states import migration_schema
+from jobqueue.states import migration_schema, sibling_revision
 
 revision = "0010"
 down_revision = "0006"
@@ -33,25 +33,8 @@ depends_on = None
 
 
 def _cancel_dependents_05(s: str) -> str:
-    """0005's function (restored by the downgrade)."""
-    return f"""
-CREATE OR REPLACE FUNCTION "{s}".cancel_dependents(p_parents bigint[], p_line text, p_max_chars integer)
-RETURNS TABLE (id bigint, doc_id bigint, progress real) LANGUAGE sql AS $$
-    WITH RECURSIVE doomed AS (
-        SELECT c.id FROM "{s}".tasks c WHERE c.depends_on && p_parents AND c.status = 'waiting'
-        UNION
-        SELECT c.id FROM "{s}".tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
-    ), locked AS (
-        SELECT k.id FROM "{s}".tasks k WHERE k.id IN (SELECT doomed.id FROM doomed) ORDER BY k.id FOR UPDATE
-    )
-    UPDATE "{s}".tasks t
-    SET status = 'cancelled', finished_at = now(),
-        progress_msg = "{s}".append_log(t.progress_msg, p_line, p_max_chars)
-    FROM locked
-    WHERE t.id = locked.id AND t.status = 'waiting'
-    RETURNING t.id, t.doc_id, t.progress
-$$;
-"""
+    """0005's function (restored by the downgrade; one copy, in 0005)."""
+    return str(sibling_revision("0005_roles.py").cancel_dependents_sql(s, create="CREATE OR REPLACE FUNCTION"))
 
 
 def upgrade() -> None:
@@ -163,7 +146,8 @@ BEGIN
                (SELECT count(*) FROM (SELECT pg_notify('{s}.' || q.type, extract(epoch FROM min(q.run_at))::text)
                                       FROM u q WHERE q.status = 'queued' GROUP BY q.type) n)
         INTO v_ids, v_docs, v_progress, v_woken FROM u;
-        RETURN QUERY SELECT x.id, x.doc_id, x.progress FROM unnest(v_ids, v_docs, v_progress) AS x(id, doc_id, progress);
+        RETURN QUERY SELECT x.id, x.doc_id, x.progress
+                     FROM unnest(v_ids, v_docs, v_progress) AS x(id, doc_id, progress);
         v_dead := v_ids;
     END LOOP;
 END
