@@ -170,3 +170,20 @@ def test_bad_retry_policies_are_refused() -> None:
         task("cb_x", retry_on=(ValueError, "nope"))  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="process-isolated"):
         task("cb_x", retry_on=ValueError, isolation="process")
+
+
+def test_async_client_enqueues_callbacks(conn: psycopg.Connection[Any], db_url: str, client: Client,
+                                         clean: None) -> None:
+    import asyncio
+
+    from jobqueue import AsyncClient
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient(db_url) as c:
+            parent = await c.enqueue("cb_ok", {}, delay=3600)
+            return parent, await c.enqueue("cb_callback", {}, depends_on=[parent], run_on="failure")
+
+    parent, child = asyncio.run(main())
+    assert conn.execute("SELECT status, run_on FROM tasks WHERE id = %s", (child,)).fetchone() == ("waiting", "failure")
+    client.cancel(parent)
+    assert _status(conn, child) == "queued"
