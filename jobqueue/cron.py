@@ -59,7 +59,8 @@ class Cron:
             tick: datetime = it.get_prev(datetime).astimezone(UTC)
             if tick <= after:
                 break
-            found.append(tick)
+            if tick <= until:  # (a tick inside the epsilon is not due yet)
+                found.append(tick)
         return found[::-1]
 
     def ticks(self, after: datetime, until: datetime) -> Iterator[datetime]:

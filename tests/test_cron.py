@@ -344,3 +344,12 @@ def test_0010_goes_down_and_up(server_url: str) -> None:
             assert c.execute("SELECT count(*) FROM schedules_due").fetchone() == (0,)
     finally:
         drop_database(server_url, url)
+
+
+def test_latest_ticks_include_a_tick_at_the_bound_and_none_after_it() -> None:
+    every_second = parse("* * * * * *")  # a sixth field: seconds
+    noon = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    assert every_second.latest(noon - timedelta(seconds=2), noon, 5) == [noon - timedelta(seconds=1), noon]
+    before = noon - timedelta(microseconds=500)
+    assert every_second.latest(noon - timedelta(seconds=2), before, 5) == [noon - timedelta(seconds=1)]
+    assert every_second.latest(noon - timedelta(seconds=10), noon, 2) == [noon - timedelta(seconds=1), noon]
