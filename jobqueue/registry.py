@@ -98,6 +98,12 @@ def task(
     """
     check_name(name, get_settings().schema_name)
     schedule = None if cron is None else check_schedule(name, name, cron, tz, cron_backfill)
+    if schedule is not None and payload is not None:
+        try:  # a code-declared schedule enqueues {}: a model that refuses it would fail every tick
+            payload.model_validate({})
+        except ValueError:
+            raise ConfigurationError(f"task {name!r}: a cron task is enqueued with an empty payload, which its "
+                                     f"payload model {payload.__name__} refuses (give its fields defaults)") from None
     if tz is not None and cron is None:
         raise ConfigurationError(f"task {name!r}: tz= is the time zone of a cron schedule; give cron= too")
     retry_types = (retry_on,) if isinstance(retry_on, type) else retry_on

@@ -233,6 +233,16 @@ def test_code_declared_schedule_is_upserted_and_keeps_its_pause(
     ({"tz": "UTC"}, "give cron= too"),
     ({"cron": "* * * * *", "cron_backfill": 0}, "backfill must be"),
 ])
+def test_cron_task_whose_model_refuses_an_empty_payload_is_refused() -> None:
+    from pydantic import BaseModel
+
+    class Needs(BaseModel):
+        path: str
+
+    with pytest.raises(ConfigurationError, match="payload model Needs refuses"):
+        registry.task("cron_model", cron="* * * * *", payload=Needs)
+
+
 def test_bad_schedules_are_refused_at_registration(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         registry.task("cron_bad", **kwargs)
