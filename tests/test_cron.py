@@ -226,13 +226,6 @@ def test_code_declared_schedule_is_upserted_and_keeps_its_pause(
         registry.unregister("cron_declared")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"cron": "*/5 * * *"}, "is not a valid cron expression"),
-    ({"cron": "61 * * * *"}, "is not a valid cron expression"),
-    ({"cron": "* * * * *", "tz": "Europe/Atlantis"}, "unknown time zone"),
-    ({"tz": "UTC"}, "give cron= too"),
-    ({"cron": "* * * * *", "cron_backfill": 0}, "backfill must be"),
-])
 def test_cron_task_whose_model_refuses_an_empty_payload_is_refused() -> None:
     from pydantic import BaseModel
 
@@ -243,6 +236,13 @@ def test_cron_task_whose_model_refuses_an_empty_payload_is_refused() -> None:
         registry.task("cron_model", cron="* * * * *", payload=Needs)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"cron": "*/5 * * *"}, "is not a valid cron expression"),
+    ({"cron": "61 * * * *"}, "is not a valid cron expression"),
+    ({"cron": "* * * * *", "tz": "Europe/Atlantis"}, "unknown time zone"),
+    ({"tz": "UTC"}, "give cron= too"),
+    ({"cron": "* * * * *", "cron_backfill": 0}, "backfill must be"),
+])
 def test_bad_schedules_are_refused_at_registration(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         registry.task("cron_bad", **kwargs)
