@@ -67,15 +67,14 @@ class Scheduler:
 
     async def declare(self, conn: Any) -> None:
         """Upsert the code-declared schedules of this worker's types (once, at its first pass)."""
-        specs, self._declare = sorted(self._declare, key=lambda t: t.name), []
-        crons = [(t, t.cron) for t in specs if t.cron is not None]
-        if not crons:
-            return
-        now = await conn.fetchval(self.q.db_now)
-        await conn.execute(
-            self.q.declare_schedules, [t.name for t, _ in crons], [c.expr for _, c in crons], [c.tz for _, c in crons],
-            [t.priority for t, _ in crons], [t.max_retries for t, _ in crons], [t.cron_backfill for t, _ in crons],
-            [c.next_after(now) for _, c in crons])
+        crons = sorted(((t, t.cron) for t in self._declare if t.cron is not None), key=lambda p: p[0].name)
+        if crons:
+            now = await conn.fetchval(self.q.db_now)
+            await conn.execute(
+                self.q.declare_schedules, [t.name for t, _ in crons], [c.expr for _, c in crons],
+                [c.tz for _, c in crons], [t.priority for t, _ in crons], [t.max_retries for t, _ in crons],
+                [t.cron_backfill for t, _ in crons], [c.next_after(now) for _, c in crons])
+        self._declare = []  # done (a failed attempt is made again at the next pass)
 
     async def run(self, conn: Any, now: datetime | None = None) -> list[Fired]:
         """Fire the ticks due by `now` (None: the database's clock) plus the lookahead."""
