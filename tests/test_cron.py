@@ -63,7 +63,7 @@ def test_day_with_four_schedulers_and_kills_fires_every_tick_once(
 
     async def main() -> None:
         conns = [await _connect(db_url) for _ in range(4)]
-        scheds = [Scheduler(SCHEMA) for _ in range(4)]
+        scheds = [Scheduler(SCHEMA, every=30) for _ in range(4)]  # a pass every 30 simulated seconds
         kills = restarts = 0
 
         async def one(i: int, now: datetime, kill: str | None) -> None:
@@ -171,7 +171,7 @@ def test_lookahead_enqueues_the_next_tick_to_run_on_time(conn: psycopg.Connectio
     async def main() -> None:
         c = await _connect(db_url)
         try:
-            s = Scheduler(SCHEMA, lookahead=5)
+            s = Scheduler(SCHEMA, every=5)
             assert await s.run(c, datetime(2026, 1, 1, 10, 0, 50, tzinfo=UTC)) == []
             await s.run(c, datetime(2026, 1, 1, 10, 0, 57, tzinfo=UTC))
         finally:

@@ -44,7 +44,7 @@ class Heartbeat:
         self.prune = PruneSchedule(worker.settings)
         s = worker.settings
         self.scheduler = Scheduler(s.schema_name, backfill=s.cron_backfill, max_retries=s.max_retries,
-                                   lookahead=worker.heartbeat_every, declare=worker.specs.values())
+                                   every=worker.heartbeat_every, declare=worker.specs.values())
         self._hints: dict[int, int | None] = {}
         self._confirming: asyncio.Task[None] | None = None
 

@@ -15,8 +15,8 @@ time zone. A pass looks ahead by the heartbeat interval: a tick due before the n
 now with ``run_at`` = the tick, so the worker's timer starts it on time instead of up to a heartbeat
 late. After an outage only the latest ``backfill`` ticks due are fired (default 1: the latest
 missed tick runs once; JOBQ_CRON_BACKFILL, or per schedule); the older ones are skipped. A tick less
-than GRACE_SECONDS (60 s) late is always fired: a pass delayed by a scheduler killed mid-pass or a
-server restart loses no tick, whatever the backfill.
+than GRACE_PASSES (12) passes late, 60 s at least, is always fired: passes lost to schedulers killed
+mid-pass or a server restart delay a tick but do not drop it, whatever the backfill.
 
 Code-declared schedules (``@task(cron=...)``) are upserted by the worker's first pass (its own
 types only); schedules added with ``jobq cron add`` live in the table alone.
@@ -41,8 +41,10 @@ log = logging.getLogger("jobq.worker")
 
 # Schedules one pass fires at most (the rest are due at the next pass).
 BATCH = 500
-# A tick less late than this is on time, not missed: a pass delayed by a killed scheduler's locks or
-# a restart fires it whatever the backfill; only ticks older than this count as an outage's.
+# A tick less late than this many passes (and 60 s at least) is on time, not missed: a few passes lost to
+# schedulers killed mid-pass or a restart delay it but do not drop it, whatever the backfill; only
+# ticks older than this count as an outage's.
+GRACE_PASSES = 12
 GRACE_SECONDS = 60.0
 
 
@@ -54,15 +56,16 @@ class Fired:
 
 
 class Scheduler:
-    """One worker's scheduler; ``run`` is one pass in its own transaction."""
+    """One worker's scheduler; ``run`` is one pass in its own transaction. ``every``: the seconds
+    between passes (the heartbeat), which sets how late a tick may be before it counts as missed."""
 
-    def __init__(self, schema: str, *, backfill: int = 1, max_retries: int = 3, lookahead: float = 0.0,
-                 grace: float = GRACE_SECONDS, declare: Iterable[TaskType] = ()) -> None:
+    def __init__(self, schema: str, *, backfill: int = 1, max_retries: int = 3, every: float = 0.0,
+                 declare: Iterable[TaskType] = ()) -> None:
         self.q = CronSQL.load(schema)
         self.backfill = backfill
         self.max_retries = max_retries
-        self.lookahead = lookahead
-        self.grace = grace
+        self.lookahead = every  # a tick due before the next pass is enqueued now, to run on time
+        self.grace = max(GRACE_SECONDS, GRACE_PASSES * every)
         self._declare = [t for t in declare if t.cron is not None]
 
     async def declare(self, conn: Any) -> None:
