@@ -40,7 +40,7 @@ from jobqueue.registry import TaskType
 log = logging.getLogger("jobq.worker")
 
 # Schedules one pass fires at most (the rest are due at the next pass).
-BATCH = 500
+BATCH = 200  # ~0.3 s of croniter at most: the pass runs in the heartbeat loop
 # A tick less late than this many passes (and 60 s at least) is on time, not missed: a few passes lost to
 # schedulers killed mid-pass or a restart delay it but do not drop it, whatever the backfill; only
 # ticks older than this count as an outage's.
