@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .client.aio import AsyncClient
     from .client.sync import Client, cancel, enqueue, enqueue_many, get, list_tasks, retry
     from .client.wait import TaskEvent
+    from .cron import Schedules
     from .db.connect import connect
     from .db.sqlfile import SQLFile
     from .errors import (
@@ -40,9 +41,9 @@ if TYPE_CHECKING:
     )
     from .models import QueueState, Task, TaskSpec
     from .registry import declare, get_type, task
-    from .runtime.context import Context
+    from .runtime.context import Context, ParentOutcome
     from .settings import Settings, get_settings
-    from .states import LIVE, TERMINAL, Status
+    from .states import LIVE, TERMINAL, RunOn, Status
 
 __version__ = "0.1.0"
 
@@ -60,9 +61,11 @@ _WHERE = {
     "InvalidPayload": ".errors",
     "InvalidTransition": ".errors",
     "JobqError": ".errors",
+    "ParentOutcome": ".runtime.context",
     "PermissionDenied": ".errors",
     "QueueState": ".models",
     "SQLFile": ".db.sqlfile",
+    "Schedules": ".cron",
     "SchemaMissing": ".errors",
     "Settings": ".settings",
     "Snooze": ".errors",
@@ -75,6 +78,7 @@ _WHERE = {
     "WaitTimeout": ".errors",
     "LIVE": ".states",
     "TERMINAL": ".states",
+    "RunOn": ".states",
     "Status": ".states",
     "cancel": ".client.sync",
     "connect": ".db.connect",
@@ -121,9 +125,12 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JobqError",
+    "ParentOutcome",
     "PermissionDenied",
     "QueueState",
+    "RunOn",
     "SQLFile",
+    "Schedules",
     "SchemaMissing",
     "Settings",
     "Snooze",

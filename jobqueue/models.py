@@ -63,6 +63,9 @@ class Task(BaseModel):
     attempt: int
     lease_expires_at: datetime | None = None
     cancel_requested_at: datetime | None = None
+    run_on: str = "success"  # with depends_on: success, always or failure (jobqueue.states.RunOn)
+    schedule: str | None = None  # the cron schedule that enqueued it, and for which tick
+    tick: datetime | None = None
 
 
 class QueueState(BaseModel):

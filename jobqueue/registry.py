@@ -18,13 +18,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from jobqueue.errors import ConfigurationError, UnknownTaskType
 from jobqueue.settings import get_settings
 from jobqueue.states import type_channel
+
+if TYPE_CHECKING:
+    from jobqueue.cron import Cron
 
 ENTRY_POINT_GROUP = "jobq.tasks"
 # The tasks table's CHECK on type (migrations/versions/0001_tasks.py): a name it refuses could be
@@ -55,6 +58,13 @@ class TaskType:
     isolation: Isolation = "thread"
     # Flow control in the claim (fair_by, limit_by/limit, rate/rate_by), None when none is declared.
     flow: Flow | None = None
+    # Retry only on these exception types (others fail the task at once); None: retry on any error.
+    retry_on: tuple[type[BaseException], ...] | None = None
+    # The delay before retry n (1 for the first), replacing the exponential backoff and its jitter.
+    backoff: Callable[[int], float] | None = None
+    # A periodic task: its schedule (named after the type), and how many missed ticks to catch up.
+    cron: Cron | None = None
+    cron_backfill: int | None = None
 
     @cached_property
     def is_async(self) -> bool:
@@ -84,6 +94,11 @@ def task(
     limit: int | None = None,
     rate: str | None = None,
     rate_by: str | None = None,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] | None = None,
+    backoff: Callable[[int], float] | None = None,
+    cron: str | None = None,
+    tz: str | None = None,
+    cron_backfill: int | None = None,
 ) -> Callable[[F], F]:
     """Register a handler for task type `name`.
 
@@ -94,9 +109,29 @@ def task(
     ``doc_id``, ``batch_id`` or ``payload.<field>``) to claim round-robin across keys within each
     priority; ``limit_by`` and ``limit`` at most that many running tasks per key; ``rate`` (``"600/m"``,
     ``"50/s"``, ``"1000/h"``, ``"10/5s"``) started tasks per sliding window, per key with ``rate_by``.
+
+    ``retry_on`` retries only those exception types (any other error fails the task at once);
+    ``backoff(n)`` is the delay in seconds before retry n. ``cron`` (with ``tz``, default UTC) makes it
+    a periodic task: the workers serving the type enqueue one task per tick (see jobqueue/cron.py).
     """
     check_name(name, get_settings().schema_name)
     flow = parse_flow(name, fair_by=fair_by, limit_by=limit_by, limit=limit, rate=rate, rate_by=rate_by)
+    schedule = None if cron is None else check_schedule(name, name, cron, tz, cron_backfill)
+    if schedule is not None and payload is not None:
+        try:  # a code-declared schedule enqueues {}: a model that refuses it would fail every tick
+            payload.model_validate({})
+        except ValueError:
+            raise ConfigurationError(f"task {name!r}: a cron task is enqueued with an empty payload, which its "
+                                     f"payload model {payload.__name__} refuses (give its fields defaults)") from None
+    if tz is not None and cron is None:
+        raise ConfigurationError(f"task {name!r}: tz= is the time zone of a cron schedule; give cron= too")
+    retry_types = (retry_on,) if isinstance(retry_on, type) else retry_on
+    if retry_types is not None and not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_types):
+        raise ConfigurationError(f"task {name!r}: retry_on must be exception types")
+    if retry_types is not None and isolation == "process":  # the child's exception arrives as its text
+        raise ConfigurationError(f"task {name!r}: retry_on cannot match the exceptions of a process-isolated handler")
+    if backoff is not None and not callable(backoff):
+        raise ConfigurationError(f"task {name!r}: backoff must be a function of the retry number")
 
     def register(fn: F) -> F:
         if isolation == "process" and asyncio.iscoroutinefunction(fn):
@@ -104,7 +139,8 @@ def task(
         _registry[name] = TaskType(
             name=name, handler=fn, payload=payload, max_retries=max_retries, timeout=timeout,
             hard_timeout=hard_timeout, concurrency=concurrency, priority=priority,
-            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation, flow=flow,
+            backoff_base=backoff_base, backoff_max=backoff_max, isolation=isolation, flow=flow, retry_on=retry_types,
+            backoff=backoff, cron=schedule, cron_backfill=cron_backfill,
         )
         return fn
 
@@ -216,6 +252,19 @@ def _rate(name: str, rate: object) -> tuple[int, float]:
     if count < 1 or seconds <= 0 or count > 2**31 - 1:
         raise ConfigurationError(f"task {name!r}: rate={rate!r} is not a rate like '600/m', '50/s' or '10/5s'")
     return count, seconds
+
+
+def check_schedule(name: str, task_type: str, cron: str, tz: str | None, backfill: int | None) -> Cron:
+    """Refuse a schedule the scheduler could not fire: its name, type, expression, time zone, backfill."""
+    from jobqueue.cron import MAX_BACKFILL, parse
+
+    if not isinstance(name, str) or not TYPE_NAME.fullmatch(name):
+        raise ConfigurationError(f"schedule name {name!r} must be 1-48 characters among letters, digits and _ . : -")
+    check_name(task_type, get_settings().schema_name)
+    if backfill is not None and (isinstance(backfill, bool) or not isinstance(backfill, int)
+                                 or not 1 <= backfill <= MAX_BACKFILL):
+        raise ConfigurationError(f"schedule {name!r}: backfill must be an integer from 1 to {MAX_BACKFILL}")
+    return parse(cron, tz, what=f"schedule {name!r}")
 
 
 def load_entry_points() -> None:

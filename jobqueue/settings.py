@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # Retention of finished tasks, used by the pruner.
     keep_done_days: float = 7.0
     keep_failed_days: float = 30.0
+    # Cron: how many missed ticks of a schedule one pass enqueues after an outage (the latest ones).
+    # 1 runs the latest missed tick once: a cleanup every 5 minutes should not run 100 times after a
+    # night's outage. A schedule may say otherwise (`jobq cron add --backfill`, @task(cron_backfill=)).
+    cron_backfill: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("imports", mode="before")
     @classmethod

@@ -51,6 +51,20 @@ class Outcome(StrEnum):
     RELEASED = "released"  # given back on shutdown, no retry spent
 
 
+class RunOn(StrEnum):
+    """When a task with parents (depends_on) runs: the callback kinds of Oban Pro's batches and Celery's chords.
+
+    ``success``: once every parent is done; cancelled as soon as one fails or is cancelled (the default).
+    ``always``: once every parent finished, whatever the outcome. ``failure``: once every parent finished
+    and at least one failed or was cancelled; cancelled when all succeeded. ``ctx.parents()`` says how
+    each parent ended.
+    """
+
+    SUCCESS = "success"
+    ALWAYS = "always"
+    FAILURE = "failure"
+
+
 class CancelReason(StrEnum):
     """Why the runtime asked a handler to stop."""
 

@@ -197,7 +197,7 @@ def _finish(db_url: str, task_id: int, *, lock_timeout: str) -> bool:
             return False
         c.commit()
         with psycopg.RawCursor(c) as cur:
-            cur.execute(q.release_dependents, ([task_id],))
+            cur.execute(q.release_dependents, ([task_id], "", 3000))
         c.commit()
     return True
 

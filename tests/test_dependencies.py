@@ -162,7 +162,7 @@ def test_retry_racing_its_parents_completion_is_released(db_url: str, conn: psyc
     with psycopg.connect(db_url) as worker:  # a worker completing the parent, not yet committed
         worker.execute("UPDATE tasks SET status = 'done', finished_at = now() WHERE id = %s", (parent,))
         with psycopg.RawCursor(worker) as cur:
-            cur.execute(q.release_dependents, ([parent],))  # the child is cancelled: nothing to release
+            cur.execute(q.release_dependents, ([parent], "", 3000))  # the child is cancelled: nothing to release
         retry = threading.Thread(target=lambda: outcome.update(client.retry(child)))
         retry.start()
         wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "

@@ -76,8 +76,36 @@ def test_testing_with_jobq(server_url: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert load("testing_with_jobq").main() == 0
 
 
+def test_cron(db_url: str) -> None:
+    runs = load("cron").main(seconds=7.0)
+    # every 2 s (code-declared) and every 3 s (added to the table) over 7 s, after the first heartbeat
+    assert runs["cleanup all"] >= 2 and runs["cleanup tmp"] >= 1
+    with psycopg.connect(db_url, autocommit=True) as c:
+        dup = c.execute("SELECT count(*) FROM (SELECT 1 FROM tasks WHERE schedule IS NOT NULL "
+                        "GROUP BY schedule, tick HAVING count(*) > 1) d").fetchone()
+        assert dup == (0,)
+        c.execute("DELETE FROM schedules WHERE name = 'cleanup'")
+
+
+def test_callbacks(db_url: str) -> None:
+    report = load("callbacks").main()
+    line = "20 pages parsed; failed: task {}: Fail: page 23 is encrypted"
+    assert set(report) == {"always", "failure"}
+    assert report["always"] == report["failure"] and report["always"].startswith(line.split("{")[0])
+
+
+def test_retry_policy(db_url: str) -> None:
+    assert load("retry_policy").main() == {"embed": ("done", 3), "summarise": ("failed", 1)}
+
+
+def test_cli_enqueue(db_url: str) -> None:
+    ids = load("cli_enqueue").main()
+    assert len(ids) == 3 and all(i.isdigit() for i in ids)
+
+
 def test_every_example_is_tested() -> None:
     tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control",
-              "queue_control", "http_api", "producer", "wait_for_result", "ingest", "testing_with_jobq"}
+              "queue_control", "http_api", "producer", "wait_for_result", "ingest", "testing_with_jobq", "cron",
+              "callbacks", "retry_policy", "cli_enqueue"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

@@ -62,7 +62,8 @@ TABLES: dict[str, tuple[Grant, ...]] = {
     # Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     "producer": (
         Grant(("SELECT",), ("tasks", "documents", "queues", "queue_state", "document_progress", "batch_progress",
-                            "document_tasks", "own_chunks", "alembic_version", "flow_control")),
+                            "document_tasks", "own_chunks", "alembic_version", "flow_control", "schedules",
+                            "schedules_due")),
         Grant(("SELECT", "INSERT", "UPDATE"), ("batches",)),
     ),
     # Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on
@@ -75,6 +76,9 @@ TABLES: dict[str, tuple[Grant, ...]] = {
         # Flow control (0009): the rate windows the claim reads, appends to and prunes.
         Grant(("SELECT", "INSERT", "DELETE"), ("flow_grants",)),
         Grant(("SELECT",), ("flow_rules", "flow_control")),
+        # Cron: the worker declares its types' schedules and moves them on; it enqueues their ticks
+        # only through fire_ticks (migration 0010), never by INSERT on tasks.
+        Grant(("SELECT", "INSERT", "UPDATE"), ("schedules",)),
     ),
 }
 
@@ -83,7 +87,8 @@ COLUMNS: dict[str, tuple[ColumnGrant, ...]] = {
     "producer": (
         # Enqueue (INSERT and COPY) writes the enqueue columns; the insert guard of 0005 keeps the
         # status to waiting, queued or cancelled. `id` is there for enqueue_many's preallocated ids.
-        ColumnGrant("INSERT", "tasks", never=(*RUNTIME_COLUMNS, "enqueued_by", "created_at")),
+        # `schedule` and `tick` are the scheduler's (a forged pair would take a cron tick's place).
+        ColumnGrant("INSERT", "tasks", never=(*RUNTIME_COLUMNS, "enqueued_by", "created_at", "schedule", "tick")),
         # Enqueue with depends_on marks the parents (never unmarks them: a trigger of 0005).
         ColumnGrant("UPDATE", "tasks", only=("has_dependents",)),
         ColumnGrant("INSERT", "documents", never=DATABASE_COLUMNS),
@@ -98,8 +103,9 @@ FUNCTIONS: dict[str, tuple[str, ...]] = {
     "producer": ("cancel_tasks", "retry_tasks", "reuse_task", "replace_document_run",
                  # by selector (migration 0008): the same rules, over the tasks the selector matches
                  "cancel_where", "retry_where", "prioritize_tasks"),
-    # A worker stores its types' flow declarations and gets their key index (0009).
-    "worker": ("declare_flow",),
+    # A worker stores its types' flow declarations and gets their key index (0009), and enqueues
+    # cron ticks only through fire_ticks (0010).
+    "worker": ("declare_flow", "fire_ticks"),
 }
 
 

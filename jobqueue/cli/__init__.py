@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from jobqueue.cli import db, documents, observe, queues, roles, tasks, ui, worker
+from jobqueue.cli import cron, db, documents, observe, queues, roles, tasks, ui, worker
 from jobqueue.cli.app import app, error_line
 
-for _module in (tasks, queues, worker, db, observe, documents, roles, ui):
+for _module in (tasks, queues, worker, cron, db, observe, documents, roles, ui):
     _module.register(app)
 
 

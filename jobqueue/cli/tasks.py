@@ -48,6 +48,14 @@ def enqueue(
     by_reference: Annotated[bool, typer.Option(help="Store only the file's path, not its bytes.")] = False,
     force: Annotated[bool, typer.Option(help="Reprocess even unchanged ranges.")] = False,
     wait: Annotated[bool, typer.Option(help="Watch the documents until they finish.")] = False,
+    run_at: Annotated[str | None, typer.Option(
+        help="When the task may run: an ISO time (UTC unless it has an offset) or +DURATION (+90s, +10m, +2h).")]
+    = None,
+    depends_on: Annotated[str | None, typer.Option(help="Parent task ids (ID[,ID...]): run after them.")] = None,
+    run_on: Annotated[str | None, typer.Option(
+        help="With --depends-on: success (default), always or failure (a callback of the parents).")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="Label of the task (repeatable).")]
+    = None,
     imports: Annotated[list[str] | None, typer.Option(
         "--import", "-i", help="Module declaring or registering task types, to validate --payload (repeatable; "
         "adds to JOBQ_IMPORTS).")] = None,
@@ -56,6 +64,8 @@ def enqueue(
     if files:
         if type is not None:
             fail("give documents or --type, not both")
+        if run_at or depends_on or run_on or label:
+            fail("--run-at, --depends-on, --run-on and --label are for a plain task (--type)")
         from jobqueue.cli.documents import enqueue_files_cli
 
         code = enqueue_files_cli(
@@ -71,8 +81,42 @@ def enqueue(
     # imported module knows has its payload validated.
     import_task_modules(imports or [])
     task_id = client().enqueue(type, data, priority=priority, delay=delay, dedupe_key=dedupe_key,
-                               max_retries=max_retries, owner=owner)
+                               max_retries=max_retries, owner=owner, run_at=_parse_run_at(run_at),
+                               depends_on=_parse_ids(depends_on), run_on=run_on, labels=label)
     out.print(task_id)
+
+
+def _parse_run_at(text: str | None) -> datetime | None:
+    """--run-at: an ISO time, or +DURATION from now."""
+    if text is None:
+        return None
+    from datetime import UTC, timedelta
+
+    from jobqueue.cli.observe import parse_duration
+    from jobqueue.errors import InvalidPayload
+
+    if text.strip().startswith("+"):
+        try:
+            return datetime.now(UTC) + timedelta(seconds=parse_duration(text.strip()[1:]))
+        except typer.BadParameter as exc:
+            raise InvalidPayload(f"--run-at: {exc}") from None
+    try:
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidPayload(f"--run-at {text!r} is neither an ISO time (2026-12-24T18:00) nor +DURATION (+10m)"
+                             ) from None
+
+
+def _parse_ids(text: str | None) -> list[int] | None:
+    """--depends-on: ID[,ID...]."""
+    if text is None:
+        return None
+    from jobqueue.errors import InvalidPayload
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidPayload(f"--depends-on {text!r} must be task ids separated by commas (e.g. 12,15)") from None
 
 
 def status(task_id: Annotated[int, typer.Argument(help="Task id.")],
@@ -113,6 +157,7 @@ def ls(
     type: Annotated[list[str] | None, typer.Option("--type", "-t", help="Filter by type (repeatable).")] = None,
     owner: Annotated[str | None, typer.Option(help="Filter by owner.")] = None,
     doc: Annotated[int | None, typer.Option(help="Filter by document id.")] = None,
+    label: Annotated[str | None, typer.Option("--label", "-l", help="Filter by label.")] = None,
     limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
 ) -> None:
     """List tasks, newest first."""
@@ -123,7 +168,7 @@ def ls(
         if s not in {x.value for x in Status}:
             fail(f"unknown status {s!r} (one of: {', '.join(Status)})")
     c = client()
-    tasks = c.list(status=status, type=type, owner=owner, doc_id=doc, limit=limit)
+    tasks = c.list(status=status, type=type, owner=owner, doc_id=doc, label=label, limit=limit)
     table = Table(title=f"{len(tasks)} task(s)")
     for col in ("id", "type", "status", "prio", "progress", "tries", "age", "last message"):
         table.add_column(col, overflow="fold" if col == "last message" else "ellipsis")

@@ -62,7 +62,7 @@ _SHORT = {
     "run_p99": "r99",
 }  # fmt: skip
 # Names (types, worker ids, errors) give way first when a narrow terminal has no room.
-_NAMES = ("type", "key", "worker", "host", "types", "error")
+_NAMES = ("type", "key", "schedule", "worker", "host", "types", "error")
 
 Row = list[Text]
 
@@ -158,6 +158,16 @@ def _flow(s: Snapshot) -> list[Row]:
     return rows
 
 
+def _schedules(s: Snapshot) -> list[Row]:
+    rows: list[Row] = []
+    for r in s.schedules:
+        last = f"{r['last_task_id']} {r['last_task_status']}" if r["last_task_id"] is not None else "-"
+        rows.append([_text(r["name"]), _text(r["type"]), _text(f"{r['cron']} ({r['tz']})"),
+                     Text("paused", style="yellow") if r["paused"] else _text(_secs(r["next_in_seconds"])),
+                     _text(last)])
+    return rows
+
+
 def _row_limits(sizes: list[int], lines: int) -> list[int]:
     """Share ``lines`` table rows among the panels: one each first, then in turn while any has more."""
     limits = [1] * len(sizes)
@@ -203,6 +213,9 @@ def render(s: Snapshot, title: str = "jobq", *, live: bool = False, width: int |
     if s.flow:  # the flow panel only when a type declares fair_by, limit_by or rate (issue 14)
         flow = ("running", "limit", "queued", "held back", "rate used", "wait")
         panels.insert(1, ("flow control (per key)", ("type", "key", *flow), flow, _flow(s), ""))
+    if s.schedules:
+        panels.append(("cron schedules", ("schedule", "type", "cron", "next in", "last task"), ("next in",),
+                       _schedules(s), ""))
     # Each panel costs its two borders and a header line; the frame's own header takes one more.
     lines = None if height is None else height - 1 - 3 * len(panels)
     limits = ([None] * len(panels) if lines is None

@@ -119,19 +119,25 @@ class AsyncClient(ClientBase):
         labels: Sequence[str] | None = None,
         digest: str | None = None,
         depends_on: Sequence[int] | None = None,
+        run_on: str | None = None,
         connection: Any = None,
     ) -> int:
-        """Enqueue one task and return its id (the live task's id when `dedupe_key` collides)."""
+        """Enqueue one task and return its id (the live task's id when `dedupe_key` collides).
+
+        With ``depends_on``, ``run_on`` says when it runs: ``"success"`` (every parent done, the
+        default), ``"always"`` or ``"failure"`` (a callback; see jobqueue.states.RunOn).
+        """
         spec = TaskSpec(payload, priority, run_at, delay, max_retries, dedupe_key, doc_id, batch_id,
                         from_page, to_page, owner, digest)
         row = encode.row(type, spec, self.settings)
         lab = encode.labels(labels)
         deps = encode.dependencies(depends_on)
+        when = encode.run_on(run_on, deps)
         async with self._using(connection) as conn, (_atomic(conn) if deps else nullcontext()):
             plan = encode.NO_DEPENDENCIES
             if deps:
-                plan = encode.plan_dependencies(await self._fetch(conn, self.q.lock_parents, (deps,)), deps)
-            params = encode.enqueue_params(row, lab, deps, plan)
+                plan = encode.plan_dependencies(await self._fetch(conn, self.q.lock_parents, (deps,)), deps, when)
+            params = encode.enqueue_params(row, lab, deps, plan, when)
             for _ in range(RACE_RETRIES):
                 rows = await self._fetch(conn, self.q.enqueue, params)
                 if rows:  # empty: the live duplicate finished between the conflict and the look-up

@@ -20,7 +20,7 @@ from jobqueue import registry
 from jobqueue.errors import InvalidPayload, TaskNotFound
 from jobqueue.models import TaskSpec
 from jobqueue.settings import Settings
-from jobqueue.states import Status
+from jobqueue.states import RunOn, Status
 
 INT32 = 2**31 - 1
 MAX_DEPTH = 64
@@ -261,26 +261,43 @@ def stamp(msg: str) -> str:
     return f"{datetime.now().strftime('%H:%M:%S')} {msg}"
 
 
-def plan_dependencies(parents: Iterable[Mapping[str, Any]], wanted: Sequence[int]) -> Plan:
+def run_on(value: str | None, deps: Sequence[int] | None) -> str | None:
+    """The run_on of a new task (None: the column's default, success)."""
+    if value is None:
+        return None
+    if value not in {r.value for r in RunOn}:
+        raise InvalidPayload(f"run_on must be one of {', '.join(RunOn)}, got {value!r}")
+    if value != RunOn.SUCCESS and not deps:
+        raise InvalidPayload(f"run_on={value!r} needs depends_on (the parents whose outcome it waits for)")
+    return str(value)
+
+
+def plan_dependencies(parents: Iterable[Mapping[str, Any]], wanted: Sequence[int],
+                      when: str | None = None) -> Plan:
     """Status, pending count and log line of a new task from its locked parents' rows (id, status)."""
     found = {int(p["id"]): str(p["status"]) for p in parents}
     missing = [p for p in wanted if p not in found]
     if missing:
         raise TaskNotFound(f"depends_on names unknown task(s): {', '.join(map(str, missing))}")
     dead = [p for p, s in found.items() if s in (Status.FAILED, Status.CANCELLED)]
-    if dead:
+    if dead and when in (None, RunOn.SUCCESS):
         return Plan(Status.CANCELLED.value, 0, stamp(f"[Canceled] parent task {dead[0]} is {found[dead[0]]}"))
-    pending = sum(1 for s in found.values() if s != Status.DONE)
+    # A callback (always / failure) waits for every parent to finish, whatever the outcome.
+    finished = (Status.DONE,) if when in (None, RunOn.SUCCESS) else (Status.DONE, Status.FAILED, Status.CANCELLED)
+    pending = sum(1 for s in found.values() if s not in finished)
+    if not pending and when == RunOn.FAILURE and not dead:
+        return Plan(Status.CANCELLED.value, 0, stamp("[Canceled] no parent task failed"))
     return Plan(Status.WAITING.value if pending else Status.QUEUED.value, pending, "")
 
 
 # ---------------------------------------------------------------- statement parameters
 
 
-def enqueue_params(r: TaskRow, labels: list[str] | None, deps: list[int] | None, plan: Plan) -> tuple[Any, ...]:
-    """client.sql `enqueue` ($1..$17)."""
+def enqueue_params(r: TaskRow, labels: list[str] | None, deps: list[int] | None, plan: Plan,
+                   when: str | None = None) -> tuple[Any, ...]:
+    """client.sql `enqueue` ($1..$18)."""
     return (r.type, r.priority, r.payload, r.run_at, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
-            r.from_page, r.to_page, r.owner, labels, r.digest, plan.status, deps, plan.pending, plan.line)
+            r.from_page, r.to_page, r.owner, labels, r.digest, plan.status, deps, plan.pending, plan.line, when)
 
 
 def enqueue_many_params(rows: Sequence[TaskRow], labels: list[str] | None) -> tuple[Any, ...]:

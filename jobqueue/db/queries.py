@@ -47,6 +47,7 @@ class RuntimeSQL(SQLFile, package=PACKAGE, filename="sql/runtime.sql"):
     finish_many: str
     complete_many: str
     release_dependents: str
+    parent_outcomes: str
     cancel_dependents: str
     progress_many: str
     heartbeat: str
@@ -63,6 +64,20 @@ class MaintenanceSQL(SQLFile, package=PACKAGE, filename="sql/maintenance.sql"):
     prune_delete: str
     prune_count: str
     prune_workers: str
+
+
+class CronSQL(SQLFile, package=PACKAGE, filename="sql/cron.sql"):
+    """Cron schedules: the scheduler (jobqueue/runtime/maintenance/scheduler.py) and `jobq cron` (jobqueue/cron.py)."""
+
+    db_now: str
+    list_schedules: str
+    get_schedule: str
+    add_schedule: str
+    pause_schedule: str
+    remove_schedule: str
+    declare_schedules: str
+    due_schedules: str
+    fire_ticks: str
 
 
 class AdminSQL(SQLFile, package=PACKAGE, filename="sql/admin.sql"):
@@ -90,6 +105,7 @@ class ObserveSQL(SQLFile, package=PACKAGE, filename="sql/observe.sql"):
     workers: str
     failures: str
     flow_control: str
+    schedules: str
 
 
 class SchemaSQL(SQLFile, package=PACKAGE, filename="sql/schema.sql"):

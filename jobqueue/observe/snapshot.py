@@ -23,6 +23,8 @@ STOPPED_VISIBLE_SECONDS = 3600
 FAILURE_GROUPS = 20
 # Flow-controlled keys read per snapshot (held back and busiest first): fair_by doc_id has many.
 FLOW_KEYS = 50
+# Cron schedules read per snapshot (the next to fire first).
+SCHEDULES = 10
 _COUNTS = ("queued", "runnable", "scheduled", "waiting", "running",
            "done_last_hour", "failed_last_hour", "cancelled_last_hour")
 
@@ -60,6 +62,7 @@ class Snapshot:
     failures: list[dict[str, Any]]
     # Per (type, key) of flow-controlled types: running, queued, held back by a limit or a rate, wait.
     flow: list[dict[str, Any]] = field(default_factory=list)
+    schedules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: datetimes as ISO 8601, numbers as numbers."""
@@ -92,6 +95,7 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         workers = cur.execute(q.workers, (STOPPED_VISIBLE_SECONDS,)).fetchall()
         failures = cur.execute(q.failures, (FAILURE_GROUPS,)).fetchall()
         flow = cur.execute(q.flow_control, (FLOW_KEYS,)).fetchall()
+        schedules = cur.execute(q.schedules, (SCHEDULES,)).fetchall()
     queues: dict[str, QueueRow] = {}
     for r in depth:
         row = queues.setdefault(r["type"], QueueRow(type=r["type"]))
@@ -110,4 +114,5 @@ def fetch(conn: psycopg.Connection[Any], schema: str) -> Snapshot:
         throughput.setdefault(r.pop("type"), []).append(r)
     return Snapshot(at=now_row["now"], queues=list(queues.values()), throughput=throughput,
                     latency=[dict(r) for r in lat], workers=[dict(r) for r in workers],
-                    failures=[dict(r) for r in failures], flow=[dict(r) for r in flow])
+                    failures=[dict(r) for r in failures], flow=[dict(r) for r in flow],
+                    schedules=[dict(r) for r in schedules])

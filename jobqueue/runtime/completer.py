@@ -136,10 +136,15 @@ class Completer:
                 [a.line for a in batch], [a.seconds for a in batch], [a.cap for a in batch], self.log_chars,
                 self.worker_id)
         done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
+        skipped: list[int] = []  # run_on="failure" children whose parents all succeeded
         if done:
-            await conn.fetch(self.q.release_dependents, done)
+            released = await conn.fetch(self.q.release_dependents, done,
+                                        f"{clock()} [Canceled] no parent task failed", self.log_chars)
+            skipped = [r["id"] for r in released if r["id"] is not None and r["has_dependents"]]
         for status, verb in ((Status.FAILED, "failed"), (Status.CANCELLED, "was cancelled")):
             dead = [r["id"] for r in rows if r["status"] == status and r["has_dependents"]]
+            if status == Status.CANCELLED:
+                dead += skipped
             if dead:
                 names = ", ".join(map(str, dead[:20])) + (", ..." if len(dead) > 20 else "")
                 await conn.fetch(self.q.cancel_dependents, dead,

@@ -25,6 +25,8 @@ from jobqueue.states import CancelReason
 if TYPE_CHECKING:
     import asyncpg
 
+    from jobqueue.db.queries import RuntimeSQL
+
 # How many pending message lines a task keeps between two flushes (the log is bounded anyway).
 MAX_PENDING_LINES = 64
 
@@ -51,6 +53,18 @@ class ClaimedTask:
     digest: str | None
 
 
+@dataclass(frozen=True)
+class ParentOutcome:
+    """How one parent of a task ended (``await ctx.parents()``): what a run_on="always" or "failure"
+    callback needs to clean up or mark its document failed."""
+
+    id: int
+    type: str
+    status: str
+    result: Any
+    error: str | None
+
+
 class Context:
     """Passed to every handler as its first argument.
 
@@ -68,8 +82,10 @@ class Context:
         transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         on_progress: Callable[[Context], None] | None = None,
         connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+        sql: RuntimeSQL | None = None,
     ) -> None:
         self.task = task
+        self._sql = sql
         self.payload: Any = task.payload
         self._logger = log
         self._cancelled: threading.Event | None = None
@@ -163,6 +179,18 @@ class Context:
             raise RuntimeError("this context has no database (process-isolated handlers have none)")
         async with self._connection() as conn:
             yield conn
+
+    async def parents(self) -> list[ParentOutcome]:
+        """How each parent of this task (its ``depends_on``) ended, in id order: a callback enqueued
+        with ``run_on="always"`` or ``"failure"`` reads which parents failed and why."""
+        import json
+
+        if self._sql is None:
+            raise RuntimeError("this context has no database (process-isolated handlers have none)")
+        async with self.connection() as conn:
+            rows = await conn.fetch(self._sql.parent_outcomes, self.id)
+        return [ParentOutcome(r["id"], r["type"], r["status"], None if r["result"] is None else json.loads(r["result"]),
+                              r["last_error"]) for r in rows]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

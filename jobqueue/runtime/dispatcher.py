@@ -104,7 +104,7 @@ class Dispatcher:
             digest=row["digest"],
         )
         ctx = Context(task, log=log, transaction=self._transaction, on_progress=self.progress.mark,
-                      connection=self._connection)
+                      connection=self._connection, sql=self.completer.q)
         attempt = Attempt(ctx=ctx, spec=spec)
         metrics.started(task.type, task.run_at)
         if bad is not None:

@@ -157,11 +157,13 @@ class Executor:
             last = f"Done in {time.monotonic() - a.started:.2f}s."
         elif outcome in (Outcome.RETRY, Outcome.FAILED):
             exc = value if isinstance(value, BaseException) else RuntimeError(str(value))
+            secs = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
+            cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
+            if outcome is Outcome.RETRY and (spec.retry_on is not None or spec.backoff is not None):
+                outcome, exc, secs, cap = self._policy(a, exc, secs, cap)
             summary = clean_text(redact_text(f"{type(exc).__name__}: {exc}"))
             error = summary if isinstance(exc, Fail) else clean_text(redact_text(short_traceback(exc)))
             last = f"[ERROR] {summary[:500]}"
-            secs = spec.backoff_base if spec.backoff_base is not None else self.settings.backoff_base
-            cap = spec.backoff_max if spec.backoff_max is not None else self.settings.backoff_max
         elif outcome is Outcome.SNOOZED:
             last = clean_text(f"[SNOOZE] {value}")
         elif outcome is Outcome.RELEASED:
@@ -170,6 +172,25 @@ class Executor:
             last = "[Canceled] Task has been canceled."
         line = "\n".join(filter(None, [lines, ctx.line(last)]))
         return Ack(outcome, ctx.id, ctx.attempt, ctx.task.type, line, result, error, secs, cap)
+
+    def _policy(self, a: Attempt, exc: BaseException, secs: float, cap: float
+                ) -> tuple[Outcome, BaseException, float, float]:
+        """The type's retry policy for an error: (outcome, error, seconds, cap). An error outside
+        ``retry_on`` fails the task at once; ``backoff(n)`` gives the exact delay of retry n (a negative
+        cap tells finish_many not to apply the exponential backoff or its jitter)."""
+        spec = a.spec
+        if spec.retry_on is not None and not isinstance(exc, spec.retry_on):
+            return Outcome.FAILED, exc, secs, cap
+        if spec.backoff is None:
+            return Outcome.RETRY, exc, secs, cap
+        try:
+            delay = float(spec.backoff(a.ctx.task.retry_count + 1))
+        except Exception as bad:
+            return Outcome.FAILED, Fail(f"backoff raised {type(bad).__name__}: {bad} (after {exc!r})"), secs, cap
+        if not 0 <= delay <= MAX_SNOOZE_SECONDS:  # also NaN
+            return Outcome.FAILED, Fail(f"backoff returned {delay!r}: seconds must be between 0 and "
+                                        f"{MAX_SNOOZE_SECONDS:.0f} (after {exc!r})"), secs, cap
+        return Outcome.RETRY, exc, delay, -1.0
 
     async def _invoke(self, a: Attempt) -> tuple[Outcome, Any]:
         """Run the handler with its timeouts; returns (outcome, value or exception)."""

@@ -11,7 +11,8 @@
   checked in the table (`cancel_requested_at`, still ours) before a handler is cancelled; the beat's
   own cancel flag is the fallback for a NOTIFY that never came.
 - Maintenance (the rescuer every beat, the pruner on its own schedule) runs after the beat, each
-  service taking its advisory lock so one worker of the cluster does the work.
+  service taking its advisory lock so one worker of the cluster does the work. The scheduler of
+  cron tasks runs every beat too; it needs no lock (maintenance/scheduler.py says why).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jobqueue.db.connect import redact_text
 from jobqueue.observe import metrics
 from jobqueue.runtime.maintenance import rescuer
 from jobqueue.runtime.maintenance.pruner import PruneSchedule
+from jobqueue.runtime.maintenance.scheduler import Scheduler
 from jobqueue.runtime.supervise import is_transient
 from jobqueue.states import CancelReason
 
@@ -40,6 +42,9 @@ class Heartbeat:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
         self.prune = PruneSchedule(worker.settings)
+        s = worker.settings
+        self.scheduler = Scheduler(s.schema_name, backfill=s.cron_backfill, max_retries=s.max_retries,
+                                   every=worker.heartbeat_every, declare=worker.specs.values())
         self._hints: dict[int, int | None] = {}
         self._confirming: asyncio.Task[None] | None = None
 
@@ -95,6 +100,10 @@ class Heartbeat:
                     log.warning("rescued %d task(s) with expired leases (%d requeued, %d failed, %d cancelled)",
                                 n, rescued.requeued, rescued.failed, rescued.cancelled)
                 await self.prune.run(conn)
+                fired = await self.scheduler.run(conn)
+                if fired:
+                    names = ", ".join(sorted({f.schedule for f in fired}))
+                    log.info("cron: enqueued %d task(s) for %s", len(fired), names)
         except Exception as exc:
             if not is_transient(exc):
                 raise

@@ -37,6 +37,29 @@ DEFINER_FUNCTIONS = (
 )
 
 
+def cancel_dependents_sql(s: str, create: str = "CREATE FUNCTION") -> str:
+    """The cancel_dependents function as this revision defines it (0010's downgrade restores it)."""
+    return f"""-- The waiting descendants of parents that failed or were cancelled are cancelled, with a reason
+-- line; rows locked in id order. Invoker's rights: only roles that may update tasks can run it.
+{create} "{s}".cancel_dependents(p_parents bigint[], p_line text, p_max_chars integer)
+RETURNS TABLE (id bigint, doc_id bigint, progress real) LANGUAGE sql AS $$
+    WITH RECURSIVE doomed AS (
+        SELECT c.id FROM "{s}".tasks c WHERE c.depends_on && p_parents AND c.status = 'waiting'
+        UNION
+        SELECT c.id FROM "{s}".tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
+    ), locked AS (
+        SELECT k.id FROM "{s}".tasks k WHERE k.id IN (SELECT doomed.id FROM doomed) ORDER BY k.id FOR UPDATE
+    )
+    UPDATE "{s}".tasks t
+    SET status = 'cancelled', finished_at = now(),
+        progress_msg = "{s}".append_log(t.progress_msg, p_line, p_max_chars)
+    FROM locked
+    WHERE t.id = locked.id AND t.status = 'waiting'
+    RETURNING t.id, t.doc_id, t.progress
+$$;
+"""
+
+
 def upgrade() -> None:
     s = migration_schema()
     definer = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
@@ -110,25 +133,7 @@ CREATE VIEW "{s}".own_chunks WITH (security_barrier) AS
 SELECT k.* FROM "{s}".chunks k JOIN "{s}".documents d ON d.id = k.doc_id
 WHERE d.enqueued_by = current_user;
 
--- The waiting descendants of parents that failed or were cancelled are cancelled, with a reason
--- line; rows locked in id order. Invoker's rights: only roles that may update tasks can run it.
-CREATE FUNCTION "{s}".cancel_dependents(p_parents bigint[], p_line text, p_max_chars integer)
-RETURNS TABLE (id bigint, doc_id bigint, progress real) LANGUAGE sql AS $$
-    WITH RECURSIVE doomed AS (
-        SELECT c.id FROM "{s}".tasks c WHERE c.depends_on && p_parents AND c.status = 'waiting'
-        UNION
-        SELECT c.id FROM "{s}".tasks c JOIN doomed d ON c.depends_on @> ARRAY[d.id] WHERE c.status = 'waiting'
-    ), locked AS (
-        SELECT k.id FROM "{s}".tasks k WHERE k.id IN (SELECT doomed.id FROM doomed) ORDER BY k.id FOR UPDATE
-    )
-    UPDATE "{s}".tasks t
-    SET status = 'cancelled', finished_at = now(),
-        progress_msg = "{s}".append_log(t.progress_msg, p_line, p_max_chars)
-    FROM locked
-    WHERE t.id = locked.id AND t.status = 'waiting'
-    RETURNING t.id, t.doc_id, t.progress
-$$;
-
+{cancel_dependents_sql(s)}
 -- Cancel live tasks by id or by document: queued and waiting ones at once, running ones get
 -- cancel_requested_at and a NOTIFY on {s}.cancel for the worker holding them; then their waiting
 -- descendants. A caller that is not trusted may cancel only tasks it enqueued.

@@ -10,14 +10,15 @@
 
 -- name: enqueue
 -- One task; a live task with the same dedupe_key wins and its id is returned with created = false.
+-- $18: when it runs relative to its parents (run_on; NULL: success).
 WITH ins AS (
     INSERT INTO {schema}.tasks (type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
                             from_page, to_page, owner, labels, digest, status, depends_on, pending_deps,
-                            progress_msg, finished_at, progress)
+                            progress_msg, finished_at, progress, run_on)
     VALUES ($1, $2, $3::jsonb, COALESCE($4::timestamptz, now()), $5, $6, $7, $8, $9, $10, $11,
             COALESCE($12::text[], '{}'), $13, $14, $15, $16, COALESCE($17, ''),
             CASE WHEN $14 IN ('done', 'cancelled') THEN now() END,
-            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END)
+            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END, COALESCE($18::text, 'success'))
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
     DO NOTHING
     RETURNING id

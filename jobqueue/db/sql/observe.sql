@@ -38,3 +38,8 @@ SELECT type, key, fair, queued, running, max_per_key, rate_n, rate_secs, rate_by
 FROM {schema}.flow_control
 ORDER BY held_back DESC, running DESC, queued DESC, type, key
 LIMIT $1;
+
+-- name: schedules
+-- Cron schedules (migration 0010's schedules_due), the next to fire first; at most $1.
+SELECT name, type, cron, tz, paused, next_tick, next_in_seconds, last_task_id, last_task_status
+FROM {schema}.schedules_due ORDER BY paused, next_tick, name LIMIT $1;

@@ -114,12 +114,17 @@ SELECT ARRAY(SELECT q.type FROM {schema}.queues q
 -- name: release_dependents
 -- Parents $1 finished as done: count them off their waiting children; a child whose last parent is
 -- done becomes queued (and wakes its type) in the parent's transaction. Must run as its own
--- statement after the parents' update, so its snapshot sees children enqueued concurrently.
+-- statement after the parents' update, so its snapshot sees children enqueued concurrently. A child
+-- that runs only on a parent's failure (run_on = 'failure') whose parents all succeeded is cancelled
+-- instead; those of them that have dependents are returned, for cancel_dependents.
 WITH parents AS (
     SELECT unnest($1::bigint[]) AS id
 ), child AS MATERIALIZED (
     -- Children locked in id order: two workers releasing overlapping children cannot deadlock.
-    SELECT c.id, (SELECT count(*) FROM parents p WHERE p.id = ANY (c.depends_on)) AS k
+    SELECT c.id, (SELECT count(*) FROM parents p WHERE p.id = ANY (c.depends_on)) AS k,
+           c.run_on = 'failure' AND NOT EXISTS (
+               SELECT 1 FROM {schema}.tasks p
+               WHERE p.id = ANY (c.depends_on) AND p.status IN ('failed', 'cancelled')) AS skip
     FROM {schema}.tasks c
     WHERE c.depends_on && $1::bigint[] AND c.status = 'waiting'
     ORDER BY c.id
@@ -127,14 +132,23 @@ WITH parents AS (
 ), released AS (
     UPDATE {schema}.tasks t
     SET pending_deps = t.pending_deps - child.k,
-        status = CASE WHEN t.pending_deps - child.k <= 0 THEN 'queued' ELSE 'waiting' END,
-        run_at = CASE WHEN t.pending_deps - child.k <= 0 THEN greatest(t.run_at, now()) ELSE t.run_at END
+        status = CASE WHEN t.pending_deps - child.k > 0 THEN 'waiting'
+                      WHEN child.skip THEN 'cancelled' ELSE 'queued' END,
+        run_at = CASE WHEN t.pending_deps - child.k <= 0 THEN greatest(t.run_at, now()) ELSE t.run_at END,
+        finished_at = CASE WHEN t.pending_deps - child.k <= 0 AND child.skip THEN now() ELSE t.finished_at END,
+        progress_msg = CASE WHEN t.pending_deps - child.k <= 0 AND child.skip
+                            THEN {schema}.append_log(t.progress_msg, $2, $3) ELSE t.progress_msg END
     FROM child
     WHERE t.id = child.id AND t.status = 'waiting'
-    RETURNING t.id, t.type, t.status, t.run_at
+    RETURNING t.id, t.type, t.status, t.run_at, t.has_dependents
+), woken AS (
+    SELECT r.type, pg_notify('{schema}.' || r.type, extract(epoch FROM min(r.run_at))::text)
+    FROM released r WHERE r.status = 'queued' GROUP BY r.type
 )
-SELECT r.type, pg_notify('{schema}.' || r.type, extract(epoch FROM min(r.run_at))::text)
-FROM released r WHERE r.status = 'queued' GROUP BY r.type;
+-- One row even when nothing was cancelled (id NULL), so `woken` is always evaluated.
+SELECT c.id, c.has_dependents, w.n AS woken
+FROM (SELECT count(*) AS n FROM woken) w
+LEFT JOIN LATERAL (SELECT r.id, r.has_dependents FROM released r WHERE r.status = 'cancelled') c ON true;
 
 -- name: cancel_dependents
 -- Parents $1 failed or were cancelled: their waiting descendants are cancelled, with the reason. The
@@ -147,7 +161,8 @@ FROM {schema}.cancel_dependents($1::bigint[], $2, $3) AS d;
 -- Every outcome of a batch of attempts in one statement (River's JobSetStateIfRunningMany): done,
 -- retry, failed, snoozed, cancelled, released. Inputs, one element per attempt: $1 id, $2 attempt,
 -- $3 outcome, $4 result (JSON text, done only), $5 error (last_error, retry/failed only), $6 log line,
--- $7 seconds (the snooze, or the backoff base of a retry), $8 the backoff cap; $9 log size, $10 worker.
+-- $7 seconds (the snooze, or the backoff base of a retry), $8 the backoff cap (negative: $7 is the
+-- exact delay of the retry); $9 log size, $10 worker.
 -- Guarded by (id, attempt, worker_id, status = 'running'): a claim lost in a server crash (claims
 -- commit asynchronously) could hand the same attempt number out twice, never to the same worker id.
 -- A cancel requested while the attempt ran wins over a retry, a failure or a snooze. The rows are
@@ -181,6 +196,8 @@ WITH d AS (
         run_at = CASE WHEN n.status <> 'queued' THEN t.run_at
                       WHEN n.outcome = 'released' THEN now()
                       WHEN n.outcome = 'snoozed' THEN now() + make_interval(secs => n.secs)
+                      -- A negative cap: the type's own backoff function chose the delay (@task(backoff=)).
+                      WHEN n.cap < 0 THEN now() + make_interval(secs => n.secs)
                       ELSE now() + make_interval(secs => least(n.secs * power(2::float8, least(t.retry_count, 60)),
                                                                n.cap) * (0.5 + random() * 0.5)) END,
         finished_at = CASE WHEN n.status = 'queued' THEN NULL ELSE now() END,
@@ -344,3 +361,10 @@ WHERE t.worker_id = $1 AND t.status = 'running' AND t.cancel_requested_at IS NOT
 
 -- name: worker_stopped
 UPDATE {schema}.workers SET stopped_at = now(), last_seen = now() WHERE id = $1;
+
+-- name: parent_outcomes
+-- How the parents of task $1 ended (ctx.parents(): a callback that runs on failure or always).
+SELECT p.id, p.type, p.status, p.result::text AS result, p.last_error
+FROM {schema}.tasks c JOIN {schema}.tasks p ON p.id = ANY (c.depends_on)
+WHERE c.id = $1
+ORDER BY p.id;
