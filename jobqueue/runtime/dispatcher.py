@@ -74,7 +74,7 @@ class Dispatcher:
         re-claims waiting for their older attempt, and acks not written yet."""
         pairs = [a.key for a in self.running.values()]
         pairs += [(row["id"], row["attempt"]) for row in self.deferred.values()]
-        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending]
+        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending + self.completer.in_flight]
         return pairs
 
     def dispatch(self, row: asyncpg.Record) -> None:

@@ -1,0 +1,55 @@
+"""Issue 12, "a collapse": a completer that falls behind must stop the claims, not let tasks whose
+handlers returned pile up `running` in the table. The slow completer is simulated on a real
+PostgreSQL by holding the worker's own row, which every completion statement updates."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from support import BackgroundWorker, one, wait_for
+
+from jobqueue import Client, Context, task
+from jobqueue.runtime.completer import BATCH
+
+
+@task("t_bp_noop", max_retries=0)
+async def t_bp_noop(ctx: Context, payload: Any) -> None:
+    return None
+
+
+def running(conn: psycopg.Connection[Any], worker: str) -> int:
+    return int(one(conn, "SELECT count(*) FROM tasks WHERE status = 'running' AND worker_id = %s", worker))
+
+
+@pytest.mark.usefixtures("clean")
+def test_unwritten_acks_stay_within_the_bound_while_the_completer_is_blocked(
+        client: Client, conn: psycopg.Connection[Any], db_url: str) -> None:
+    cap, n = 5, 300  # bound = 2 x cap = 10 tasks between claim and committed ack, concurrency 50
+    with BackgroundWorker(["t_bp_noop"], name="bp", concurrency=50, completion_batch=cap,
+                          maintenance=False) as bw:
+        wait_for(lambda: one(conn, "SELECT count(*) FROM workers WHERE id = 'bp'") == 1)
+        assert bw.worker is not None
+        completer = bw.worker.completer
+        assert completer.bound == 2 * cap
+        with psycopg.connect(db_url) as holder:
+            holder.execute("SELECT 1 FROM workers WHERE id = 'bp' FOR UPDATE")  # every completion waits
+            client.enqueue_many("t_bp_noop", [{"i": i} for i in range(n)])
+            wait_for(lambda: completer.unwritten >= completer.bound)
+            time.sleep(1.0)  # handlers return at once: without back-pressure every task would be claimed
+            assert bw.worker.stats.claimed <= completer.bound
+            assert running(conn, "bp") <= completer.bound
+            assert completer.unwritten <= completer.bound
+            holder.rollback()
+        wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == n, timeout=30)
+        stats = bw.worker.stats
+        bw.stop()
+    assert stats.done == n
+    assert 0 < stats.max_unwritten <= 2 * cap
+
+
+def test_the_default_batch_cap_is_bounded() -> None:
+    """A batch never holds thousands of acks (the giant, ever slower statements of the collapse)."""
+    assert BATCH <= 1000
