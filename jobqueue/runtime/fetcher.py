@@ -86,7 +86,10 @@ class Fetcher:
             self.wake.set()
 
     def room_freed(self) -> None:
-        """The completer committed a batch: claims held back by its bound may go on."""
+        """The completer committed a batch: claims held back by its bound may go on, and a type held
+        back by its cluster-wide cap may have room now (its tasks count as running until this commit)."""
+        if self.held & self.capped:
+            self.backlog = True
         if self.backlog:
             self.wake.set()
 
