@@ -157,17 +157,20 @@ class Completer:
     async def write(self, conn: asyncpg.Connection, batch: list[Ack]) -> list[asyncpg.Record]:
         """finish_many and the dependents, on `conn` inside the caller's transaction."""
         rows: list[asyncpg.Record]
-        if all(a.outcome is Outcome.DONE for a in batch):
+        # One transposition (C speed) instead of a list comprehension per column.
+        outcomes, ids, attempts, _, lines, results, errors, secs, caps = zip(*batch, strict=True)
+        if outcomes.count(Outcome.DONE) == len(outcomes):
             # Only successes (the common case): the lean statement, same fence and lock order.
-            rows = await conn.fetch(
-                self.q.complete_many, [a.id for a in batch], [a.attempt for a in batch], [a.result for a in batch],
-                [a.line for a in batch], self.log_chars, self.worker_id)
-        else:
-            rows = await conn.fetch(
-                self.q.finish_many, [a.id for a in batch], [a.attempt for a in batch],
-                [a.outcome.value for a in batch], [a.result for a in batch], [a.error for a in batch],
-                [a.line for a in batch], [a.seconds for a in batch], [a.cap for a in batch], self.log_chars,
-                self.worker_id)
+            rows = await conn.fetch(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
+                                    self.worker_id)
+            self.stats.done += len(rows)
+            done = [r["id"] for r in rows if r["has_dependents"]]
+            if done:
+                await conn.fetch(self.q.release_dependents, done)
+            return rows
+        rows = await conn.fetch(
+            self.q.finish_many, ids, attempts, [o.value for o in outcomes], results, errors, lines, secs, caps,
+            self.log_chars, self.worker_id)
         done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
         if done:
             await conn.fetch(self.q.release_dependents, done)
