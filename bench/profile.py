@@ -59,7 +59,7 @@ def main(dsn: str, n: int, concurrency: int, with_cprofile: bool) -> int:
     done = worker.stats.done
     print(f"drained {done:,} no-op tasks in one worker (concurrency {concurrency}): "
           f"{cpu / max(1, done) * 1e6:.1f} us CPU per task, wall {wall:.2f} s ({done / wall:,.0f} jobs/s), "
-          f"claims {worker.stats.claims}, most unwritten acks {worker.stats.max_unwritten}")
+          f"claims {worker.stats.claims}, most unwritten acks {getattr(worker.stats, 'max_unwritten', 'n/a')}")
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
