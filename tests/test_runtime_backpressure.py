@@ -57,13 +57,13 @@ def test_the_default_batch_cap_is_bounded() -> None:
 
 
 @pytest.mark.usefixtures("clean")
-@pytest.mark.parametrize("statement", ["complete_many", "finish_many"])
-def test_completion_looks_rows_up_by_key_whatever_the_statistics(
+@pytest.mark.parametrize("statement", ["complete_many", "finish_many", "progress_many", "heartbeat"])
+def test_batch_statements_look_rows_up_by_key_whatever_the_statistics(
         conn: psycopg.Connection[Any], db_url: str, statement: str) -> None:
     """Statistics taken when nothing ran (autovacuum off, as on the machine's PostgreSQL 15), then
-    20,000 running rows: the completion of a large batch must still look each row up by its key.
-    Planned as a join, it scanned every running row against the whole batch (quadratic: 9,000 acks
-    took 57 s)."""
+    20,000 running rows: a completion, a progress flush or a heartbeat of many tasks must still look
+    each row up by its key. Planned as a join, each scanned every running row against the whole batch
+    (quadratic: 9,000 acks took 57 s; a heartbeat of 3,000 tasks 40 s, longer than a lease)."""
     from jobqueue.db.queries import RuntimeSQL
 
     q = RuntimeSQL.load(SCHEMA)
@@ -77,14 +77,17 @@ def test_completion_looks_rows_up_by_key_whatever_the_statistics(
         ids = [r[0] for r in conn.execute("SELECT id FROM tasks WHERE status = 'running' ORDER BY id LIMIT 9000")]
         n = len(ids)
         args: tuple[Any, ...]
-        if statement == "complete_many":
-            args = (ids, [1] * n, [None] * n, ["x"] * n, 4000, "w")
-        else:
-            args = (ids, [1] * n, ["retry"] * n, [None] * n, ["e"] * n, ["x"] * n, [1.0] * n, [2.0] * n, 4000, "w")
+        args = {
+            "complete_many": (ids, [1] * n, [None] * n, ["x"] * n, 4000, "w"),
+            "finish_many": (ids, [1] * n, ["retry"] * n, [None] * n, ["e"] * n, ["x"] * n, [1.0] * n, [2.0] * n,
+                            4000, "w"),
+            "progress_many": (ids, [1] * n, [0.5] * n, ["x"] * n, 4000, "w"),
+            "heartbeat": ("w", "h", 1, ["t_bp_noop"], 100, "x", 30.0, ids, [1] * n, 0),
+        }[statement]
         with psycopg.connect(db_url, cursor_factory=psycopg.RawCursor) as raw:
             plan = "\n".join(r[0] for r in raw.execute("EXPLAIN (COSTS OFF) " + getattr(q, statement), args))
     finally:
         conn.execute("ALTER TABLE tasks RESET (autovacuum_enabled)")
     # A join filter is a nested loop comparing every pair (running row, ack): quadratic.
     assert "Join Filter" not in plan, plan[:3000]
-    assert re.search(r"Index Cond: \(id = d(_\d+)?\.id\)", plan), plan[:3000]  # one key lookup per ack
+    assert re.search(r"Index Cond: \(id = [dm](_\d+)?\.id\)", plan), plan[:3000]  # one key lookup per ack
