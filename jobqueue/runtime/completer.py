@@ -15,7 +15,7 @@ fetcher claim far ahead of it, the batches grow, each gets slower per row, and a
 thousands of finished tasks. So a batch holds at most ``batch_cap`` acks, and the fetcher claims only
 while the attempts running plus the acks not yet committed (``unwritten``) stay within ``bound``
 (2 x ``batch_cap``): acks that are not committed never exceed the bound. ``stats.max_unwritten`` is
-the high-water mark, observable by tests and ``jobq top``.
+the high-water mark (what tests/test_runtime_backpressure.py and ``bench profile`` read).
 
 ``transaction()`` is the other way in: ``ctx.transaction()`` writes its task's done row on the
 handler's own connection, so the handler's writes commit with it.
