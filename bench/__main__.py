@@ -3,6 +3,9 @@
 Usage::
 
     python -m bench startup [--dsn URL] [--runs 15] [--against REV]   (start-up times, bench/startup.py)
+    python -m bench sweep [--profile short|full] [--dsn URL] [--out bench/results/sweep]   (bench/sweep.py)
+    python -m bench profile [--n 20000] [--dsn URL] [--callgrind]   (worker CPU per task, bench/profile.py)
+    python -m bench plots DIR   (PNGs from DIR/results.json and DIR/sweep.json, bench/plots.py)
     python -m bench run [--profile short|full] [--peers procrastinate,pgqueuer,celery,pgbench,jobq]
                         [--dsn postgresql://postgres@127.0.0.1:5432/test] [--out bench/results]
 
@@ -58,13 +61,45 @@ def main(argv: list[str]) -> int:
     startup.add_argument("--dsn", default=DEFAULT_DSN, help="admin URL; a fresh database is made and dropped there")
     startup.add_argument("--runs", type=int, default=15)
     startup.add_argument("--against", metavar="REV", help="also time the jobqueue/ of this commit, interleaved")
+    sweep = sub.add_parser("sweep", help="jobq's drain over processes x concurrency, and after a mass cancel")
+    sweep.add_argument("--profile", choices=("short", "full"), default="short")
+    sweep.add_argument("--dsn", default=DEFAULT_DSN)
+    sweep.add_argument("--out", type=Path, default=Path("bench/results/sweep"))
+    prof = sub.add_parser("profile", help="CPU microseconds per no-op task of one worker process, in-process")
+    prof.add_argument("--n", type=int, default=20_000)
+    prof.add_argument("--concurrency", type=int, default=100)
+    prof.add_argument("--dsn", default=DEFAULT_DSN, help="admin URL; a fresh database is made and dropped there")
+    prof.add_argument("--cprofile", action="store_true", help="also print the top functions (cProfile)")
+    plots = sub.add_parser("plots", help="draw the PNGs of a results directory")
+    plots.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        from .plots import draw
+        from .sweep import run_sweep
+
+        run_sweep(args.profile, args.dsn, args.out)
+        draw(args.out)
+        return 0
+    if args.command == "profile":
+        from .profile import main as profile_main
+
+        return profile_main(args.dsn, args.n, args.concurrency, args.cprofile)
+    if args.command == "plots":
+        from .plots import draw
+
+        draw(args.dir)
+        return 0
     if args.command == "startup":
         from .startup import main as startup_main
 
         return startup_main(args.dsn, args.runs, args.against)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     Runner(args.profile, peers, args.dsn, args.out, argv).run()
+    try:
+        from .plots import draw
+    except ImportError:  # matplotlib is in the [bench] extra
+        return 0
+    draw(args.out)
     return 0
 
 

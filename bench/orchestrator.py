@@ -169,7 +169,8 @@ class Runner:
                     runs.append(res)
                     log(
                         f"[{peer}] {case.key} run {i + 1}/{self.runs} ({time.monotonic() - t0:.1f}s): "
-                        + json.dumps(res.get("metric") or res.get("note") or res.get("error"))
+                        + json.dumps({k: v for k, v in (res.get("metric") or {}).items() if k != "raw_ms"}
+                                     or res.get("note") or res.get("error"))
                     )
                     if res.get("unsupported") or not res.get("ok"):
                         break  # don't repeat a scenario the peer lacks or that failed

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("enqueue_single", "enqueue_batch", "drain", "latency", "cancel")
+SCENARIOS = ("enqueue_single", "enqueue_batch", "drain", "latency", "cancel", "mass_cancel")
 BATCH_SIZE = 1000  # jobs per call of a peer's batch-enqueue API
 LATENCY_GAP_S = 0.020  # gap between two enqueues in the latency scenario
 LATENCY_TASKS = 200
@@ -74,6 +74,8 @@ def percentiles_ms(samples_s: Iterable[float]) -> dict[str, float]:
         "mean_ms": round(statistics.fmean(data) * 1000, 3),
         "max_ms": round(data[-1] * 1000, 3),
         "samples": len(data),
+        # every sample, for the latency CDF of bench/plots.py
+        "raw_ms": [round(x * 1000, 3) for x in data],
     }
 
 

@@ -5,12 +5,17 @@ when it is installed (a dependency of jobq on Linux). Defaults: jobq's documente
 (concurrency 100, durable: synchronous_commit stays on for enqueues and completions). Tuned: a larger
 concurrency, so each claim and each completion statement covers more tasks.
 Cancellation uses ``Client.cancel`` (NOTIFY on jobq.cancel to the worker holding the task).
+
+jobq only (bench/sweep.py): ``BENCH_JOBQ_CONCURRENCY`` overrides the concurrency of the drain; the
+``mass_cancel`` scenario enqueues and cancels ``BENCH_MASS_CANCEL`` tasks (default 100,000), then
+drains N new ones with one worker at defaults (the drain after a mass cancel, issue 12 target 8).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from importlib.metadata import version
@@ -67,6 +72,8 @@ async def sleeper(ctx: Context, payload: Any) -> None:
 
 
 def concurrency(tuned: bool) -> int:
+    if os.environ.get("BENCH_JOBQ_CONCURRENCY"):
+        return int(os.environ["BENCH_JOBQ_CONCURRENCY"])
     return TUNED_CONCURRENCY if tuned else get_settings().concurrency
 
 
@@ -86,6 +93,22 @@ def workers(args: Args, types: list[str], burst: bool, count: int, conc: int) ->
 def enqueue_batches(client: Client, n: int) -> None:
     for start in range(0, n, BATCH_SIZE):
         client.enqueue_many("noop", [{"i": i} for i in range(start, min(n, start + BATCH_SIZE))])
+
+
+def drain(args: Args, client: Client, conc: int) -> dict[str, Any]:
+    """N no-op tasks queued, then drained by burst workers: jobs/s from the first handler to the last end."""
+    # The table may hold history already (bench/history.py): count only this run's tasks.
+    before = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
+    enqueue_batches(client, args.n)
+    with workers(args, ["noop"], burst=True, count=args.processes, conc=conc) as group:
+        group.wait(timeout_s=600)
+        group.check_alive()
+        start_t = first_start(group.events_dir)
+        end_t = max(float(f[0]) for f in read_events(group.events_dir, "end"))
+    done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
+    if done is None or before is None or done[0] - before[0] != args.n:
+        raise RuntimeError(f"expected {args.n} done tasks, got {done}")
+    return throughput(args.n, end_t - start_t)
 
 
 async def main(args: Args) -> dict[str, Any]:
@@ -116,21 +139,17 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
             result["metric"] = throughput(args.n, time.perf_counter() - t0)
         result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
 
-    elif args.scenario == "drain":
-        # The table may hold history already (bench/history.py): count only this run's tasks.
-        before = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
-        enqueue_batches(client, args.n)
-        with workers(args, ["noop"], burst=True, count=args.processes, conc=conc) as group:
-            group.wait(timeout_s=600)
-            group.check_alive()
-            start_t = first_start(group.events_dir)
-            end_t = max(float(f[0]) for f in read_events(group.events_dir, "end"))
-        done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
-        if done is None or before is None or done[0] - before[0] != args.n:
-            raise RuntimeError(f"expected {args.n} done tasks, got {done}")
-        result["metric"] = throughput(args.n, end_t - start_t)
-        result["settings"] = {"worker": {"concurrency": conc}, "processes": args.processes,
-                              "history": "finished tasks stay in the tasks table"}
+    elif args.scenario in ("drain", "mass_cancel"):
+        if args.scenario == "mass_cancel":
+            cancelled = int(os.environ.get("BENCH_MASS_CANCEL", "100000"))
+            chunk = 10 * BATCH_SIZE
+            for start in range(0, cancelled, chunk):
+                ids = client.enqueue_many("noop", [{"i": i} for i in range(start, min(cancelled, start + chunk))])
+                client.cancel(ids)
+            result["settings"] = {"cancelled_first": cancelled}
+        result["metric"] = drain(args, client, conc)
+        result["settings"] = {**result.get("settings", {}), "worker": {"concurrency": conc},
+                              "processes": args.processes, "history": "finished tasks stay in the tasks table"}
 
     elif args.scenario == "latency":
         with workers(args, ["stamp"], burst=False, count=1, conc=conc) as group:

@@ -9,6 +9,14 @@ same transaction the dependents of the batch's tasks are released (done) or canc
 cancelled). A row the database refuses does not cost the batch: the batch is split until the bad
 ack is alone, which is then recorded as a failure carrying the database's reason.
 
+Back-pressure (issue 12, "a collapse"): a handler's slot is free when it returns, but its task stays
+`running` in the table until its ack commits. Without a bound, a completer that falls behind lets the
+fetcher claim far ahead of it, the batches grow, each gets slower per row, and a crash then re-runs
+thousands of finished tasks. So a batch holds at most ``batch_cap`` acks, and the fetcher claims only
+while the attempts running plus the acks not yet committed (``unwritten``) stay within ``bound``
+(2 x ``batch_cap``): acks that are not committed never exceed the bound. ``stats.max_unwritten`` is
+the high-water mark (what tests/test_runtime_backpressure.py and ``bench profile`` read).
+
 ``transaction()`` is the other way in: ``ctx.transaction()`` writes its task's done row on the
 handler's own connection, so the handler's writes commit with it.
 """
@@ -36,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobq.worker")
 
-BATCH = 2000
+# The most acks in one statement; the fetcher keeps running + unwritten acks within twice this.
+BATCH = 1000
 # SQLSTATE classes of errors caused by one row's values (data exception, integrity, program limit):
 # retrying the same batch cannot help, so the row is isolated and recorded as failed instead.
 ROW_ERROR_CLASSES = ("22", "23", "54")
@@ -57,6 +66,8 @@ class Completer:
         db: Callable[..., Awaitable[Any]],
         connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
         on_requeued: Callable[[datetime], None],
+        on_written: Callable[[], None] = lambda: None,
+        batch_cap: int = BATCH,
     ) -> None:
         self.q = q
         self.worker_id = worker_id
@@ -65,12 +76,28 @@ class Completer:
         self._db = db  # Worker._db: retries what is transient
         self._connection = connection
         self._on_requeued = on_requeued
+        self._on_written = on_written  # room for more claims: wakes the fetcher
+        self.batch_cap = max(1, batch_cap)
         self.pending: list[Ack] = []
+        self.in_flight: list[Ack] = []  # the batch being written
         self._event = asyncio.Event()
         self._lock = asyncio.Lock()
 
+    @property
+    def bound(self) -> int:
+        """The most attempts this worker may hold between claim and committed ack (running or unwritten)."""
+        return 2 * self.batch_cap
+
+    @property
+    def unwritten(self) -> int:
+        """Acks whose handler returned but whose outcome is not committed yet."""
+        return len(self.pending) + len(self.in_flight)
+
     def add(self, ack: Ack) -> None:
         self.pending.append(ack)
+        n = len(self.pending) + len(self.in_flight)
+        if n > self.stats.max_unwritten:
+            self.stats.max_unwritten = n
         self._event.set()
 
     async def run(self) -> None:
@@ -84,8 +111,14 @@ class Completer:
         a caller wait for a flush another coroutine started)."""
         async with self._lock:
             while self.pending:
-                batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
-                await self._write_safely(batch)
+                cap = self.batch_cap
+                batch, self.pending = self.pending[:cap], self.pending[cap:]
+                self.in_flight = batch
+                try:
+                    await self._write_safely(batch)
+                finally:
+                    self.in_flight = []
+                self._on_written()
 
     async def _write_safely(self, batch: list[Ack], *, last_resort: bool = False) -> None:
         try:
@@ -124,17 +157,20 @@ class Completer:
     async def write(self, conn: asyncpg.Connection, batch: list[Ack]) -> list[asyncpg.Record]:
         """finish_many and the dependents, on `conn` inside the caller's transaction."""
         rows: list[asyncpg.Record]
-        if all(a.outcome is Outcome.DONE for a in batch):
+        # One transposition (C speed) instead of a list comprehension per column.
+        outcomes, ids, attempts, _, lines, results, errors, secs, caps = zip(*batch, strict=True)
+        if outcomes.count(Outcome.DONE) == len(outcomes):
             # Only successes (the common case): the lean statement, same fence and lock order.
-            rows = await conn.fetch(
-                self.q.complete_many, [a.id for a in batch], [a.attempt for a in batch], [a.result for a in batch],
-                [a.line for a in batch], self.log_chars, self.worker_id)
-        else:
-            rows = await conn.fetch(
-                self.q.finish_many, [a.id for a in batch], [a.attempt for a in batch],
-                [a.outcome.value for a in batch], [a.result for a in batch], [a.error for a in batch],
-                [a.line for a in batch], [a.seconds for a in batch], [a.cap for a in batch], self.log_chars,
-                self.worker_id)
+            rows = await conn.fetch(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
+                                    self.worker_id)
+            self.stats.done += len(rows)
+            done = [r["id"] for r in rows if r["has_dependents"]]
+            if done:
+                await conn.fetch(self.q.release_dependents, done)
+            return rows
+        rows = await conn.fetch(
+            self.q.finish_many, ids, attempts, [o.value for o in outcomes], results, errors, lines, secs, caps,
+            self.log_chars, self.worker_id)
         done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
         skipped: list[int] = []  # run_on="failure" children whose parents all succeeded
         if done:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -74,7 +76,7 @@ class Dispatcher:
         re-claims waiting for their older attempt, and acks not written yet."""
         pairs = [a.key for a in self.running.values()]
         pairs += [(row["id"], row["attempt"]) for row in self.deferred.values()]
-        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending]
+        pairs += [(ack.id, ack.attempt) for ack in self.completer.pending + self.completer.in_flight]
         return pairs
 
     def dispatch(self, row: asyncpg.Record) -> None:
@@ -115,8 +117,21 @@ class Dispatcher:
         self.running[task.id] = attempt
         if row["cancel_requested"]:
             ctx.request_cancel(CancelReason.USER)
+        # Run the attempt right here, in the caller's step of the loop, until it first waits: a handler
+        # that never waits (a no-op, a cache hit) ends without an asyncio task of its own, which was a
+        # good part of the worker's CPU per task. One that waits goes on in a task from where it
+        # stopped (`_resume`). It runs in a copy of the context, as a task would.
+        coro = self._execute(attempt)
+        context = contextvars.copy_context()
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration:
+            return
+        handle = asyncio.get_running_loop().create_task(_resume(coro, waiting_on), name=f"jobq-task-{task.id}",
+                                                        context=context)
+        if attempt.future is not None and attempt.future is asyncio.current_task():
+            attempt.future = handle  # the handler's own task from now on: what a cancel interrupts
         # The running map holds the attempt's record; the set keeps the asyncio task itself alive.
-        handle = asyncio.create_task(self._execute(attempt), name=f"jobq-task-{task.id}")
         self._handles.add(handle)
         handle.add_done_callback(self._handles.discard)
 
@@ -215,3 +230,24 @@ class Dispatcher:
 
     def owned(self) -> list[Attempt]:
         return list(self.running.values())
+
+
+@types.coroutine
+def _continue(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, None, None]:
+    """Drive a coroutine that was started outside any task, as ``await`` would from here on: what it
+    waits for is handed to the running task unchanged, and the task's results, exceptions and
+    cancellations are passed back into it."""
+    while True:
+        thrown: BaseException | None = None
+        try:
+            yield waiting_on
+        except BaseException as exc:  # a cancel of the task (or anything thrown into it) reaches the handler
+            thrown = exc
+        try:
+            waiting_on = coro.send(None) if thrown is None else coro.throw(thrown)
+        except StopIteration:
+            return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    await _continue(coro, waiting_on)

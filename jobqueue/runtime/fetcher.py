@@ -17,6 +17,11 @@ Why the wake-ups are computed the way they are (issue 11):
 - a timer that finds a runnable task it cannot get (another worker holds it) backs off instead of
   firing again at once;
 - every database call goes through the one retry of `supervise`, so an outage costs one log line.
+
+Back-pressure from the completer (issue 12): a claim never takes more than the room left under the
+completer's bound (attempts running + acks not yet committed <= ``Completer.bound``), so a completer that
+falls behind stops the claims instead of letting finished-but-unrecorded tasks pile up; each committed
+batch frees room and wakes the loop (``room_freed``).
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ class Fetcher:
         if self.backlog or not self.w.stopping:
             self.wake.set()
 
+    def room_freed(self) -> None:
+        """The completer committed a batch: claims held back by its bound may go on, and a type held
+        back by its cluster-wide cap may have room now (its tasks count as running until this commit)."""
+        if self.held & self.capped:
+            self.backlog = True
+        if self.backlog:
+            self.wake.set()
+
+    def room(self) -> int:
+        """How many more attempts the completer's bound allows (running + unwritten <= bound)."""
+        w = self.w
+        c = w.completer
+        return c.bound - len(w._running) - len(w.dispatcher.deferred) - c.unwritten
+
     def db_now(self) -> float:
         return time.time() + self.clock_offset
 
@@ -117,7 +136,7 @@ class Fetcher:
         idle_claims = 0
         while not w.stopping:
             free = self.free_slots()
-            want = min(sum(free.values()), w.concurrency - len(w._running))
+            want = min(sum(free.values()), w.concurrency - len(w._running), self.room())
             if want <= 0 or not self.backlog:
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=w.poll)
@@ -139,7 +158,7 @@ class Fetcher:
             self.backlog = False
             await self._arm_timer(free)
             if w.burst:
-                if w._running or w.completer.pending:
+                if w._running or w.completer.unwritten:
                     idle_claims = 0  # what runs now may release dependents or fail into a retry
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=0.05)

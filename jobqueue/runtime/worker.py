@@ -46,6 +46,7 @@ from jobqueue import registry
 from jobqueue.db.connect import normalize, redact, resolve_url
 from jobqueue.db.queries import MaintenanceSQL, RuntimeSQL
 from jobqueue.observe import metrics
+from jobqueue.runtime.completer import BATCH as COMPLETION_BATCH
 from jobqueue.runtime.completer import Completer
 from jobqueue.runtime.dispatcher import Dispatcher
 from jobqueue.runtime.executor import Executor
@@ -70,6 +71,9 @@ class WorkerStats:
     cancelled: int = 0
     rescued: int = 0
     claims: int = 0
+    # The most acks at once whose handler had returned but whose outcome was not committed yet
+    # (bounded by Completer.bound: the fetcher stops claiming while the completer is behind).
+    max_unwritten: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class Worker:
         maintenance: bool = True,
         isolation: str | None = None,
         on_status: Callable[[WorkerStatus], None] | None = None,
+        completion_batch: int | None = None,
     ) -> None:
         self.settings = s = settings or get_settings()
         self._on_status = on_status
@@ -135,7 +140,8 @@ class Worker:
 
         self.completer = Completer(self.q, worker_id=self.id, log_chars=self.log_chars, stats=self.stats,
                                    db=self._db, connection=self._handler_connection,
-                                   on_requeued=self._wake_at)
+                                   on_requeued=self._wake_at, on_written=self._acks_written,
+                                   batch_cap=completion_batch or COMPLETION_BATCH)
         self.progress = ProgressWriter(self.q, worker_id=self.id, log_chars=self.log_chars,
                                        interval=s.progress_interval, db=self._db, on_rows=self._apply_flags)
         self.dispatcher = Dispatcher(self.specs, executor=self.executor, completer=self.completer,
@@ -299,6 +305,9 @@ class Worker:
 
     def _slot_freed(self, task_type: str) -> None:
         self.fetcher.slot_freed(task_type)
+
+    def _acks_written(self) -> None:
+        self.fetcher.room_freed()
 
     def _wake_at(self, when: datetime) -> None:
         """A task went back to the queue until `when` (a database time): wake for it then."""

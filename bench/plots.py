@@ -1,0 +1,109 @@
+"""PNGs next to the benchmark's JSON results (matplotlib, the ``[bench]`` extra).
+
+From ``results.json`` (``python -m bench run``): ``throughput.png``, jobs/s by scenario and peer, and
+``latency_cdf.png``, the CDF of enqueue -> handler start per peer (from the raw samples the drivers
+report). From ``sweep.json`` (``python -m bench sweep``): ``sweep.png``, jobs/s against concurrency,
+one line per worker-process count, with the 80 %-of-best line.
+
+    python -m bench plots bench/results
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from .report import ROW_TITLES
+
+DPI = 80  # small files: docs/benchmarks.md embeds them
+THROUGHPUT_KEYS = ("enqueue_single", "enqueue_batch", "drain_1p_default", "drain_1p_tuned", "drain_2p_default",
+                   "drain_2p_tuned")
+
+
+def draw(directory: Path) -> list[Path]:
+    """Every plot the results in `directory` allow; returns the files written."""
+    written: list[Path] = []
+    results = directory / "results.json"
+    if results.exists():
+        doc = json.loads(results.read_text())
+        written += [throughput(doc, directory / "throughput.png"), latency_cdf(doc, directory / "latency_cdf.png")]
+    sweep_file = directory / "sweep.json"
+    if sweep_file.exists():
+        written.append(sweep(json.loads(sweep_file.read_text()), directory / "sweep.png"))
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+def _peers(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p: d for p, d in doc["peers"].items() if not d.get("skipped")}
+
+
+def throughput(doc: dict[str, Any], out: Path) -> Path:
+    peers = _peers(doc)
+    keys = [k for k in THROUGHPUT_KEYS if k in doc["cases"]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(1, len(peers))
+    for i, (peer, data) in enumerate(peers.items()):
+        values = [((data.get("cases") or {}).get(k) or {}).get("median", {}).get("jobs_per_s", 0.0) for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, label=peer)
+    ax.set_xticks([x + width * (len(peers) - 1) / 2 for x in range(len(keys))])
+    ax.set_xticklabels([ROW_TITLES[k].replace(" (jobs/s)", "").replace(", ", "\n") for k in keys], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("jobs/s (log scale)")
+    ax.set_title(f"Throughput by scenario and peer ({doc['profile']} profile, {doc['date'][:10]})")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
+def latency_cdf(doc: dict[str, Any], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for peer, data in _peers(doc).items():
+        case = (data.get("cases") or {}).get("latency") or {}
+        samples = sorted(x for run in case.get("runs") or [] if run.get("ok")
+                         for x in (run.get("metric") or {}).get("raw_ms", []))
+        if samples:
+            ax.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], label=peer)
+    ax.set_xscale("log")
+    ax.set_xlabel("enqueue -> handler start (ms, log scale)")
+    ax.set_ylabel("fraction of tasks")
+    ax.set_title("Latency CDF")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def sweep(doc: dict[str, Any], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in sorted({q["processes"] for q in doc["points"]}):
+        pts = sorted((q["concurrency"], q["jobs_per_s"]) for q in doc["points"]
+                     if q["processes"] == p and "jobs_per_s" in q)
+        ax.plot([c for c, _ in pts], [r for _, r in pts], marker="o", label=f"{p} process{'es' if p > 1 else ''}")
+    best = doc["best_jobs_per_s"]
+    ax.axhline(0.8 * best, color="grey", linestyle="--", linewidth=1, label="80% of best")
+    mass = doc.get("mass_cancel") or {}
+    if mass.get("jobs_per_s"):
+        ax.plot([mass["concurrency"]], [mass["jobs_per_s"]], marker="x", color="black", linestyle="none",
+                label=f"after cancelling {mass['cancelled_first']:,}")
+    ax.set_xscale("log")
+    ax.set_xlabel("concurrency per process (log scale)")
+    ax.set_ylabel("jobs/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"jobq drain of {doc['n']:,} no-op tasks ({doc['date'][:10]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+    return out
