@@ -164,13 +164,18 @@ class Completer:
             rows = await conn.fetch(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
                                     self.worker_id)
             self.stats.done += len(rows)
-            done = [r["id"] for r in rows if r["has_dependents"]]
-            if done:
-                await conn.fetch(self.q.release_dependents, done)
+            await self._dependents(conn, rows)
             return rows
         rows = await conn.fetch(
             self.q.finish_many, ids, attempts, [o.value for o in outcomes], results, errors, lines, secs, caps,
             self.log_chars, self.worker_id)
+        await self._dependents(conn, rows)
+        self._count(rows)
+        return rows
+
+    async def _dependents(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+        """Release the children of done parents and cancel those of failed or cancelled ones, in the
+        outcome's transaction; a run_on="failure" child whose parents all succeeded is cancelled too."""
         done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
         skipped: list[int] = []  # run_on="failure" children whose parents all succeeded
         if done:
@@ -185,8 +190,6 @@ class Completer:
                 names = ", ".join(map(str, dead[:20])) + (", ..." if len(dead) > 20 else "")
                 await conn.fetch(self.q.cancel_dependents, dead,
                                  f"{clock()} [Canceled] parent task {names} {verb}", self.log_chars)
-        self._count(rows)
-        return rows
 
     def _count(self, rows: list[asyncpg.Record]) -> None:
         requeued: list[datetime] = []
