@@ -249,7 +249,7 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     def page(request: Request, name: str, *, status_code: int = 200, **context: Any) -> Response:
         token = csrf_token(request)
         response = templates.TemplateResponse(request, name, {
-            "csrf": token, "read_only": state["read_only"], "control": state["control"],
+            "csrf": token, "read_only": state["read_only"], "control": state["control"] and not state["read_only"],
             "msg": request.query_params.get("msg", ""),
             "statuses": STATUSES, "version": __version__, **context}, status_code=status_code)
         if request.cookies.get(CSRF_COOKIE) != token:
