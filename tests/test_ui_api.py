@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -541,15 +541,10 @@ def test_document_actions_and_stale_workers(web: TestClient, client: Client, con
 def producer_url(db_url: str) -> Iterator[str]:
     """A login in the producer role (<schema>_producer): it may enqueue and change its own tasks, not
     pause or cap a queue (docs/roles.md)."""
-    res = jobq_cli("roles")
-    assert res.returncode == 0, res.stderr
-    login = f"prod_{uuid.uuid4().hex[:8]}"
+    url = dashboard_login(db_url, "producer")
+    yield url
     with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_producer")
-    parts = urlsplit(db_url)
-    yield urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}"))
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(f"DROP ROLE {login}")
+        c.execute(f"DROP ROLE {urlsplit(url).username}")
 
 
 def queue_of(web: TestClient, task_type: str) -> dict[str, Any]:
