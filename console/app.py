@@ -37,6 +37,7 @@ from jobqueue import (
     InvalidTransition,
     JobqError,
     PermissionDenied,
+    QueueState,
     Settings,
     TaskNotFound,
     UnknownTaskType,
@@ -123,6 +124,28 @@ class PriorityIn(BaseModel):
     priority: int = Field(ge=-1_000_000, le=1_000_000)
 
 
+class SelectorIn(BaseModel):
+    """The tasks a bulk action acts on: every filter given must match, and at least one is required
+    (an empty selector is a 400, never every task). A producer's selector matches only its role's tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str | None = None
+    owner: str | None = None
+    batch_id: int | None = None
+    label: str | None = None
+    doc_id: int | None = None
+    status: list[str] | str | None = None
+
+
+class BulkPriorityIn(SelectorIn):
+    priority: int = Field(ge=-1_000_000, le=1_000_000)
+
+
+class CapIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_running: int = Field(ge=0, le=1_000_000, description="Most tasks of the type running at once, cluster-wide.")
+
+
 def _ids(text: str | None) -> list[int]:
     """``1,2,3`` from a live stream's query string; anything else is a bad request."""
     if not text:
@@ -143,6 +166,19 @@ def _safe_next(target: str | None, fallback: str) -> str:
     return fallback
 
 
+def _tally(result: dict[int, str]) -> str:
+    """``3 task(s) affected (2 cancelled, 1 running)``: the confirmation line of a bulk action."""
+    counts: dict[str, int] = {}
+    for status in result.values():
+        counts[status] = counts.get(status, 0) + 1
+    detail = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return f"{len(result)} task(s) affected" + (f" ({detail})" if detail else "")
+
+
+def _queue_json(q: QueueState) -> dict[str, Any]:
+    return {**q.model_dump(mode="json"), "served": q.served}
+
+
 def _upload_report(result: Any) -> dict[str, Any]:
     files = []
     for f in result.files:
@@ -161,12 +197,12 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     console = console or ConsoleSettings()
     store = Store(url, settings)
     templates = Jinja2Templates(env=_environment())
-    state: dict[str, Any] = {"read_only": True}
+    state: dict[str, Any] = {"read_only": True, "control": False}
     hub_box: list[live.Hub] = []
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state["read_only"] = await run_in_threadpool(store.read_only)
+        state["read_only"], state["control"] = await run_in_threadpool(store.access)
         hub = live.Hub(store.url, settings.schema_name)
         hub.start()
         hub_box.append(hub)
@@ -178,7 +214,9 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     app = FastAPI(title="jobq", version=__version__, lifespan=lifespan, openapi_url="/api/openapi.json",
                   docs_url=None, redoc_url=None,
-                  description="The HTTP API of jobq's web console: enqueue, upload, read, cancel, retry, follow.")
+                  description="The HTTP API of jobq's web console: enqueue, upload, read, cancel, retry, follow; "
+                              "cancel, retry or reprioritise a selection of tasks; pause, resume or cap a queue "
+                              "(the schema owner's role only).")
     app.state.store = store
     app.state.hubs = hub_box
     app.mount("/static", StaticFiles(packages=[("jobq_console", "static")]), name="static")
@@ -211,7 +249,8 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     def page(request: Request, name: str, *, status_code: int = 200, **context: Any) -> Response:
         token = csrf_token(request)
         response = templates.TemplateResponse(request, name, {
-            "csrf": token, "read_only": state["read_only"], "msg": request.query_params.get("msg", ""),
+            "csrf": token, "read_only": state["read_only"], "control": state["control"] and not state["read_only"],
+            "msg": request.query_params.get("msg", ""),
             "statuses": STATUSES, "version": __version__, **context}, status_code=status_code)
         if request.cookies.get(CSRF_COOKIE) != token:
             response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict")
@@ -239,7 +278,16 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview(request: Request) -> Response:
         rows = store.overview()
-        return page(request, "overview.html", rows=rows, at=rows[0]["at"] if rows else None)
+        return page(request, "overview.html", rows=rows, at=rows[0]["at"] if rows else None,
+                    flow=store.flow_control())
+
+    @app.post("/queues/{type}/{action}", include_in_schema=False)
+    def queue_action(request: Request, type: str, action: str, csrf: Csrf = "",
+                     max_running: Annotated[int | None, Form()] = None) -> Response:
+        may_write(request, csrf)
+        q = store.control_queue(action, type, max_running)
+        cap = f", cap {q.max_running}" if q.max_running is not None else ", no cap"
+        return back("/", f"{type}: {'paused' if q.paused else 'active'}{cap}")
 
     @app.get("/tasks", response_class=HTMLResponse, include_in_schema=False)
     def tasks_page(request: Request, status: Statuses = None, type: str | None = None, owner: str | None = None,
@@ -253,6 +301,32 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
         return page(request, "tasks.html", tasks=found, more=more, chosen=set(status or []),
                     f={"type": type or "", "owner": owner or "", "label": label or "", "doc": doc or "",
                        "error": error or ""})
+
+    @app.post("/tasks/bulk", include_in_schema=False)
+    def tasks_bulk(request: Request, action: Annotated[str, Form()], csrf: Csrf = "",
+                   status: Annotated[list[str] | None, Form()] = None, type: Annotated[str, Form()] = "",
+                   owner: Annotated[str, Form()] = "", label: Annotated[str, Form()] = "",
+                   doc: Annotated[int | None, Form()] = None,
+                   priority: Annotated[int | None, Form()] = None) -> Response:
+        """The selection the task list's filters describe (the error-text filter cannot select: the form
+        is not offered with it); with no filter at all the client refuses (400)."""
+        may_write(request, csrf)
+        statuses = [s for s in status or [] if s]
+        selector: dict[str, Any] = {"status": statuses or None, "type": type or None, "owner": owner or None,
+                                    "label": label or None, "doc_id": doc}
+        if action == "cancel":
+            message = f"cancel: {_tally(store.cancel_where(**selector))}"
+        elif action == "retry":
+            message = f"retry: {_tally(store.retry_where(**selector))}"
+        elif action == "priority":
+            if priority is None:
+                raise InvalidPayload("set priority needs a priority")
+            message = f"priority {priority}: {len(store.prioritize_where(priority, **selector))} task(s) affected"
+        else:
+            raise InvalidPayload(f"no bulk action {action!r}: cancel, retry or priority")
+        shown: list[tuple[str, Any]] = [("status", s) for s in statuses]
+        shown += [(k, v) for k, v in (("type", type), ("owner", owner), ("label", label), ("doc", doc)) if v]
+        return back(f"/tasks?{urlencode(shown)}" if shown else "/tasks", message)
 
     @app.get("/tasks/{task_id}", response_class=HTMLResponse, include_in_schema=False)
     def task_page(request: Request, task_id: int) -> Response:
@@ -364,6 +438,56 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
                             before_id=before, limit=limit)
         return {"tasks": [t.model_dump(mode="json") for t in found],
                 "next": found[-1].id if len(found) == limit else None}
+
+    @app.post("/api/tasks/cancel", tags=["bulk"])
+    def api_cancel_where(request: Request, body: SelectorIn) -> dict[str, Any]:
+        """Cancel every live task the selector matches: ``{tasks: {id: status}, count}``; 400 without a selector."""
+        may_write(request, api=True)
+        result = store.cancel_where(**body.model_dump())
+        return {"tasks": {str(k): v for k, v in result.items()}, "count": len(result)}
+
+    @app.post("/api/tasks/retry", tags=["bulk"])
+    def api_retry_where(request: Request, body: SelectorIn) -> dict[str, Any]:
+        """Retry every failed or cancelled task the selector matches; 400 without a selector."""
+        may_write(request, api=True)
+        result = store.retry_where(**body.model_dump())
+        return {"tasks": {str(k): v for k, v in result.items()}, "count": len(result)}
+
+    @app.post("/api/tasks/prioritize", tags=["bulk"])
+    def api_prioritize_where(request: Request, body: BulkPriorityIn) -> dict[str, Any]:
+        """Give the queued and waiting tasks the selector matches a new priority; 400 without a selector."""
+        may_write(request, api=True)
+        changed = store.prioritize_where(body.priority, **body.model_dump(exclude={"priority"}))
+        return {"changed": changed, "count": len(changed)}
+
+    @app.get("/api/queues", tags=["queues"])
+    def api_queues() -> dict[str, Any]:
+        """Every type known (queues table, live tasks, live workers): paused, cap, counts, live workers."""
+        return {"queues": [_queue_json(q) for q in store.queues()]}
+
+    def queue_change(request: Request, type: str, action: str, max_running: int | None = None) -> dict[str, Any]:
+        may_write(request, api=True)
+        return _queue_json(store.control_queue(action, type, max_running))
+
+    @app.post("/api/queues/{type}/pause", tags=["queues"])
+    def api_pause(request: Request, type: str) -> dict[str, Any]:
+        """Stop claiming the type from the next claim on (running tasks carry on); 403 unless the schema owner."""
+        return queue_change(request, type, "pause")
+
+    @app.post("/api/queues/{type}/resume", tags=["queues"])
+    def api_resume(request: Request, type: str) -> dict[str, Any]:
+        """Claim the type again; 403 unless the schema owner."""
+        return queue_change(request, type, "resume")
+
+    @app.post("/api/queues/{type}/cap", tags=["queues"])
+    def api_cap(request: Request, type: str, body: CapIn) -> dict[str, Any]:
+        """At most ``max_running`` tasks of the type running at once; 403 unless the schema owner."""
+        return queue_change(request, type, "cap", body.max_running)
+
+    @app.delete("/api/queues/{type}/cap", tags=["queues"])
+    def api_uncap(request: Request, type: str) -> dict[str, Any]:
+        """Remove the type's cap; 403 unless the schema owner."""
+        return queue_change(request, type, "uncap")
 
     @app.get("/api/tasks/{task_id}", tags=["tasks"])
     def api_task(task_id: int) -> dict[str, Any]:

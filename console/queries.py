@@ -8,7 +8,7 @@ from jobqueue import SQLFile
 class ConsoleSQL(SQLFile, package="jobq_console", filename="sql/console.sql"):
     """Every statement the console runs itself (the rest goes through Client and jobq_workers)."""
 
-    read_only: str
+    access: str
     overview: str
     parents: str
     children: str
@@ -19,8 +19,8 @@ class ConsoleSQL(SQLFile, package="jobq_console", filename="sql/console.sql"):
     document_chunks: str
     document_summaries: str
     running_tasks: str
-    set_priority: str
     live_tasks: str
     live_documents: str
     workers: str
     failures: str
+    flow_control: str

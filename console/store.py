@@ -25,6 +25,7 @@ from jobqueue import (
     DatabaseUnavailable,
     InvalidPayload,
     PermissionDenied,
+    QueueState,
     Settings,
     Task,
     TaskNotFound,
@@ -40,6 +41,10 @@ CHUNK_PREVIEW = 400
 STOPPED_VISIBLE_SECONDS = 3600
 # (type, error) groups the failures page lists.
 FAILURE_GROUPS = 200
+# Flow-controlled keys the overview lists (held back and busiest first).
+FLOW_KEYS = 50
+# The queue controls: each is the Client method of that name (cap also takes the number).
+QUEUE_ACTIONS = ("pause", "resume", "cap", "uncap")
 
 
 class TooLarge(InvalidPayload):
@@ -110,12 +115,19 @@ class Store:
 
     # -- reads
 
-    def read_only(self) -> bool:
-        row = self.one(self.q.read_only)
-        return bool(row and row["read_only"])
+    def access(self) -> tuple[bool, bool]:
+        """(read-only, may control queues) for this login."""
+        row = self.one(self.q.access) or {}
+        return bool(row.get("read_only", True)), bool(row.get("control", False))
 
     def overview(self) -> list[Row]:
         return self.rows(self.q.overview)
+
+    def flow_control(self) -> list[Row]:
+        return self.rows(self.q.flow_control, FLOW_KEYS)
+
+    def queues(self) -> list[QueueState]:
+        return self.client.queues(connection=self._conn())
 
     def tasks(self, *, status: Sequence[str] | None = None, type: str | None = None, owner: str | None = None,
               label: str | None = None, doc_id: int | None = None, error: str | None = None,
@@ -182,13 +194,45 @@ class Store:
         return self.client.retry(task_id, doc_id=doc_id, connection=self._conn())
 
     def set_priority(self, priority: int, task_id: int | None = None, doc_id: int | None = None) -> list[int]:
+        """Through the client's prioritize (a SECURITY DEFINER function), so a producer login may push
+        its own tasks, not only the schema owner."""
         if task_id is None and doc_id is None:
             raise InvalidPayload("name a task or a document")
-        if task_id is not None:
-            self.task(task_id)  # 404 for an unknown id
-        else:
-            self.document(doc_id or 0)
-        return [int(r["id"]) for r in self.rows(self.q.set_priority, task_id, doc_id, priority)]
+        if doc_id is not None:
+            self.document(doc_id)  # 404 for an unknown document
+        return self.client.prioritize(task_id, priority=priority, doc_id=doc_id, connection=self._conn())
+
+    # -- the selection a list's filters describe (refused without any filter: never every task)
+
+    def cancel_where(self, **selector: Any) -> dict[int, str]:
+        return self.client.cancel_where(**selector, reason="Task stopped from the web console.",
+                                        connection=self._conn())
+
+    def retry_where(self, **selector: Any) -> dict[int, str]:
+        return self.client.retry_where(**selector, connection=self._conn())
+
+    def prioritize_where(self, priority: int, **selector: Any) -> list[int]:
+        return self.client.prioritize(priority=priority, **selector, connection=self._conn())
+
+    # -- queue control (the schema owner only: docs/roles.md)
+
+    def control_queue(self, action: str, type: str, max_running: int | None = None) -> QueueState:
+        """Pause, resume, cap or uncap `type`; its state afterwards. A role that may not write the
+        queues table gets a PermissionDenied that says who may."""
+        if action not in QUEUE_ACTIONS:
+            raise InvalidPayload(f"no queue action {action!r}: one of {', '.join(QUEUE_ACTIONS)}")
+        conn = self._conn()
+        try:
+            if action == "cap":
+                if max_running is None:
+                    raise InvalidPayload("cap needs max_running")
+                self.client.cap(type, max_running, connection=conn)
+            else:
+                getattr(self.client, action)(type, connection=conn)
+        except PermissionDenied as exc:
+            raise PermissionDenied(f"only the schema owner may {action} a queue; this console's database role "
+                                   f"may not (docs/roles.md): {exc}") from None
+        return next(q for q in self.queues() if q.type == type)
 
     def enqueue(self, type: str, payload: Any = None, **options: Any) -> int:
         return self.client.enqueue(type, payload, connection=self._conn(), **options)

@@ -159,12 +159,13 @@ def serve(app: Any) -> Iterator[str]:
         sock.close()
 
 
-def dashboard_login(url: str) -> str:
-    """The URL of a new login in the read-only role `jobq roles` creates (<schema>_dashboard)."""
+def dashboard_login(url: str, kind: str = "dashboard") -> str:
+    """The URL of a new login in a role `jobq roles` creates: by default the read-only <schema>_dashboard
+    (`kind` "producer" for <schema>_producer)."""
     res = jobq_cli("roles")
     assert res.returncode == 0, res.stderr
-    login = f"viewer_{uuid.uuid4().hex[:8]}"
+    login = f"{'viewer' if kind == 'dashboard' else kind}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(url, autocommit=True) as c:
-        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_dashboard")
+        c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_{kind}")
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}"))

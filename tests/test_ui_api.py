@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -184,8 +185,11 @@ def test_openapi_describes_the_api(web: TestClient) -> None:
     paths = spec["paths"]
     for path in ("/api/tasks", "/api/tasks/{task_id}", "/api/tasks/{task_id}/cancel", "/api/tasks/{task_id}/retry",
                  "/api/tasks/{task_id}/events", "/api/documents", "/api/documents/{doc_id}",
-                 "/api/documents/{doc_id}/events"):
+                 "/api/documents/{doc_id}/events", "/api/tasks/cancel", "/api/tasks/retry", "/api/tasks/prioritize",
+                 "/api/queues", "/api/queues/{type}/pause", "/api/queues/{type}/resume", "/api/queues/{type}/cap"):
         assert path in paths, path
+    assert {"post", "delete"} <= set(paths["/api/queues/{type}/cap"])
+    assert "max_running" in json.dumps(spec["components"]["schemas"]["CapIn"])
     assert "post" in paths["/api/documents"] and "multipart/form-data" in json.dumps(paths["/api/documents"])
     assert not [p for p in paths if not p.startswith("/api/")]  # the pages are not part of the API
 
@@ -528,3 +532,187 @@ def test_document_actions_and_stale_workers(web: TestClient, client: Client, con
     html = web.get("/workers").text
     rows = re.findall(r'<tr class="(stale|)">\s*<td>(w-\w+)</td>', html)
     assert sorted(rows) == [("", "w-new"), ("stale", "w-old")]
+
+
+# ---------------------------------------------------------------- queue control and bulk actions
+
+
+@pytest.fixture(scope="module")
+def producer_url(db_url: str) -> Iterator[str]:
+    """A login in the producer role (<schema>_producer): it may enqueue and change its own tasks, not
+    pause or cap a queue (docs/roles.md)."""
+    url = dashboard_login(db_url, "producer")
+    yield url
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute(f"DROP ROLE {urlsplit(url).username}")
+
+
+def queue_of(web: TestClient, task_type: str) -> dict[str, Any]:
+    return next(q for q in web.get("/api/queues").json()["queues"] if q["type"] == task_type)
+
+
+def test_api_pause_resume_cap_uncap_a_queue(web: TestClient, client: Client, clean: None) -> None:
+    client.enqueue("ui_ok", {})
+    q = queue_of(web, "ui_ok")
+    assert (q["paused"], q["max_running"], q["queued"], q["workers"], q["served"]) == (False, None, 1, 0, False)
+    r = web.post("/api/queues/ui_ok/pause", headers=API)
+    assert r.status_code == 200, r.text
+    assert r.json()["paused"] is True and queue_of(web, "ui_ok")["paused"] is True
+    assert next(s for s in client.queues() if s.type == "ui_ok").paused  # the client sees the same state
+    assert web.post("/api/queues/ui_ok/cap", json={"max_running": 2}, headers=API).json()["max_running"] == 2
+    assert next(s for s in client.queues() if s.type == "ui_ok").max_running == 2
+    r = web.delete("/api/queues/ui_ok/cap", headers=API)
+    assert r.status_code == 200 and r.json()["max_running"] is None
+    assert web.post("/api/queues/ui_ok/resume", headers=API).json()["paused"] is False
+    state = next(s for s in client.queues() if s.type == "ui_ok")
+    assert (state.paused, state.max_running) == (False, None)
+    # a queue with no task yet can be paused ahead of the first enqueue
+    assert web.post("/api/queues/ui_slow/pause", headers=API).json()["paused"] is True
+    assert queue_of(web, "ui_slow")["queued"] == 0
+
+    def err(resp: httpx.Response, code: int) -> str:
+        assert resp.status_code == code, resp.text
+        return str(resp.json()["error"])
+
+    assert "max_running" in err(web.post("/api/queues/ui_ok/cap", json={"max_running": -1}, headers=API), 400)
+    err(web.post("/api/queues/ui_ok/cap", json={}, headers=API), 400)
+    assert "task type name" in err(web.post("/api/queues/bad%20name!/pause", headers=API), 400)
+    err(web.post("/api/queues/ui_ok/pause"), 403)  # a browser without the client header or CSRF token
+
+
+def test_api_bulk_cancel_retry_prioritize_by_selector(web: TestClient, client: Client, clean: None) -> None:
+    blue = client.enqueue_many("ui_ok", [{"i": i} for i in range(3)], labels=["blue"])
+    other = client.enqueue("ui_ok", {"i": 99}, labels=["green"])
+
+    def err(resp: httpx.Response, code: int) -> str:
+        assert resp.status_code == code, resp.text
+        return str(resp.json()["error"])
+
+    for path in ("/api/tasks/cancel", "/api/tasks/retry"):
+        assert "selector" in err(web.post(path, json={}, headers=API), 400)
+    assert "selector" in err(web.post("/api/tasks/prioritize", json={"priority": 3}, headers=API), 400)
+    err(web.post("/api/tasks/cancel", json={"label": "blue", "colour": "x"}, headers=API), 400)
+    assert "cannot cancel 'done'" in err(web.post("/api/tasks/cancel", json={"status": ["done"]}, headers=API), 400)
+
+    r = web.post("/api/tasks/prioritize", json={"label": "blue", "priority": 7}, headers=API)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"changed": sorted(blue), "count": 3}
+    assert {t.priority for t in client.list(label="blue")} == {7} and client.get(other).priority == 0
+    r = web.post("/api/tasks/cancel", json={"type": "ui_ok", "label": "blue"}, headers=API)
+    assert r.json() == {"tasks": {str(i): "cancelled" for i in blue}, "count": 3}
+    assert client.get(other).status == "queued"
+    r = web.post("/api/tasks/retry", json={"label": "blue", "status": "cancelled"}, headers=API)
+    assert r.json() == {"tasks": {str(i): "queued" for i in blue}, "count": 3}
+    assert web.post("/api/tasks/cancel", json={"label": "nothing-has-it"}, headers=API).json() == {"tasks": {},
+                                                                                                  "count": 0}
+    assert web.post("/api/tasks/cancel", json={"label": "blue"}).status_code == 403  # no CSRF, no client header
+
+
+def test_overview_queue_controls_and_flow_section(web: TestClient, client: Client, conn: psycopg.Connection[Any],
+                                                  clean: None) -> None:
+    conn.execute("TRUNCATE flow_rules, flow_grants")
+    client.enqueue("ui_ok", {})
+    html = web.get("/").text
+    assert 'action="/queues/ui_ok/pause"' in html and 'action="/queues/ui_ok/cap"' in html
+    assert "no worker" in html and 'id="flow"' not in html  # nothing is flow-controlled
+    token = page_csrf(web, "/")
+    assert web.post("/queues/ui_ok/pause", data={}).status_code == 403  # CSRF
+    r = web.post("/queues/ui_ok/pause", data={"csrf": token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/?msg=")
+    assert next(s for s in client.queues() if s.type == "ui_ok").paused
+    html = web.get("/").text
+    assert 'class="badge paused"' in html and 'action="/queues/ui_ok/resume"' in html
+    r = web.post("/queues/ui_ok/cap", data={"csrf": token, "max_running": "3"}, follow_redirects=False)
+    assert r.status_code == 303 and "cap 3" in web.get(r.headers["location"]).text
+    web.post("/queues/ui_ok/uncap", data={"csrf": token})
+    web.post("/queues/ui_ok/resume", data={"csrf": token})
+    state = next(s for s in client.queues() if s.type == "ui_ok")
+    assert (state.paused, state.max_running) == (False, None)
+    assert web.post("/queues/ui_ok/explode", data={"csrf": token}).status_code == 400
+
+    conn.execute("INSERT INTO flow_rules (type, key, max_per_key) VALUES ('ui_ok', 'owner', 1)")
+    for _ in range(2):
+        client.enqueue("ui_ok", {}, owner="tenant-<b>")
+    conn.execute("UPDATE tasks SET status = 'running', worker_id = 'w', started_at = now(), attempt = 1, "
+                 "lease_expires_at = now() + interval '1 hour' WHERE id = (SELECT min(id) FROM tasks "
+                 "WHERE owner = 'tenant-<b>')")
+    try:
+        html = web.get("/").text
+        flow = html[html.index('id="flow"'):]
+        assert "tenant-&lt;b&gt;" in flow and "<b>" not in flow.split("</table>")[0]
+        row = re.search(r"<td>ui_ok</td><td>tenant-&lt;b&gt;</td><td>(\d+)</td><td>(\d+)</td>\s*<td>(\d+)</td>", flow)
+        assert row and row.groups() == ("1", "1", "1"), flow[:600]  # 1 queued, 1 running, limit 1
+        assert '<span class="bad">1</span>' in flow and "limit" in flow  # held back by the limit
+    finally:
+        conn.execute("TRUNCATE tasks, flow_rules, flow_grants RESTART IDENTITY CASCADE")
+
+
+def test_bulk_actions_on_the_tasks_page(web: TestClient, client: Client, clean: None) -> None:
+    red = client.enqueue_many("ui_ok", [{"i": i} for i in range(4)], labels=["red"])
+    keep = client.enqueue("ui_ok", {}, labels=["plain"])
+    assert 'id="bulk"' not in web.get("/tasks").text  # no filter: no bulk form
+    assert 'id="bulk"' not in web.get("/tasks?label=red&error=x").text  # the error text cannot select
+    html = web.get("/tasks?label=red&status=queued").text
+    form = html[html.index('id="bulk"'):html.index("</form>", html.index('id="bulk"'))]
+    assert 'name="label" value="red"' in form and 'name="status" value="queued"' in form
+    token = page_csrf(web, "/tasks?label=red")
+    assert web.post("/tasks/bulk", data={"action": "cancel", "label": "red"}).status_code == 403  # CSRF
+    r = web.post("/tasks/bulk", data={"csrf": token, "action": "cancel"})
+    assert r.status_code == 400 and "selector" in r.text  # nothing selected: refused, never every task
+    r = web.post("/tasks/bulk", data={"csrf": token, "action": "priority", "priority": "5", "label": "red",
+                                      "status": "queued"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert {t.priority for t in client.list(label="red")} == {5} and client.get(keep).priority == 0
+    r = web.post("/tasks/bulk", data={"csrf": token, "action": "cancel", "label": "red", "priority": ""},
+                 follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/tasks?label=red&msg=")
+    assert "cancel: 4 task(s) affected (4 cancelled)" in web.get(r.headers["location"]).text
+    assert {client.get(i).status for i in red} == {"cancelled"} and client.get(keep).status == "queued"
+    r = web.post("/tasks/bulk", data={"csrf": token, "action": "retry", "label": "red", "status": "cancelled"})
+    assert r.status_code == 200 and "retry: 4 task(s) affected (4 queued)" in r.text
+    assert web.post("/tasks/bulk", data={"csrf": token, "action": "burn", "label": "red"}).status_code == 400
+
+
+def test_priority_goes_through_the_client_so_a_producer_may(producer_url: str, client: Client, clean: None) -> None:
+    """A producer login holds no UPDATE on tasks: the console's priority action is the client's prioritize
+    (ownership rules), not an UPDATE of its own; pausing a queue stays the schema owner's, refused with a
+    message saying so."""
+    with TestClient(create_app(producer_url)) as prod:
+        r = prod.post("/api/tasks", json={"type": "ui_ok", "labels": ["mine"]}, headers=API)
+        assert r.status_code == 201, r.text
+        mine = r.json()["id"]
+        assert prod.post(f"/api/tasks/{mine}/priority", json={"priority": 4}, headers=API).json() == {
+            "changed": [mine]}
+        assert client.get(mine).priority == 4
+        other = client.enqueue("ui_ok", {}, labels=["mine"])  # by the owner, not the producer
+        r = prod.post(f"/api/tasks/{other}/priority", json={"priority": 4}, headers=API)
+        assert r.status_code == 403 and "another role" in r.json()["error"]
+        r = prod.post("/api/tasks/prioritize", json={"label": "mine", "priority": 6}, headers=API)
+        assert r.json() == {"changed": [mine], "count": 1}  # its selector matches only its own tasks
+        r = prod.post("/api/queues/ui_ok/pause", headers=API)
+        assert r.status_code == 403 and "only the schema owner" in r.json()["error"], r.text
+        # (its overview is refused by the database: the producer role reads no observation view)
+        token = page_csrf(prod, f"/tasks/{mine}")
+        r = prod.post("/queues/ui_ok/pause", data={"csrf": token})
+        assert r.status_code == 403 and "only the schema owner" in r.text and "Traceback" not in r.text
+    assert not next(s for s in client.queues() if s.type == "ui_ok").paused
+
+
+def test_read_only_role_has_no_queue_or_bulk_action(dashboard_url: str, client: Client, clean: None) -> None:
+    client.enqueue("ui_ok", {}, labels=["ro"])
+    with TestClient(create_app(dashboard_url)) as ro:
+        assert "queues" in ro.get("/api/queues").json()
+        for path in ("/", "/tasks?label=ro"):
+            html = ro.get(path).text
+            assert 'method="post"' not in html and 'id="bulk"' not in html, path
+        ro.cookies.set("jobq_csrf", "t")
+        assert ro.post("/queues/ui_ok/pause", data={"csrf": "t"}).status_code == 403
+        assert ro.post("/tasks/bulk", data={"csrf": "t", "action": "cancel", "label": "ro"}).status_code == 403
+        for path, body in (("/api/tasks/cancel", {"label": "ro"}), ("/api/tasks/retry", {"label": "ro"}),
+                           ("/api/tasks/prioritize", {"label": "ro", "priority": 1}), ("/api/queues/ui_ok/pause", None),
+                           ("/api/queues/ui_ok/cap", {"max_running": 1})):
+            r = ro.post(path, json=body, headers=API)
+            assert r.status_code == 403 and "read-only" in r.json()["error"], path
+        assert ro.delete("/api/queues/ui_ok/cap", headers=API).status_code == 403
+    assert [t.status for t in client.list(label="ro")] == ["queued"]
+    assert not next(s for s in client.queues() if s.type == "ui_ok").paused

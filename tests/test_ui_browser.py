@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ async def br_slow(ctx: Context, payload: Any) -> None:
     for i in range(3000):
         ctx.progress(i / 3000, f"step {i} of 3000")
         await asyncio.sleep(0.005)
+
+
+@task("br_quick")
+async def br_quick(ctx: Context, payload: Any) -> Any:
+    return {"ok": True}
 
 
 @task("br_fail", max_retries=0)
@@ -143,7 +149,6 @@ def test_every_page_loads_without_console_errors(tab: Tab, client: Client) -> No
         page.wait_for_timeout(300)  # let the live stream open
     assert tab.errors == []
     tab.go("/")
-    tab.shoot("ui-overview.png")
     assert tab.page.evaluate("typeof alert") == "function"  # the page is alive ...
     assert "<script>alert(1)</script>" in tab.go(f"/tasks/{failed}").locator("#payload").text_content()
     # ... and the payload's script tag is text on the page, not an element
@@ -183,12 +188,62 @@ def test_a_read_only_role_sees_no_action(browser: Any, db_url: str, client: Clie
     with serve(create_app(dashboard_login(db_url))) as base:
         t = Tab(browser, base)
         try:
-            for path in [*PAGES, f"/tasks/{queued}"]:
+            for path in [*PAGES, f"/tasks/{queued}", "/tasks?type=br_slow&status=queued"]:
                 page = t.go(path)
                 assert page.locator("#read-only").count() == 1, path
                 assert page.locator("form[method=post]").count() == 0, path
                 assert page.locator("input[type=file]").count() == 0, path
+                # no queue control, no bulk action
+                assert page.locator("#bulk, .controls, button[name=action]").count() == 0, path
+            assert t.go("/").locator('tr[data-queue="br_slow"]').count() == 1  # the queue is listed, not its controls
             assert t.errors == []
         finally:
             t.close()
     client.cancel(queued)
+
+
+def test_pause_and_resume_a_queue_from_the_overview(tab: Tab, client: Client) -> None:
+    held = client.enqueue("br_quick", {"held": True})
+    page = tab.go("/")
+    row = 'tr[data-queue="br_quick"]'
+    assert page.locator(f"{row} .badge.paused").count() == 0
+    page.click(f"{row} button:has-text('Pause')")
+    page.wait_for_url(re.compile(r"/\?msg="))
+    assert "br_quick: paused" in tab.text(".flash")
+    assert page.locator(f"{row} .badge.paused").count() == 1
+    assert page.locator(f"{row} button:has-text('Resume')").count() == 1
+    assert next(q for q in client.queues() if q.type == "br_quick").paused
+    with BackgroundWorker(["br_quick", "br_fail"], poll_seconds=0.2):
+        # the worker claims: a task of a type not paused is taken and finished ...
+        probe = client.enqueue("br_fail", {})
+        wait_for(lambda: client.get(probe).status == "failed", timeout=30)
+        # ... while the paused type's task was in every one of its claims and stays queued
+        assert client.get(held).status == "queued"
+        tab.go("/")
+        tab.shoot("ui-overview.png")
+        page.click(f"{row} button:has-text('Resume')")
+        page.wait_for_url(re.compile(r"/\?msg="))
+        assert "br_quick: active" in tab.text(".flash")
+        assert page.locator(f"{row} .badge.paused").count() == 0
+        wait_for(lambda: client.get(held).status == "done", timeout=30)
+    assert not next(q for q in client.queues() if q.type == "br_quick").paused
+    assert tab.errors == []
+
+
+def test_bulk_cancel_a_filtered_selection_from_the_tasks_page(tab: Tab, client: Client) -> None:
+    label = f"bulk-{uuid.uuid4().hex[:6]}"
+    chosen = [client.enqueue("br_slow", {}, labels=[label]) for _ in range(3)]
+    other = client.enqueue("br_slow", {})
+    page = tab.go(f"/tasks?label={label}&status=queued")
+    assert page.locator("#tasks tbody tr").count() == 3
+    tab.shoot("ui-tasks.png")
+    page.click("#bulk button[value=cancel]")
+    page.wait_for_url(re.compile(r"/tasks\?status=queued&label=.*&msg="))
+    assert "cancel: 3 task(s) affected (3 cancelled)" in tab.text(".flash")
+    assert page.locator("#tasks tbody tr").count() == 1  # the same filters (queued): nothing left but the note
+    tab.go(f"/tasks?label={label}")
+    assert page.locator('#tasks [data-field="status"]').all_text_contents() == ["cancelled"] * 3
+    assert {client.get(i).status for i in chosen} == {"cancelled"}
+    assert client.get(other).status == "queued"  # outside the selection
+    client.cancel(other)
+    assert tab.errors == []

@@ -4,10 +4,14 @@
 -- Conventions as in jobqueue/db/sql/client.sql: `{schema}` is filled in by the loader, parameters are
 -- PostgreSQL's $1, $2 ..., a NULL filter is off, lists page by keyset (the last key seen), never OFFSET.
 
--- name: read_only
--- Whether this login may change anything: jobq_dashboard logs in read-only and holds no INSERT on tasks.
+-- name: access
+-- Whether this login may change anything (jobq_dashboard logs in read-only and holds no INSERT on tasks),
+-- and whether it may pause or cap queues: that writes the queues table, which only the schema owner
+-- may (docs/roles.md); the jobq_* roles see the state but not the controls.
 SELECT current_setting('transaction_read_only') = 'on'
-       OR NOT has_any_column_privilege('{schema}.tasks', 'INSERT') AS read_only;
+       OR NOT has_any_column_privilege('{schema}.tasks', 'INSERT') AS read_only,
+       current_setting('transaction_read_only') = 'off'
+       AND has_table_privilege('{schema}.queues', 'INSERT, UPDATE') AS control;
 
 -- name: parents
 SELECT id, type, status, progress FROM {schema}.tasks WHERE id = ANY($1::bigint[]) ORDER BY id;
@@ -79,12 +83,6 @@ WHERE status = 'running' AND lease_expires_at IS NOT NULL
 ORDER BY worker_id, id
 LIMIT 1000;
 
--- name: set_priority
--- Push a task ($1) or every task of a document ($2) ahead or back: only tasks not yet claimed.
-UPDATE {schema}.tasks SET priority = $3::int
-WHERE (id = $1::bigint OR doc_id = $2::bigint) AND status IN ('waiting', 'queued')
-RETURNING id;
-
 -- name: live_tasks
 -- What a page shows live of each task; the newest progress line is the last line of progress_msg.
 SELECT id, status, progress, regexp_replace(progress_msg, '^.*\n', '') AS message
@@ -111,8 +109,8 @@ SELECT type, error, failed, retried, tasks, first_seen, last_seen, latest_task_i
 FROM {schema}.failures ORDER BY last_seen DESC LIMIT $1;
 
 -- name: overview
--- Per type, from the views `jobq top` reads: queue_depth summed over priorities, the queues table's pause
--- and cap, and the last hour's latency (the latency view's other windows are not computed: the
+-- Per type, from the views `jobq top` reads: queue_depth summed over priorities, queue_state's pause, cap
+-- and live workers serving the type (also for a type with no task yet), and the last hour's latency (the latency view's other windows are not computed: the
 -- period filter removes their branches).
 WITH depth AS (
     SELECT type, sum(queued) AS queued, sum(runnable) AS runnable, sum(scheduled) AS scheduled,
@@ -132,8 +130,17 @@ SELECT COALESCE(d.type, q.type) AS type,
        COALESCE(d.cancelled_last_hour, 0) AS cancelled_last_hour,
        COALESCE(d.oldest_wait_seconds, 0) AS oldest_wait_seconds,
        COALESCE(d.paused, false) OR COALESCE(q.paused, false) AS paused, q.max_running,
-       l.wait_p50, l.run_p50, l.run_p95, now() AS at
+       COALESCE(q.workers, 0) AS workers, l.wait_p50, l.run_p50, l.run_p95, now() AS at
 FROM depth d
-FULL JOIN {schema}.queues q ON q.type = d.type
+FULL JOIN {schema}.queue_state q ON q.type = d.type
 LEFT JOIN lat l ON l.type = COALESCE(d.type, q.type)
 ORDER BY 1;
+
+-- name: flow_control
+-- The overview's flow-control section (view of migration 0009): per (type, key) running, limit, rate and
+-- what is held back, the held-back and the busiest first, at most $1 rows.
+SELECT type, key, fair, queued, running, max_per_key, rate_n, rate_secs, rate_by_key, rate_used, held_by,
+       held_back, wait_seconds
+FROM {schema}.flow_control
+ORDER BY held_back DESC, running DESC, queued DESC, type, key
+LIMIT $1;
