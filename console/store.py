@@ -24,12 +24,15 @@ from jobqueue import (
     DatabaseError,
     DatabaseUnavailable,
     InvalidPayload,
+    JobqError,
     PermissionDenied,
     QueueState,
     Settings,
     Task,
     TaskNotFound,
+    UnknownTaskType,
     connect,
+    get_type,
 )
 
 from .queries import ConsoleSQL
@@ -235,7 +238,21 @@ class Store:
         return next(q for q in self.queues() if q.type == type)
 
     def enqueue(self, type: str, payload: Any = None, **options: Any) -> int:
+        """The library accepts a type its process never registered (a producer without the handlers);
+        a form or an API call has no --import, so here a type must be registered in this server or known
+        to the database (a queue row, live tasks or a live worker serving it): a typo is a 422, not a
+        task no worker will ever take."""
+        if not self._known(type):
+            raise UnknownTaskType(f"unknown task type {type!r}: this server does not register it and no "
+                                  "worker, queue or live task has it")
         return self.client.enqueue(type, payload, connection=self._conn(), **options)
+
+    def _known(self, type: str) -> bool:
+        try:
+            get_type(type)
+            return True
+        except JobqError:
+            return any(q.type == type for q in self.queues())
 
     def upload(self, files: Sequence[Upload], **options: Any) -> Any:
         """Store the uploads under their own names in a temporary folder and enqueue them as one batch
