@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .runtime.context import Context
     from .settings import Settings, get_settings
     from .states import LIVE, TERMINAL, Status
+    from .tracing import traced
 
 __version__ = "0.1.0"
 
@@ -89,6 +90,7 @@ _WHERE = {
     "retry": ".client.sync",
     "retry_after_seconds": ".backpressure",
     "task": ".registry",
+    "traced": ".tracing",
 }
 
 
@@ -149,4 +151,5 @@ __all__ = [
     "retry",
     "retry_after_seconds",
     "task",
+    "traced",
 ]
