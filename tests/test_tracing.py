@@ -5,7 +5,6 @@ and without opentelemetry nothing changes (no trace context in the row)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from support import REPO, BackgroundWorker, wait_for
+from support import REPO, SCHEMA, BackgroundWorker, create_database, drop_database, wait_for
 
 from jobqueue import AsyncClient, Client, Context, Snooze, TaskSpec, task
 
@@ -233,3 +232,44 @@ def test_without_opentelemetry_it_all_works_and_writes_nothing(db_url: str, conn
     ids = [int(i) for i in out.stdout.strip().split(",")]
     rows = conn.execute("SELECT status, trace_context FROM tasks WHERE id = ANY(%s)", (ids,)).fetchall()
     assert rows == [("done", None)] * 3
+
+
+def test_migration_grants_the_column_to_existing_producers(server_url: str) -> None:
+    """A role granted column INSERT on tasks before the migration (as `jobq roles` grants producers)
+    may insert trace_context after it, without running `jobq roles` again; down and up again."""
+    import uuid
+
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from jobqueue.admin.migrate import alembic_config, migrate
+
+    url = create_database(server_url)
+    role = f"jobq_tr_{uuid.uuid4().hex[:6]}"
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("0011").down_revision
+    assert isinstance(before, str)
+
+    def may_insert() -> bool | None:
+        with psycopg.connect(url) as c:
+            if not c.execute("SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+                             "AND table_name = 'tasks' AND column_name = 'trace_context'", (SCHEMA,)).fetchone()[0]:
+                return None
+            return bool(c.execute("SELECT has_column_privilege(%s, %s, 'trace_context', 'INSERT')",
+                                  (role, f'"{SCHEMA}".tasks')).fetchone()[0])
+
+    try:
+        migrate(url, revision=before)
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(f'CREATE ROLE "{role}"')
+            c.execute(f'GRANT INSERT (type, payload) ON "{SCHEMA}".tasks TO "{role}"')
+        assert may_insert() is None
+        migrate(url)
+        assert may_insert() is True
+        command.downgrade(alembic_config(url), before)
+        assert may_insert() is None
+        migrate(url)
+        assert may_insert() is True
+    finally:
+        drop_database(server_url, url)
+        with psycopg.connect(server_url, autocommit=True) as c:
+            c.execute(f'DROP ROLE IF EXISTS "{role}"')
