@@ -206,7 +206,7 @@ BLOCKED = textwrap.dedent("""
     from jobqueue import Client, tracing, task
     from support import BackgroundWorker, wait_for
 
-    assert tracing.trace is None and not tracing.enabled() and tracing.current_context() is None
+    assert not tracing.enabled() and tracing.current_context() is None
     with tracing.traced("no-op", {"a": 1}):
         pass
 
@@ -273,3 +273,14 @@ def test_migration_grants_the_column_to_existing_producers(server_url: str) -> N
         drop_database(server_url, url)
         with psycopg.connect(server_url, autocommit=True) as c:
             c.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_jobq_never_imports_opentelemetry_itself() -> None:
+    """Installed but unused, the extra costs nothing: not even its import (the app imports it to trace)."""
+    code = ("import sys, jobqueue, jobqueue.client.sync, jobqueue.client.aio, jobqueue.runtime.worker, "
+            "jobq_workers.documents; from jobqueue import tracing; "
+            "assert tracing.current_context() is None and not tracing.enabled(); "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
