@@ -134,6 +134,7 @@ class Executor:
         with span:
             span.ack = await self._run(a)
             span.reason = a.ctx.cancel_reason
+        a.ctx.trace = None  # a hard-timed-out thread's late progress() is no event of the ended span
         return span.ack
 
     async def _run(self, a: Attempt) -> Ack | None:
