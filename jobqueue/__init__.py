@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .runtime.context import Context, ParentOutcome
     from .settings import Settings, get_settings
     from .states import LIVE, TERMINAL, RunOn, Status
+    from .tracing import traced
 
 __version__ = "0.1.0"
 
@@ -93,6 +94,7 @@ _WHERE = {
     "retry": ".client.sync",
     "retry_after_seconds": ".backpressure",
     "task": ".registry",
+    "traced": ".tracing",
 }
 
 
@@ -156,4 +158,5 @@ __all__ = [
     "retry",
     "retry_after_seconds",
     "task",
+    "traced",
 ]

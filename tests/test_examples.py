@@ -49,6 +49,11 @@ def test_queue_control(db_url: str) -> None:
     assert result["first"] == "urgent" and result["done"] == 4 and result["retries_spent"] == 0
 
 
+def test_tracing(db_url: str) -> None:
+    result = load("tracing").main()
+    assert result == {"one_trace": True, "outcomes": ["retry", "done"], "events": ["embedding 12 chunks", "stored"]}
+
+
 def test_http_api(db_url: str) -> None:
     assert load("http_api").main() == "done"
 
@@ -106,6 +111,6 @@ def test_cli_enqueue(db_url: str) -> None:
 def test_every_example_is_tested() -> None:
     tested = {"quickstart", "transactional_enqueue", "cancel_running", "pipeline", "make_samples", "flow_control",
               "queue_control", "http_api", "producer", "wait_for_result", "ingest", "testing_with_jobq", "cron",
-              "callbacks", "retry_policy", "cli_enqueue"}
+              "callbacks", "retry_policy", "cli_enqueue", "tracing"}
     present = {p.stem for p in Path(REPO / "examples").glob("*.py")}
     assert present <= tested, f"examples without a test: {present - tested}"

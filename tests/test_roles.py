@@ -433,3 +433,24 @@ def test_print_sql_and_missing_password(roles: str) -> None:
         env={"JOBQ_DASHBOARD_PASSWORD": "", "JOBQ_PRODUCER_PASSWORD": "", "JOBQ_WORKER_PASSWORD": ""},
     )
     assert res.returncode == 1 and "JOBQ_DASHBOARD_PASSWORD" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_producer_enqueues_with_a_trace_context(conn: psycopg.Connection[Any], as_role: Any, db_url: str) -> None:
+    """The trace context (jobq[otel]) is an enqueue column: a producer writes it on every enqueue path."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    prod = as_role(PRODUCER)
+    client = Client(db_url)
+    span = NonRecordingSpan(SpanContext(trace_id=0x5CE0E9A56015FEC5AADFA328AE398115, span_id=0xAB54A98CEB1F0AD2,
+                                        is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+    try:
+        with trace.use_span(span):
+            ids = [client.enqueue("r_ok", {}, connection=prod), *client.enqueue_many("r_ok", [{}, {}], connection=prod),
+                   client.enqueue("r_ok", {}, dedupe_key=f"k-{uuid.uuid4()}", connection=prod)]
+    finally:
+        client.close()
+    parents = {r[0] for r in conn.execute("SELECT trace_context->>'traceparent' FROM tasks WHERE id = ANY(%s)",
+                                          (ids,))}
+    assert parents == {"00-5ce0e9a56015fec5aadfa328ae398115-ab54a98ceb1f0ad2-01"}
+    conn.execute("DELETE FROM tasks WHERE id = ANY(%s)", (ids,))

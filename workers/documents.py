@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from jobqueue import Client, DocumentError, JobqError, Settings, TaskSpec, connect, get_settings, get_type
+from jobqueue import Client, DocumentError, JobqError, Settings, TaskSpec, connect, get_settings, get_type, traced
 
 from . import splitter
 from .extras import require_document_stack
@@ -247,9 +247,11 @@ class _NothingStored(Exception):
 
 def _store_safely(conn: psycopg.Connection[Any], q: DocumentSQL, client: Client, item: _Prepared, batch_id: int,
                   plan: _Plan) -> FileResult:
-    """One file under a savepoint of its own: refused by us or by the database, it leaves no row."""
+    """One file under a savepoint of its own: refused by us or by the database, it leaves no row. One
+    trace per document: its range tasks and its follow-up (raptor) are enqueued under one span."""
     try:
-        with conn.transaction():
+        with (traced("jobq.enqueue document", {"jobq.document.path": item.path, "jobq.batch_id": batch_id}),
+              conn.transaction()):
             return _store(conn, q, client, item, batch_id, plan)
     except JobqError as exc:
         return FileResult(item.path, error=str(exc))

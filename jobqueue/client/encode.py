@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
-from jobqueue import registry
+from jobqueue import registry, tracing
 from jobqueue.errors import InvalidPayload, TaskNotFound
 from jobqueue.models import TaskSpec
 from jobqueue.settings import Settings
@@ -46,6 +46,7 @@ class TaskRow(NamedTuple):
     to_page: int | None
     owner: str | None
     digest: str | None
+    trace_context: str | None  # JSON text for jsonb: the enqueueing span's context (jobqueue.tracing)
 
 
 # The columns of client.sql's copy_tasks, in order: a reserved id, the row, the batch's labels.
@@ -206,10 +207,10 @@ def _encode(spec: registry.TaskType, payload: Any, settings: Settings) -> str:
 def row(task_type: str, spec: TaskSpec, settings: Settings) -> TaskRow:
     """One task spec, validated into its named row."""
     t = registry.for_enqueue(task_type, settings.schema_name)
-    return _row(t, spec, settings, _encode(t, spec.payload, settings))
+    return _row(t, spec, settings, _encode(t, spec.payload, settings), tracing.current_context())
 
 
-def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str) -> TaskRow:
+def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str, trace: str | None) -> TaskRow:
     priority = _int32("priority", spec.priority if spec.priority is not None else t.priority)
     assert priority is not None
     return TaskRow(
@@ -225,16 +226,17 @@ def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str)
         to_page=_int32("to_page", spec.to_page),
         owner=_text("owner", spec.owner, limit=200),
         digest=_text("digest", spec.digest, limit=200),
+        trace_context=trace,
     )
 
 
 def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[TaskRow]:
     """Rows of an enqueue_many batch: a bare payload takes the type's defaults, computed once."""
     t = registry.for_enqueue(task_type, settings.schema_name)
-    d = _row(t, TaskSpec(), settings, "")
-    return [_row(t, item, settings, _encode(t, item.payload, settings)) if isinstance(item, TaskSpec)
+    d = _row(t, TaskSpec(), settings, "", tracing.current_context())
+    return [_row(t, item, settings, _encode(t, item.payload, settings), d.trace_context) if isinstance(item, TaskSpec)
             else TaskRow(d.type, d.priority, _encode(t, item, settings), None, d.max_retries,
-                         None, None, None, None, None, None, None)
+                         None, None, None, None, None, None, None, d.trace_context)
             for item in items]
 
 
@@ -295,13 +297,14 @@ def plan_dependencies(parents: Iterable[Mapping[str, Any]], wanted: Sequence[int
 
 def enqueue_params(r: TaskRow, labels: list[str] | None, deps: list[int] | None, plan: Plan,
                    when: str | None = None) -> tuple[Any, ...]:
-    """client.sql `enqueue` ($1..$18)."""
+    """client.sql `enqueue` ($1..$19)."""
     return (r.type, r.priority, r.payload, r.run_at, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
-            r.from_page, r.to_page, r.owner, labels, r.digest, plan.status, deps, plan.pending, plan.line, when)
+            r.from_page, r.to_page, r.owner, labels, r.digest, plan.status, deps, plan.pending, plan.line, when,
+            r.trace_context)
 
 
 def enqueue_many_params(rows: Sequence[TaskRow], labels: list[str] | None) -> tuple[Any, ...]:
-    """client.sql `enqueue_many`: one array per column ($1..$12), then the labels ($13)."""
+    """client.sql `enqueue_many`: one array per column ($1..$13), then the labels ($14)."""
     return (*([getattr(r, f) for r in rows] for f in TaskRow._fields), labels)
 
 
@@ -315,7 +318,7 @@ def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] 
     now = datetime.now(UTC)
     lab = labels or []
     return [(i, r.type, r.priority, r.payload, r.run_at or now, r.max_retries, r.dedupe_key, r.doc_id, r.batch_id,
-             r.from_page, r.to_page, r.owner, r.digest, lab) for i, r in zip(ids, rows, strict=True)]
+             r.from_page, r.to_page, r.owner, r.digest, r.trace_context, lab) for i, r in zip(ids, rows, strict=True)]
 
 
 def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapping[str, Any]]) -> list[int]:

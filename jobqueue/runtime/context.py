@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from jobqueue.db.queries import RuntimeSQL
+    from jobqueue.tracing import AttemptSpan
 
 # How many pending message lines a task keeps between two flushes (the log is bounded anyway).
 MAX_PENDING_LINES = 64
@@ -51,6 +52,7 @@ class ClaimedTask:
     owner: str | None
     labels: list[str]
     digest: str | None
+    trace_context: str | None = None  # JSON: the enqueueing span's context (jobqueue.tracing)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Context:
         self._pending_progress: float | None = None
         self._pending_lines: deque[str] = deque(maxlen=MAX_PENDING_LINES)
         self._dirty = False
+        self.trace: AttemptSpan | None = None  # the attempt's span, when tracing is on (runtime.executor)
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -142,6 +145,8 @@ class Context:
                 self._pending_lines.append(self.line(message))
             first = not self._dirty
             self._dirty = True
+        if message and self.trace is not None:
+            self.trace.progress(fraction, message)
         if first and self._on_progress is not None:
             self._on_progress(self)
 

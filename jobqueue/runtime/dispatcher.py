@@ -103,7 +103,7 @@ class Dispatcher:
             attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
             created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
             from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
-            digest=row["digest"],
+            digest=row["digest"], trace_context=row.get("trace_context"),
         )
         ctx = Context(task, log=log, transaction=self._transaction, on_progress=self.progress.mark,
                       connection=self._connection, sql=self.completer.q)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import json
 import math
 import re
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+from jobqueue import tracing
 from jobqueue.db.connect import redact_text
 from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
 from jobqueue.registry import TaskType
@@ -125,7 +127,17 @@ class Executor:
 
     async def run(self, a: Attempt) -> Ack | None:
         """Run the handler; the Ack to write, or None when there is nothing to write (the attempt is
-        no longer ours, or ``ctx.transaction()`` completed it)."""
+        no longer ours, or ``ctx.transaction()`` completed it). With tracing on, under the attempt's span."""
+        span = a.ctx.trace = tracing.attempt_span(a.ctx)
+        if span is None:
+            return await self._run(a)
+        with span:
+            span.ack = await self._run(a)
+            span.reason = a.ctx.cancel_reason
+        a.ctx.trace = None  # a hard-timed-out thread's late progress() is no event of the ended span
+        return span.ack
+
+    async def _run(self, a: Attempt) -> Ack | None:
         outcome, value = await self._invoke(a)
         a.future = None  # from here on a cancel can no longer interrupt this attempt's own writes
         ctx = a.ctx
@@ -220,7 +232,10 @@ class Executor:
 
             fut = asyncio.ensure_future(run_in_process(spec, ctx, payload))
         else:
-            a.thread = self.pool.submit(spec.handler, ctx, payload)
+            if ctx.trace is None:
+                a.thread = self.pool.submit(spec.handler, ctx, payload)
+            else:  # the handler's own spans (and what it enqueues) are children of the attempt's span
+                a.thread = self.pool.submit(contextvars.copy_context().run, spec.handler, ctx, payload)
             fut = asyncio.wrap_future(a.thread, loop=asyncio.get_running_loop())
         try:
             if fut is None:

@@ -10,15 +10,15 @@
 
 -- name: enqueue
 -- One task; a live task with the same dedupe_key wins and its id is returned with created = false.
--- $18: when it runs relative to its parents (run_on; NULL: success).
+-- $18: when it runs relative to its parents (run_on; NULL: success); $19: the enqueueing trace context.
 WITH ins AS (
     INSERT INTO {schema}.tasks (type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
                             from_page, to_page, owner, labels, digest, status, depends_on, pending_deps,
-                            progress_msg, finished_at, progress, run_on)
+                            progress_msg, finished_at, progress, run_on, trace_context)
     VALUES ($1, $2, $3::jsonb, COALESCE($4::timestamptz, now()), $5, $6, $7, $8, $9, $10, $11,
             COALESCE($12::text[], '{}'), $13, $14, $15, $16, COALESCE($17, ''),
             CASE WHEN $14 IN ('done', 'cancelled') THEN now() END,
-            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END, COALESCE($18::text, 'success'))
+            CASE WHEN $14 = 'done' THEN 1 ELSE 0 END, COALESCE($18::text, 'success'), $19::jsonb)
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
     DO NOTHING
     RETURNING id
@@ -36,15 +36,15 @@ WHERE $6::text IS NOT NULL AND dedupe_key = $6 AND status IN ('waiting', 'queued
 WITH input AS (
     SELECT i.*, nextval('{schema}.tasks_id_seq') AS new_id
     FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
-                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[])
+                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[], $13::text[])
         WITH ORDINALITY AS i(type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
-                             from_page, to_page, owner, digest, ord)
+                             from_page, to_page, owner, digest, trace_context, ord)
 ), ins AS (
     INSERT INTO {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
-                            from_page, to_page, owner, digest, labels)
+                            from_page, to_page, owner, digest, trace_context, labels)
     OVERRIDING SYSTEM VALUE
     SELECT new_id, type, priority, payload::jsonb, COALESCE(run_at, now()), max_retries, dedupe_key, doc_id,
-           batch_id, from_page, to_page, owner, digest, COALESCE($13::text[], '{}')
+           batch_id, from_page, to_page, owner, digest, trace_context::jsonb, COALESCE($14::text[], '{}')
     FROM input ORDER BY ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
     DO NOTHING
@@ -65,7 +65,7 @@ SELECT nextval('{schema}.tasks_id_seq') AS id FROM generate_series(1, $1::int);
 -- name: copy_tasks
 -- The COPY of a batch without dedupe keys; the columns are jobqueue.client.encode.COPY_COLUMNS.
 COPY {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
-                     from_page, to_page, owner, digest, labels) FROM STDIN;
+                     from_page, to_page, owner, digest, trace_context, labels) FROM STDIN;
 
 -- name: lock_parents
 -- Marks the parents of a new dependent task, locking them in id order (like every statement that

@@ -47,7 +47,7 @@ FROM candidates c
 WHERE t.id = c.id
 RETURNING t.id, t.type, t.priority, t.payload::text AS payload, t.attempt, t.retry_count, t.max_retries,
           t.created_at, t.run_at, t.doc_id, t.batch_id, t.from_page, t.to_page, t.owner, t.labels,
-          t.digest, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+          t.digest, t.cancel_requested_at IS NOT NULL AS cancel_requested, t.trace_context::text AS trace_context;
 
 -- name: running_count
 -- Cluster-wide running tasks of types that have a max_running cap (claims of capped types take a
