@@ -83,6 +83,7 @@ class CronSQL(SQLFile, package=PACKAGE, filename="sql/cron.sql"):
 class AdminSQL(SQLFile, package=PACKAGE, filename="sql/admin.sql"):
     """`jobq roles` (jobqueue/admin/roles.py): each statement returns the DDL to run."""
 
+    role_grants: str
     create_role: str
     reset_role: str
     grant_all_tables: str

@@ -3,9 +3,59 @@
 -- Roles and grants name identifiers, which PostgreSQL does not take as parameters. So each statement
 -- here *returns* the statement(s) to run, built by format() with %I (identifiers, quoted when needed)
 -- and %L (literals) from parameters: any schema or role name works, nothing is pasted by Python.
--- Privilege keywords are not identifiers: they come from the fixed table in roles.py and reach SQL
--- only through the CASE whitelist below ($n::text must be one of the listed words).
+-- Privilege keywords are not identifiers: they come from `role_grants` below and reach the GRANTs
+-- only through the CASE whitelists ($n::text must be one of the listed words).
 -- `{schema}` is not used: the schema is a parameter like the role.
+
+-- name: role_grants
+-- What each role may do besides the dashboard's SELECT on everything: the policy docs/roles.md
+-- explains, one row per grant, in the order `jobq roles` issues them. `object`: tables (the
+-- privileges on the relations in `names` that exist), columns (one privilege on the columns of the
+-- table `names[1]`, `only` those when not NULL, never those in `never`) or functions (EXECUTE on
+-- every overload of the names). Every role also gets USAGE on the schema's sequences.
+SELECT kind, object, privileges, names, never, only_columns
+FROM (VALUES
+    -- Reads tasks and documents; its own chunks through the own_chunks view (none on chunks itself).
+    -- Every role reads alembic_version: the CLI checks the schema's revision before it acts.
+    (1, 'producer', 'tables', ARRAY['SELECT'],
+        ARRAY['tasks', 'documents', 'queues', 'queue_state', 'document_progress', 'batch_progress',
+              'document_tasks', 'own_chunks', 'alembic_version', 'flow_control', 'schedules', 'schedules_due'],
+        NULL::text[], NULL::text[]),
+    (2, 'producer', 'tables', ARRAY['SELECT', 'INSERT', 'UPDATE'], ARRAY['batches'], NULL, NULL),
+    -- Enqueue (INSERT and COPY) writes the enqueue columns; the insert guard of 0005 keeps the status to
+    -- waiting, queued or cancelled. `id` is there for enqueue_many's preallocated ids. What only the
+    -- runtime writes, who enqueued a row, and a cron `schedule`/`tick` (a forged pair would take a
+    -- tick's place) are never the producer's.
+    (3, 'producer', 'columns', ARRAY['INSERT'], ARRAY['tasks'],
+        ARRAY['worker_id', 'attempt', 'lease_expires_at', 'started_at', 'result', 'last_error', 'retry_count',
+              'process_duration', 'cancel_requested_at', 'has_dependents', 'enqueued_by', 'created_at',
+              'schedule', 'tick'], NULL),
+    -- Enqueue with depends_on marks the parents (never unmarks them: a trigger of 0005).
+    (4, 'producer', 'columns', ARRAY['UPDATE'], ARRAY['tasks'], ARRAY[]::text[], ARRAY['has_dependents']),
+    (5, 'producer', 'columns', ARRAY['INSERT'], ARRAY['documents'], ARRAY['id', 'enqueued_by', 'created_at'], NULL),
+    (6, 'producer', 'columns', ARRAY['UPDATE'], ARRAY['documents'], ARRAY['id', 'enqueued_by', 'created_at'], NULL),
+    -- The producer's only other ways to change tasks (each checks the caller's ownership), by id and by
+    -- selector (0008).
+    (7, 'producer', 'functions', NULL,
+        ARRAY['cancel_tasks', 'retry_tasks', 'reuse_task', 'replace_document_run', 'cancel_where', 'retry_where',
+              'prioritize_tasks'], NULL, NULL),
+    -- Claim, heartbeat, progress, complete, rescue (select/update tasks, upsert workers). DELETE on tasks
+    -- and workers is the retention pass the workers run. Document handlers read documents and write
+    -- chunks (raptor replaces its summary levels).
+    (8, 'worker', 'tables', ARRAY['SELECT', 'UPDATE', 'DELETE'], ARRAY['tasks'], NULL, NULL),
+    (9, 'worker', 'tables', ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'], ARRAY['workers', 'chunks'], NULL, NULL),
+    (10, 'worker', 'tables', ARRAY['SELECT'], ARRAY['queues', 'documents', 'batches', 'alembic_version'], NULL, NULL),
+    -- Flow control (0009): the rate windows the claim reads, appends to and prunes.
+    (11, 'worker', 'tables', ARRAY['SELECT', 'INSERT', 'DELETE'], ARRAY['flow_grants'], NULL, NULL),
+    (12, 'worker', 'tables', ARRAY['SELECT'], ARRAY['flow_rules', 'flow_control'], NULL, NULL),
+    -- Cron: the worker declares its types' schedules and moves them on; it enqueues their ticks only
+    -- through fire_ticks (0010), never by INSERT on tasks.
+    (13, 'worker', 'tables', ARRAY['SELECT', 'INSERT', 'UPDATE'], ARRAY['schedules'], NULL, NULL),
+    -- Its types' flow declarations and their key index (0009), cron ticks (0010).
+    (14, 'worker', 'functions', NULL, ARRAY['declare_flow', 'fire_ticks'], NULL, NULL)
+) AS g(n, kind, object, privileges, names, never, only_columns)
+WHERE kind = $1
+ORDER BY n;
 
 -- name: create_role
 -- Concurrent runs (two databases on one cluster) race on the shared catalog: either error means
