@@ -12,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import asyncpg
+from jobqueue import TERMINAL, Listener
 
-from jobqueue import TERMINAL
-
-log = logging.getLogger("jobq.console")
 APPLICATION_NAME = "jobq-console-listen"
 # Streams re-read at most this often, however many notifications arrive (a busy document sends many).
 MIN_INTERVAL = 0.25
@@ -28,16 +24,20 @@ _DONE = {str(s) for s in TERMINAL}
 
 
 class Hub:
-    """The shared listener: a counter of notifications and an event that the next one sets."""
+    """The shared listener: a counter of notifications and an event that the next one sets. The
+    connection (reconnect with backoff, ping, a half-open socket noticed) is jobq's own Listener."""
 
     def __init__(self, url: str, schema: str) -> None:
-        self.url = url
-        self.channel = f"{schema}.progress"
         self.notifications = 0
         self.connects = 0
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
+        self.listener = Listener(url, [f"{schema}.progress"], self._notify, self._connected,
+                                 application_name=APPLICATION_NAME)
+
+    def _connected(self) -> None:
+        self.connects += 1
+        self._notify()  # anything missed while disconnected is re-read now
 
     def _notify(self, *_args: Any) -> None:
         self.notifications += 1
@@ -49,43 +49,14 @@ class Hub:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
 
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            lost = asyncio.Event()
-
-            def on_lost(_conn: Any, lost: asyncio.Event = lost) -> None:
-                lost.set()
-
-            try:
-                conn = await asyncpg.connect(self.url, timeout=10, statement_cache_size=0,
-                                             server_settings={"application_name": APPLICATION_NAME})
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("console LISTEN connection failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-                continue
-            delay = 0.5
-            self._conn = conn
-            self.connects += 1
-            conn.add_termination_listener(on_lost)
-            await conn.add_listener(self.channel, self._notify)
-            self._notify()  # anything missed while disconnected is re-read now
-            await lost.wait()
-            self._conn = None
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self.listener.run())
 
     async def stop(self) -> None:
+        await self.listener.stop()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+            self._task.cancel()  # it may be sleeping in a reconnect backoff
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def sse(event: str, data: Any) -> str:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .models import QueueState, Task, TaskSpec
     from .registry import declare, get_type, task
     from .runtime.context import Context, ParentOutcome
+    from .runtime.listener import Listener
     from .settings import Settings, get_settings
     from .states import LIVE, TERMINAL, RunOn, Status
     from .tracing import traced
@@ -62,6 +63,7 @@ _WHERE = {
     "InvalidPayload": ".errors",
     "InvalidTransition": ".errors",
     "JobqError": ".errors",
+    "Listener": ".runtime.listener",
     "ParentOutcome": ".runtime.context",
     "PermissionDenied": ".errors",
     "QueueState": ".models",
@@ -127,6 +129,7 @@ __all__ = [
     "InvalidPayload",
     "InvalidTransition",
     "JobqError",
+    "Listener",
     "ParentOutcome",
     "PermissionDenied",
     "QueueState",

@@ -34,8 +34,11 @@ class Listener:
         *,
         ping_seconds: float = 5.0,
         outage: Outage | None = None,
+        application_name: str | None = None,
     ) -> None:
         self.url = url
+        # Shown in pg_stat_activity, so an operator (or a test) can count these connections.
+        self.server_settings = {"application_name": application_name} if application_name else None
         self.channels = list(channels)
         self.on_notify = on_notify
         self.on_connect = on_connect
@@ -56,7 +59,8 @@ class Listener:
         self._lost.set()
 
     async def _connect(self) -> None:
-        conn = await asyncpg.connect(self.url, statement_cache_size=0, timeout=10)
+        conn = await asyncpg.connect(self.url, statement_cache_size=0, timeout=10,
+                                     server_settings=self.server_settings)
         conn.add_termination_listener(self._terminated)
         for ch in self.channels:
             await conn.add_listener(ch, self._callback)
@@ -74,15 +78,24 @@ class Listener:
                 self.outage.failed(exc, "LISTEN connection")
                 await backoff.wait()
                 continue
+            except Exception:  # never end silently: whoever relies on NOTIFY would wait on polls only
+                log.exception("LISTEN connection: unexpected error while connecting; retrying")
+                await backoff.wait()
+                continue
             self.outage.succeeded()
             if not first:
                 self.reconnects += 1
                 log.info("LISTEN connection re-established")
             first = False
             backoff.reset()
-            self.on_connect()
-            await self._watch()
-            await self._close()
+            try:
+                self.on_connect()
+                await self._watch()
+            except Exception:
+                log.exception("LISTEN connection: unexpected error; reconnecting")
+                await backoff.wait()
+            finally:
+                await self._close()
 
     async def _watch(self) -> None:
         """Return when the connection is gone (terminated, or failing its ping)."""
