@@ -56,8 +56,11 @@ def _edits(s: str) -> dict[str, list[tuple[str, str]]]:
     WHERE doc_id = p_doc AND NOT id = ANY (p_kept) AND status IN ('done', 'failed', 'cancelled');""",
             f"""UPDATE "{s}".tasks t
     SET superseded_at = now(), superseded_by = (SELECT d.batch_id FROM "{s}".documents d WHERE d.id = p_doc)
-    WHERE t.doc_id = p_doc AND NOT t.id = ANY (p_kept) AND t.status IN ('done', 'failed', 'cancelled')
-      AND t.superseded_at IS NULL;""")],
+    FROM (SELECT o.id FROM "{s}".tasks o
+          WHERE o.doc_id = p_doc AND NOT o.id = ANY (p_kept) AND o.status IN ('done', 'failed', 'cancelled')
+            AND o.superseded_at IS NULL
+          ORDER BY o.id FOR NO KEY UPDATE) AS old_run  -- rows locked in id order, as every statement does
+    WHERE t.id = old_run.id;""")],
         _RETRY: [("(t.id = ANY (p_ids) OR t.doc_id = p_doc) AND t.status IN ('failed', 'cancelled')",
                   "(t.id = ANY (p_ids) OR t.doc_id = p_doc) AND t.status IN ('failed', 'cancelled')"
                   " AND t.superseded_at IS NULL")],
