@@ -235,7 +235,7 @@ class Databases:
 
 
 @contextlib.contextmanager
-def _pointing_at(url: str) -> Iterator[None]:
+def pointing_at(url: str) -> Iterator[None]:
     """JOBQ_DATABASE_URL is `url` meanwhile; the cached settings and default client follow it."""
     from jobqueue.client import sync
 
@@ -319,7 +319,7 @@ def jobq_url(jobq_databases: Databases) -> Iterator[str]:
     """A migrated database of this test's own; JOBQ_DATABASE_URL points at it during the test."""
     url = jobq_databases.take()
     try:
-        with _pointing_at(url):
+        with pointing_at(url):
             yield url
     finally:
         jobq_databases.give_back(url)

@@ -17,8 +17,6 @@ import psycopg
 import pytest
 from support import SAMPLES, TEST_DATA, create_database, drop_database
 
-from jobqueue.settings import get_settings
-
 
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -53,20 +51,14 @@ def embedded_home(server_url: str) -> Path | None:
 def db_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test module; JOBQ_DATABASE_URL points at it."""
     from jobqueue.admin.migrate import migrate
+    from jobqueue.testing import pointing_at
 
     url = create_database(server_url)
-    old = os.environ.get("JOBQ_DATABASE_URL")
-    os.environ["JOBQ_DATABASE_URL"] = url
-    get_settings.cache_clear()
-    migrate(url)
     try:
-        yield url
+        with pointing_at(url):
+            migrate(url)
+            yield url
     finally:
-        if old is None:
-            os.environ.pop("JOBQ_DATABASE_URL", None)
-        else:
-            os.environ["JOBQ_DATABASE_URL"] = old
-        get_settings.cache_clear()
         drop_database(server_url, url)
 
 
