@@ -3,7 +3,8 @@ finished tasks in the tasks table, and an optional soak at a steady enqueue rate
 tuples and the claim index size over time (with or without a transaction pinning the xmin horizon).
 
     python -m bench.history --dsn postgresql://postgres@127.0.0.1:5432/test [--profile short|full]
-    python -m bench.history --dsn ... --soak-minutes 30 [--hold-xmin-minutes 10]
+    python -m bench.history --dsn ... --sizes 0,1000000 --repeat 3
+    python -m bench.history --dsn ... --soak-minutes 30 [--hold-xmin-minutes 10] [--out DIR]
 
 Each history size gets a fresh database; finished rows are written with generate_series (done,
 finished over the last 7 days), then ANALYZE; then 20,000 no-op tasks are drained by one worker
@@ -77,6 +78,13 @@ def drain(url: str, n: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["metric"]["jobs_per_s"])
 
 
+def server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as c:
+        row = c.execute("SHOW server_version").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
 def history_run(dsn: str, sizes: list[int], n: int) -> list[dict[str, Any]]:
     results = []
     for size in sizes:
@@ -99,8 +107,38 @@ def history_run(dsn: str, sizes: list[int], n: int) -> list[dict[str, Any]]:
     return results
 
 
-def soak(dsn: str, minutes: float, rate: int, hold_minutes: float) -> list[dict[str, Any]]:
-    """Steady enqueue at `rate`/s with one worker draining; every 30 s: dead tuples, claim index size."""
+def claim_p99_ms(conn: psycopg.Connection[Any], probes: int) -> float:
+    """p99 of the claim statement's server time over `probes` claims of one task, each rolled back.
+
+    A probe claims like a worker (same statement, SKIP LOCKED, so it never waits for the real worker)
+    and is undone, so the soak's accounting of done rows is untouched."""
+    q = RuntimeSQL.load(SCHEMA)
+    cur = psycopg.RawCursor(conn)
+    samples = []
+    for _ in range(probes):
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q.claim, (["noop"], [1], 1, "soak-probe", 30.0, []))
+        plan = cur.fetchone()
+        assert plan is not None
+        samples.append(float(plan[0][0]["Execution Time"]))
+        conn.rollback()
+    samples.sort()
+    return samples[min(len(samples) - 1, int(0.99 * len(samples)))]
+
+
+SOAK_SAMPLE = """
+SELECT n_dead_tup, pg_relation_size('tasks_claim_idx'), pg_relation_size('tasks'),
+       (SELECT count(*) FROM tasks WHERE status = 'queued'),
+       (SELECT count(*) FROM tasks WHERE status = 'done')
+FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass
+"""
+
+
+def soak(dsn: str, minutes: float, rate: int, hold_minutes: float, every_s: float = 30.0,
+         probes: int = 100) -> list[dict[str, Any]]:
+    """Steady enqueue at `rate`/s with one worker draining, optionally with a transaction pinning the
+    xmin horizon for the first `hold_minutes`. Every `every_s`: the window's throughput (done rows
+    per second), the claim statement's p99 (rolled-back probes), dead tuples, table and claim index
+    size and the backlog. The issue's test: the last 10 minutes against the first minute."""
     url = fresh_db(dsn, "bench_soak")
     worker = subprocess.Popen([sys.executable, "-m", "jobqueue", "worker", "--types", "noop", "--import",
                                "jobq_driver"], cwd=PEERS, env={**__import__("os").environ, "JOBQ_DATABASE_URL": url,
@@ -118,28 +156,57 @@ def soak(dsn: str, minutes: float, rate: int, hold_minutes: float) -> list[dict[
     if hold_minutes:
         holder.start()
     started = time.monotonic()
-    with psycopg.connect(url, autocommit=True) as c:
-        nxt = started
-        last_sample = 0.0
-        while time.monotonic() - started < minutes * 60:
-            c.execute("INSERT INTO tasks (type) SELECT 'noop' FROM generate_series(1, %s)", (rate // 10,))
-            nxt += 0.1
-            time.sleep(max(0.0, nxt - time.monotonic()))
-            if time.monotonic() - last_sample >= 30:
-                last_sample = time.monotonic()
-                row = c.execute(
-                    "SELECT n_dead_tup, pg_relation_size('tasks_claim_idx'), "
-                    "(SELECT count(*) FROM tasks WHERE status = 'queued'), "
-                    "(SELECT count(*) FROM tasks WHERE status = 'done') "
-                    "FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass").fetchone()
-                assert row is not None
-                samples.append({"t_s": round(last_sample - started), "dead_tuples": row[0],
-                                "claim_index_bytes": row[1], "queued": row[2], "done": row[3]})
-                print(json.dumps(samples[-1]), flush=True)
-    stop.set()
-    worker.terminate()
-    worker.wait(30)
+    try:
+        with psycopg.connect(url, autocommit=True) as c, psycopg.connect(url) as probe:
+            nxt = started
+            last_t, last_done = started, 0
+            while time.monotonic() - started < minutes * 60:
+                c.execute("INSERT INTO tasks (type) SELECT 'noop' FROM generate_series(1, %s)", (rate // 10,))
+                nxt += 0.1
+                time.sleep(max(0.0, nxt - time.monotonic()))
+                if time.monotonic() - last_t >= every_s:
+                    p99 = claim_p99_ms(probe, probes)
+                    now = time.monotonic()
+                    row = c.execute(SOAK_SAMPLE).fetchone()
+                    assert row is not None
+                    samples.append({"t_s": round(now - started), "jobs_per_s": round((row[4] - last_done)
+                                                                                      / (now - last_t), 1),
+                                    "claim_p99_ms": round(p99, 3), "dead_tuples": row[0],
+                                    "claim_index_bytes": row[1], "table_bytes": row[2], "queued": row[3],
+                                    "done": row[4], "xmin_held": bool(hold_minutes)
+                                    and now - started < hold_minutes * 60,
+                                    "loadavg": float(Path("/proc/loadavg").read_text().split()[0])})
+                    last_t, last_done = now, row[4]
+                    print(json.dumps(samples[-1]), flush=True)
+                    nxt = time.monotonic()  # the probe's time is not made up with a burst
+    finally:
+        stop.set()
+        worker.terminate()
+        worker.wait(30)
     return samples
+
+
+def soak_verdict(samples: list[dict[str, Any]], hold_minutes: float) -> dict[str, Any]:
+    """The issue's comparison: the last 10 minutes against the first minute, and dead tuples after
+    the hold (bounded: the last sample no higher than the highest within the first ten minutes
+    after the hold ended)."""
+    first = [s for s in samples if s["t_s"] <= 60] or samples[:1]
+    end = samples[-1]["t_s"]
+    last = [s for s in samples if s["t_s"] > end - 600]
+    med = statistics.median
+    out: dict[str, Any] = {
+        "first_minute": {"jobs_per_s": med(s["jobs_per_s"] for s in first),
+                         "claim_p99_ms": med(s["claim_p99_ms"] for s in first)},
+        "last_10_minutes": {"jobs_per_s": med(s["jobs_per_s"] for s in last),
+                            "claim_p99_ms": med(s["claim_p99_ms"] for s in last)},
+    }
+    for key in ("jobs_per_s", "claim_p99_ms"):
+        out[f"{key}_ratio"] = round(out["last_10_minutes"][key] / max(out["first_minute"][key], 1e-9), 3)
+    after = [s for s in samples if s["t_s"] > hold_minutes * 60]
+    if after:
+        out["dead_tuples_after_hold"] = {"max": max(s["dead_tuples"] for s in after),
+                                         "last": after[-1]["dead_tuples"]}
+    return out
 
 
 def main() -> None:
@@ -149,11 +216,25 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=0)
     ap.add_argument("--soak-rate", type=int, default=2000, help="tasks enqueued per second during the soak")
     ap.add_argument("--hold-xmin-minutes", type=float, default=0)
+    ap.add_argument("--sizes", help="comma-separated history sizes instead of the profile's, e.g. 0,1000000")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each size, one after the other")
+    ap.add_argument("--sample-seconds", type=float, default=30.0, help="soak: seconds between samples")
+    ap.add_argument("--out", type=Path, help="directory for soak.json (`python -m bench plots DIR` draws it)")
     args = ap.parse_args()
     if args.soak_minutes:
-        print(json.dumps({"soak": soak(args.dsn, args.soak_minutes, args.soak_rate, args.hold_xmin_minutes)}))
+        samples = soak(args.dsn, args.soak_minutes, args.soak_rate, args.hold_xmin_minutes, args.sample_seconds)
+        doc = {"soak": samples, "verdict": soak_verdict(samples, args.hold_xmin_minutes),
+               "rate": args.soak_rate, "hold_xmin_minutes": args.hold_xmin_minutes,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "server": server_version(args.dsn)}
+        print(json.dumps(doc))
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "soak.json").write_text(json.dumps(doc, indent=1))
         return
     sizes = [0, 1_000_000, 10_000_000] if args.profile == "full" else [0, 100_000]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = [size for size in sizes for _ in range(args.repeat)]
     print(json.dumps({"history": history_run(args.dsn, sizes, 20_000 if args.profile == "full" else 2_000)}))
 
 

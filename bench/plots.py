@@ -3,7 +3,8 @@
 From ``results.json`` (``python -m bench run``): ``throughput.png``, jobs/s by scenario and peer, and
 ``latency_cdf.png``, the CDF of enqueue -> handler start per peer (from the raw samples the drivers
 report). From ``sweep.json`` (``python -m bench sweep``): ``sweep.png``, jobs/s against concurrency,
-one line per worker-process count, with the 80 %-of-best line.
+one line per worker-process count, with the 80 %-of-best line. From ``soak.json`` (``python -m
+bench.history --soak-minutes M --out DIR``): ``soak.png``, throughput, claim p99 and dead tuples over time.
 
     python -m bench plots bench/results
 """
@@ -36,6 +37,9 @@ def draw(directory: Path) -> list[Path]:
     sweep_file = directory / "sweep.json"
     if sweep_file.exists():
         written.append(sweep(json.loads(sweep_file.read_text()), directory / "sweep.png"))
+    soak_file = directory / "soak.json"
+    if soak_file.exists():
+        written.append(soak(json.loads(soak_file.read_text()), directory / "soak.png"))
     for path in written:
         print(f"wrote {path}")
     return written
@@ -99,6 +103,27 @@ def sweep(doc: dict[str, Any], out: Path) -> Path:
     ax.set_title(f"jobq drain of {doc['n']:,} no-op tasks ({doc['date'][:10]})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def soak(doc: dict[str, Any], out: Path) -> Path:
+    """Throughput, claim p99 and dead tuples over the soak, the xmin hold shaded."""
+    samples = doc["soak"]
+    minutes = [s["t_s"] / 60 for s in samples]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
+    panels = (("jobs_per_s", "jobs/s"), ("claim_p99_ms", "claim p99 (ms)"), ("dead_tuples", "dead tuples"))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(minutes, [s[key] for s in samples], marker=".", linewidth=1)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if doc.get("hold_xmin_minutes"):
+            ax.axvspan(0, doc["hold_xmin_minutes"], color="orange", alpha=0.15,
+                       label="xmin held" if key == "jobs_per_s" else None)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("minutes")
+    axes[0].set_title(f"Soak: {doc['rate']:,} tasks/s enqueued, PostgreSQL {doc['server'].split()[0]} "
+                      f"({doc['date'][:10]})", fontsize=9)
     return _save(fig, out)
 
 
