@@ -112,7 +112,7 @@ def soak(doc: dict[str, Any], out: Path) -> Path:
     minutes = [s["t_s"] / 60 for s in samples]
     fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
     panels = (("jobs_per_s", "jobs/s"), ("claim_p99_ms", "claim p99 (ms)"), ("dead_tuples", "dead tuples"))
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.plot(minutes, [s[key] for s in samples], marker=".", linewidth=1)
         ax.set_ylabel(label, fontsize=8)
         ax.set_ylim(bottom=0)
