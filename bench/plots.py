@@ -120,7 +120,8 @@ def soak(doc: dict[str, Any], out: Path) -> Path:
         if doc.get("hold_xmin_minutes"):
             ax.axvspan(0, doc["hold_xmin_minutes"], color="orange", alpha=0.15,
                        label="xmin held" if key == "jobs_per_s" else None)
-    axes[0].legend(fontsize=7)
+    if doc.get("hold_xmin_minutes"):
+        axes[0].legend(fontsize=7)
     axes[-1].set_xlabel("minutes")
     axes[0].set_title(f"Soak: {doc['rate']:,} tasks/s enqueued, PostgreSQL {doc['server'].split()[0]} "
                       f"({doc['date'][:10]})", fontsize=9)
