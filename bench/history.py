@@ -7,7 +7,8 @@ tuples and the claim index size over time (with or without a transaction pinning
     python -m bench.history --dsn ... --soak-minutes 30 [--hold-xmin-minutes 10] [--out DIR]
 
 Each history size gets a fresh database; finished rows are written with generate_series (done,
-finished over the last 7 days), then ANALYZE; then 20,000 no-op tasks are drained by one worker
+finished over the last 6 days, inside the pruner's 7-day retention so that the
+worker's pruner leaves them alone during the drain), then ANALYZE; then 20,000 no-op tasks are drained by one worker
 process and the claim statement is timed on its own (EXPLAIN ANALYZE, median of 20).
 """
 
@@ -36,9 +37,9 @@ DRIVER = PEERS / "jobq_driver.py"
 LOAD_HISTORY = """
 INSERT INTO tasks (type, status, payload, progress, created_at, started_at, finished_at, run_at, attempt,
                         process_duration, result)
-SELECT 'noop', 'done', '{"i": 0}', 1, now() - interval '7 days' + g * interval '50 ms',
-       now() - interval '7 days' + g * interval '50 ms', now() - interval '7 days' + g * interval '50 ms',
-       now() - interval '7 days', 1, 0.001, NULL
+SELECT 'noop', 'done', '{"i": 0}', 1, now() - interval '6 days' + g * interval '50 ms',
+       now() - interval '6 days' + g * interval '50 ms', now() - interval '6 days' + g * interval '50 ms',
+       now() - interval '6 days', 1, 0.001, NULL
 FROM generate_series(1, %s) AS g
 """
 

@@ -97,16 +97,18 @@ def enqueue_batches(client: Client, n: int) -> None:
 
 def drain(args: Args, client: Client, conc: int) -> dict[str, Any]:
     """N no-op tasks queued, then drained by burst workers: jobs/s from the first handler to the last end."""
-    # The table may hold history already (bench/history.py): count only this run's tasks.
-    before = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
+    # The table may hold history already (bench/history.py), and the worker's pruner may delete some of it
+    # meanwhile: count only this run's tasks, the ids above the highest one before it.
+    before = client._own().execute("SELECT coalesce(max(id), 0) FROM jobq.tasks").fetchone()
     enqueue_batches(client, args.n)
     with workers(args, ["noop"], burst=True, count=args.processes, conc=conc) as group:
         group.wait(timeout_s=600)
         group.check_alive()
         start_t = first_start(group.events_dir)
         end_t = max(float(f[0]) for f in read_events(group.events_dir, "end"))
-    done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done'").fetchone()
-    if done is None or before is None or done[0] - before[0] != args.n:
+    done = client._own().execute("SELECT count(*) FROM jobq.tasks WHERE status = 'done' AND id > %s",
+                                 (before[0] if before else 0,)).fetchone()
+    if done is None or done[0] != args.n:
         raise RuntimeError(f"expected {args.n} done tasks, got {done}")
     return throughput(args.n, end_t - start_t)
 
