@@ -26,7 +26,9 @@ down_revision = "0011"
 branch_labels = None
 depends_on = None
 
-SIGNATURE = "(text, integer, text, double precision, text, boolean, integer, integer, double precision, boolean, boolean)"
+SIGNATURE = (
+    "(text, integer, text, double precision, text, boolean, integer, integer, double precision, boolean, boolean)"
+)
 
 
 def upgrade() -> None:
