@@ -38,6 +38,11 @@ class FlowClaims:
         self.rules: dict[str, Flow] = {t: s.flow for t, s in specs.items() if s.flow is not None}
         # After a claim a rate cut short: seconds until its window frees a grant (the fetcher's timer).
         self.wake_in: float | None = None
+        # Types with a per-key limit: a worker holding them back waits for a running task of theirs to
+        # end anywhere (the completers' NOTIFY on the finished channel), not for its own timer or poll.
+        self.limited = {t for t, r in self.rules.items() if r.limit is not None}
+        # A limited type got fewer tasks than asked at the last claim: a finished task may free a key.
+        self.held = False
 
     async def declare(self, conn: Any, worker_id: str) -> None:
         """Store this worker's declarations (and forget those of its types that have none now)."""
@@ -55,6 +60,7 @@ class FlowClaims:
         """Claim up to `want` tasks of the flow-controlled types with free slots, one type at a time."""
         rows: list[Any] = []
         self.wake_in = None
+        self.held = False
         for t, rule in self.rules.items():
             n = min(free.get(t, 0), want - len(rows))
             if n <= 0:
@@ -63,6 +69,7 @@ class FlowClaims:
                                    rule.rate, rule.rate_seconds, rule.rate_by_key,
                                    rule.limit is not None or rule.rate is not None)
             rows += got
+            self.held |= t in self.limited and len(got) < n
             if rule.rate is not None and len(got) < n:
                 wait = await conn.fetchval(self.q.flow_wait, t, rule.rate_seconds)
                 if wait is not None:
