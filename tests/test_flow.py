@@ -1,7 +1,8 @@
 """Flow control in the claim (issue 14), on a real PostgreSQL: fair claims, per-key concurrency limits
 (also across worker processes killed with SIGKILL and rescued), cluster-wide rate limits, the
 declarations' checks and the flow_control view. Rules are proven by what the claim returns and by
-the rows' started/finished intervals, never by timing."""
+the rows' started/finished intervals; the one bound in seconds (a held key woken by a task's end on
+another worker) is half of what the worker's own timer gives without the wake-up."""
 
 from __future__ import annotations
 

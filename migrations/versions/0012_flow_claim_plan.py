@@ -10,7 +10,10 @@ the key spec written into its text as literals and everything else as parameters
 prepared statement with a generic plan: the literals still fold into the key index's expression and
 partial predicate, and the plan is made once. A session that lost its prepared statements (DISCARD
 ALL of a pooler) prepares it again on its next claim; a changed index invalidates the plan the
-usual way. The claim also returns ``trace_context`` now, like the plain claim (0011).
+usual way. Each key's tasks are read from the key's first live task on (the skip scan that lists
+the keys finds it), instead of from the start of the key's index range, where the entries of the
+tasks claimed a moment ago pile up while an older transaction holds the xmin horizon. The claim
+also returns ``trace_context`` now, like the plain claim (0011).
 
 Revision ID: 0012
 Revises: 0011
@@ -48,9 +51,12 @@ DROP FUNCTION "{s}".claim_flow{SIGNATURE};
 --   * with a limit, a rate or a max_running cap, the type's cap lock (the one the plain claim of a
 --     capped type takes) before the statement, whose snapshot (each statement of a volatile
 --     function takes one) then sees every claim committed before: counts cannot move;
---   * a skip scan lists the keys that have queued tasks (one index descent each); a LATERAL per
---     key reads its first tasks in claim order, at most its room (the limit minus its running
---     tasks, a per-key rate minus its window's grants); ranked by priority, then (fair) by the key's
+--   * a skip scan lists the keys that have queued tasks and each key's first task (one index descent
+--     each); a LATERAL per key reads its tasks in claim order from that first one on, so the index
+--     entries of tasks claimed a moment ago (not yet dead to every snapshot while an older
+--     transaction runs) are stepped over once per claim, not twice; at most the
+--     key's room (the limit minus its running tasks, a per-key rate minus its window's grants);
+--     ranked by priority, then (fair) by the key's
 --     running tasks plus the task's rank within the key, so keys take turns and a key with nothing
 --     running goes first; locked with SKIP LOCKED and re-checked as queued;
 --   * started_at and the window's grant are one clock_timestamp() read under the lock, so an audit
@@ -100,17 +106,21 @@ BEGIN
                END AS n
         FROM (SELECT 1) one LEFT JOIN "{s}".queues q ON q.type = %1$L
     ), keys AS (
-        (SELECT "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) AS k
+        -- Each key with queued tasks and its first task in claim order: one index descent per key.
+        (SELECT "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) AS k,
+                t.priority AS p, t.run_at AS r, t.id AS i
          FROM "{s}".tasks t
          WHERE t.status = 'queued' AND t.type = %1$L
-         ORDER BY 1 LIMIT 1)
+         ORDER BY 1, t.priority DESC, t.run_at, t.id LIMIT 1)
         UNION ALL
-        SELECT (SELECT "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload)
-                FROM "{s}".tasks t
-                WHERE t.status = 'queued' AND t.type = %1$L
-                  AND "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) > keys.k
-                ORDER BY 1 LIMIT 1)
-        FROM keys WHERE keys.k IS NOT NULL
+        SELECT nxt.k, nxt.p, nxt.r, nxt.i
+        FROM keys CROSS JOIN LATERAL (
+            SELECT "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) AS k,
+                   t.priority AS p, t.run_at AS r, t.id AS i
+            FROM "{s}".tasks t
+            WHERE t.status = 'queued' AND t.type = %1$L
+              AND "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) > keys.k
+            ORDER BY 1, t.priority DESC, t.run_at, t.id LIMIT 1) nxt
     ), running AS MATERIALIZED (
         SELECT "{s}".flow_key(%2$L, r.owner, r.doc_id, r.batch_id, r.payload) AS k, count(*) AS n
         FROM "{s}".tasks r
@@ -124,17 +134,29 @@ BEGIN
         LEFT JOIN running run ON run.k = keys.k
         LEFT JOIN window_used u ON $8 AND u.key = keys.k
         CROSS JOIN LATERAL (
-            SELECT t.id, t.priority, t.run_at
-            FROM "{s}".tasks t
-            WHERE t.status = 'queued' AND t.type = %1$L AND t.run_at <= now()
-              AND "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) = keys.k
-            ORDER BY t.priority DESC, t.run_at, t.id
-            LIMIT least(room.n,
-                        CASE WHEN $5 IS NULL THEN room.n ELSE greatest(0, $5 - COALESCE(run.n, 0)) END,
-                        CASE WHEN $6 IS NULL OR NOT $8 THEN room.n
-                             ELSE greatest(0, $6 - COALESCE(u.n, 0)) END)
+            SELECT least(room.n,
+                         CASE WHEN $5 IS NULL THEN room.n ELSE greatest(0, $5 - COALESCE(run.n, 0)) END,
+                         CASE WHEN $6 IS NULL OR NOT $8 THEN room.n ELSE greatest(0, $6 - COALESCE(u.n, 0)) END) AS n
+        ) lim
+        CROSS JOIN LATERAL (
+            -- From the key's first task on (not from the start of the key's index range, where the
+            -- entries of tasks claimed a moment ago lie until they are dead to every snapshot), then
+            -- the key's lower priorities.
+            (SELECT t.id, t.priority, t.run_at
+             FROM "{s}".tasks t
+             WHERE t.status = 'queued' AND t.type = %1$L AND t.run_at <= now()
+               AND "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) = keys.k
+               AND t.priority = keys.p AND (t.run_at, t.id) >= (keys.r, keys.i)
+             ORDER BY t.priority DESC, t.run_at, t.id LIMIT lim.n)
+            UNION ALL
+            (SELECT t.id, t.priority, t.run_at
+             FROM "{s}".tasks t
+             WHERE t.status = 'queued' AND t.type = %1$L AND t.run_at <= now()
+               AND "{s}".flow_key(%2$L, t.owner, t.doc_id, t.batch_id, t.payload) = keys.k
+               AND t.priority < keys.p
+             ORDER BY t.priority DESC, t.run_at, t.id LIMIT lim.n)
+            LIMIT lim.n
         ) c
-        WHERE keys.k IS NOT NULL
     ), chosen AS (
         SELECT h.id FROM heads h
         ORDER BY h.priority DESC, CASE WHEN $4 THEN h.running + h.rn ELSE 0 END, h.run_at, h.id
