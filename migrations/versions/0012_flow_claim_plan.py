@@ -124,7 +124,8 @@ BEGIN
     ), running AS MATERIALIZED (
         SELECT "{s}".flow_key(%2$L, r.owner, r.doc_id, r.batch_id, r.payload) AS k, count(*) AS n
         FROM "{s}".tasks r
-        WHERE r.lease_expires_at IS NOT NULL AND r.status = 'running' AND r.type = %1$L
+        WHERE ($4 OR $5 IS NOT NULL)  -- only fairness and limits look at them (not a rate alone)
+          AND r.lease_expires_at IS NOT NULL AND r.status = 'running' AND r.type = %1$L
         GROUP BY 1
     ), heads AS (
         SELECT c.id, c.priority, c.run_at, COALESCE(run.n, 0) AS running,
