@@ -130,6 +130,16 @@ def test_priority_wins_over_fairness(client: Client, db_url: str, reset: None) -
     assert {r["priority"] for r in rows} == {5}
 
 
+def test_the_flow_claim_returns_the_trace_context(client: Client, db_url: str, conn: psycopg.Connection[Any],
+                                                  reset: None) -> None:
+    """Like the plain claim: the attempt's span is the enqueueing span's child (jobqueue.tracing)."""
+    tid = client.enqueue("f_fair", {}, owner="a")
+    context = '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    conn.execute("UPDATE tasks SET trace_context = %s::jsonb WHERE id = %s", (context, tid))
+    (row,) = claim(db_url, "f_fair", 1, declare=True)
+    assert row["trace_context"] is not None and '"traceparent"' in row["trace_context"]
+
+
 def test_fair_by_a_payload_field(client: Client, db_url: str, reset: None) -> None:
     add(client, "f_tenant", 10, {"tenant": "x"})
     add(client, "f_tenant", 2, {"tenant": "y"})

@@ -11,11 +11,15 @@ Why the claim is safe across workers:
 - a limit, a rate or a ``max_running`` cap makes the claim take the type's cap lock first (the lock
   the plain claim takes for capped types), before the statement whose snapshot then sees every
   claim that committed before; the running counts and the rate window cannot move under it (both
-  in the one call of the function ``claim_flow``, migration 0009);
+  in the one call of the function ``claim_flow``, migration 0012);
 - running tasks are counted from the tasks table itself: a killed worker's tasks keep counting until
   the rescuer requeues them, so a limit is never exceeded, only held a little longer;
 - the window's grants and the tasks' ``started_at`` are one clock reading taken under the lock, so
   readings are ordered like the claims and a sliding window audit of ``started_at`` agrees.
+
+A worker held back by a per-key limit (``held``) claims again when a task ends on any worker: it
+listens on the finished channel the completers notify (worker.py subscribes only when a type has a
+limit), so the key's next task starts then, not at the fetcher's backed-off timer.
 
 Types without a declaration never come here: their claim is the plain ``claim`` statement.
 """
