@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # A timer for a task that is already runnable (but was not ours to take) waits at least this, doubling
 # while it keeps happening, up to the poll interval.
 MIN_REARM_SECONDS = 0.005
+# A worker held back by a per-key limit claims again this long after a task ends anywhere: the
+# notifications of a busy cluster (one per completed batch of every worker) make at most one claim
+# per interval, for 20 ms of delay.
+FINISHED_COALESCE_SECONDS = 0.02
 
 
 class Fetcher:
@@ -75,10 +79,9 @@ class Fetcher:
 
     def on_finished(self) -> None:
         """Tasks reached a final state on some worker (the finished channel, heard only by workers with
-        a per-key limit): one held back by a limit claims again now instead of at its backed-off timer."""
+        a per-key limit): one held back by a limit claims again soon instead of at its backed-off timer."""
         if self.w.flow.held:
-            self.backlog = True
-            self.wake.set()
+            self.schedule_wake(FINISHED_COALESCE_SECONDS)
 
     def on_listen_connect(self) -> None:
         """A (re)connected LISTEN may have missed notifications: claim to catch up."""
