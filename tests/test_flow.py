@@ -1,7 +1,8 @@
 """Flow control in the claim (issue 14), on a real PostgreSQL: fair claims, per-key concurrency limits
 (also across worker processes killed with SIGKILL and rescued), cluster-wide rate limits, the
 declarations' checks and the flow_control view. Rules are proven by what the claim returns and by
-the rows' started/finished intervals, never by timing."""
+the rows' started/finished intervals; the one bound in seconds (a held key woken by a task's end on
+another worker) is half of what the worker's own timer gives without the wake-up."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import asyncpg
 import flow_handlers  # noqa: F401  (registers the f_* types)
 import psycopg
 import pytest
-from support import REPO, SCHEMA, one, wait_for
+from support import REPO, SCHEMA, BackgroundWorker, one, status, wait_for
 
 from jobqueue import Client, TaskSpec, task
+from jobqueue.db.queries import RuntimeSQL
 from jobqueue.errors import ConfigurationError
 from jobqueue.registry import get_type, unregister
 from jobqueue.runtime.worker import Worker
@@ -127,6 +130,16 @@ def test_priority_wins_over_fairness(client: Client, db_url: str, reset: None) -
     assert {r["priority"] for r in rows} == {5}
 
 
+def test_the_flow_claim_returns_the_trace_context(client: Client, db_url: str, conn: psycopg.Connection[Any],
+                                                  reset: None) -> None:
+    """Like the plain claim: the attempt's span is the enqueueing span's child (jobqueue.tracing)."""
+    tid = client.enqueue("f_fair", {}, owner="a")
+    context = '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    conn.execute("UPDATE tasks SET trace_context = %s::jsonb WHERE id = %s", (context, tid))
+    (row,) = claim(db_url, "f_fair", 1, declare=True)
+    assert row["trace_context"] is not None and '"traceparent"' in row["trace_context"]
+
+
 def test_fair_by_a_payload_field(client: Client, db_url: str, reset: None) -> None:
     add(client, "f_tenant", 10, {"tenant": "x"})
     add(client, "f_tenant", 2, {"tenant": "y"})
@@ -220,6 +233,34 @@ def test_limit_never_exceeded_by_several_workers_killed_and_rescued(
             SELECT sum(d) OVER (PARTITION BY owner ORDER BY at, d) AS running FROM ev) s""", limit_type, limit_type)
     assert 1 <= worst <= limit
     assert one(conn, "SELECT count(*) FROM tasks WHERE requeue_reason = 'lost'") >= 1  # rescued, then run
+
+
+def test_a_key_held_by_its_limit_starts_when_its_task_ends_on_another_worker(
+        client: Client, db_url: str, conn: psycopg.Connection[Any], reset: None) -> None:
+    """The held worker polls every 60 s, and its timer for a runnable task it may not take has backed
+    off (5 ms doubling: the pending one fires about 5 s after it started); only the completer's NOTIFY
+    on the finished channel can start the key's next task within a second of the other's end."""
+    add(client, "f_limited", 2, {}, owner="a")
+    elsewhere = claim(db_url, "f_limited", 2, worker="elsewhere", declare=True)
+    waiting = client.enqueue("f_limited", {}, owner="a")
+    with BackgroundWorker(["f_limited"], url=db_url, concurrency=4, poll_seconds=60):
+        time.sleep(3)
+        assert status(conn, waiting) == "queued"  # a held at its limit of 2
+        first = elsewhere[0]["id"]
+        owner_id = one(conn, "SELECT worker_id FROM tasks WHERE id = %s", first)
+
+        async def complete() -> None:  # the other worker's completer, as it commits
+            c = await asyncpg.connect(db_url)
+            try:
+                await c.fetch(RuntimeSQL.load(SCHEMA).complete_many, [first], [1], ["null"], ["done"], 4000, owner_id)
+            finally:
+                await c.close()
+
+        asyncio.run(complete())
+        wait_for(lambda: status(conn, waiting) != "queued", timeout=15)
+    lag = one(conn, "SELECT extract(epoch FROM w.started_at - f.finished_at)::float8 FROM tasks w, tasks f "
+                    "WHERE w.id = %s AND f.id = %s", waiting, first)
+    assert lag < 1.0, lag
 
 
 # ------------------------------------------------------------------ rate limits

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # A timer for a task that is already runnable (but was not ours to take) waits at least this, doubling
 # while it keeps happening, up to the poll interval.
 MIN_REARM_SECONDS = 0.005
+# A worker held back by a per-key limit claims again this long after a task ends anywhere: the
+# notifications of a busy cluster (one per completed batch of every worker) make at most one claim
+# per interval, for 20 ms of delay.
+FINISHED_COALESCE_SECONDS = 0.02
 
 
 class Fetcher:
@@ -73,6 +77,12 @@ class Fetcher:
         self.backlog = True
         self.wake.set()
 
+    def on_finished(self) -> None:
+        """Tasks reached a final state on some worker (the finished channel, heard only by workers with
+        a per-key limit): one held back by a limit claims again soon instead of at its backed-off timer."""
+        if self.w.flow.held:
+            self.schedule_wake(FINISHED_COALESCE_SECONDS)
+
     def on_listen_connect(self) -> None:
         """A (re)connected LISTEN may have missed notifications: claim to catch up."""
         self.backlog = True
@@ -87,8 +97,9 @@ class Fetcher:
 
     def room_freed(self) -> None:
         """The completer committed a batch: claims held back by its bound may go on, and a type held
-        back by its cluster-wide cap may have room now (its tasks count as running until this commit)."""
-        if self.held & self.capped:
+        back by its cluster-wide cap or a per-key limit may have room now (its tasks count as running
+        until this commit)."""
+        if self.held & self.capped or self.w.flow.held:
             self.backlog = True
         if self.backlog:
             self.wake.set()
@@ -219,6 +230,8 @@ class Fetcher:
         self.capped = set(row["capped"])
         self.held = {t for t in w.types if free[t] <= 0} | self.capped
         delay = row["delay"]
+        if delay is None or delay > 0:
+            w.flow.held = False  # nothing runnable waits: a task finishing elsewhere frees nothing for us
         if delay is None:
             return
         if delay <= 0:

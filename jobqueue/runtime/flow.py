@@ -11,11 +11,15 @@ Why the claim is safe across workers:
 - a limit, a rate or a ``max_running`` cap makes the claim take the type's cap lock first (the lock
   the plain claim takes for capped types), before the statement whose snapshot then sees every
   claim that committed before; the running counts and the rate window cannot move under it (both
-  in the one call of the function ``claim_flow``, migration 0009);
+  in the one call of the function ``claim_flow``, migration 0012);
 - running tasks are counted from the tasks table itself: a killed worker's tasks keep counting until
   the rescuer requeues them, so a limit is never exceeded, only held a little longer;
 - the window's grants and the tasks' ``started_at`` are one clock reading taken under the lock, so
   readings are ordered like the claims and a sliding window audit of ``started_at`` agrees.
+
+A worker held back by a per-key limit (``held``) claims again when a task ends on any worker: it
+listens on the finished channel the completers notify (worker.py subscribes only when a type has a
+limit), so the key's next task starts then, not at the fetcher's backed-off timer.
 
 Types without a declaration never come here: their claim is the plain ``claim`` statement.
 """
@@ -38,6 +42,11 @@ class FlowClaims:
         self.rules: dict[str, Flow] = {t: s.flow for t, s in specs.items() if s.flow is not None}
         # After a claim a rate cut short: seconds until its window frees a grant (the fetcher's timer).
         self.wake_in: float | None = None
+        # Types with a per-key limit: a worker holding them back waits for a running task of theirs to
+        # end anywhere (the completers' NOTIFY on the finished channel), not for its own timer or poll.
+        self.limited = {t for t, r in self.rules.items() if r.limit is not None}
+        # A limited type got fewer tasks than asked at the last claim: a finished task may free a key.
+        self.held = False
 
     async def declare(self, conn: Any, worker_id: str) -> None:
         """Store this worker's declarations (and forget those of its types that have none now)."""
@@ -55,6 +64,7 @@ class FlowClaims:
         """Claim up to `want` tasks of the flow-controlled types with free slots, one type at a time."""
         rows: list[Any] = []
         self.wake_in = None
+        self.held = False
         for t, rule in self.rules.items():
             n = min(free.get(t, 0), want - len(rows))
             if n <= 0:
@@ -63,6 +73,7 @@ class FlowClaims:
                                    rule.rate, rule.rate_seconds, rule.rate_by_key,
                                    rule.limit is not None or rule.rate is not None)
             rows += got
+            self.held |= t in self.limited and len(got) < n
             if rule.rate is not None and len(got) < n:
                 wait = await conn.fetchval(self.q.flow_wait, t, rule.rate_seconds)
                 if wait is not None:

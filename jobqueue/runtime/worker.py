@@ -57,7 +57,7 @@ from jobqueue.runtime.pool import call, create_pool
 from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.runtime.supervise import CONNECTION_ERRORS, Outage, quiet_asyncpg_pool, supervise
 from jobqueue.settings import Settings, get_settings
-from jobqueue.states import cancel_channel, type_channel
+from jobqueue.states import cancel_channel, finished_channel, type_channel
 
 log = logging.getLogger("jobq.worker")
 
@@ -167,6 +167,8 @@ class Worker:
         from jobqueue.runtime.listener import Listener
 
         channels = [type_channel(s.schema_name, t) for t in self.types] + [cancel_channel(s.schema_name)]
+        if self.flow.limited:  # a held-back key may start when a task of it finishes on another worker
+            channels.append(finished_channel(s.schema_name))
         listen_url = normalize(s.listen_url) if s.listen_url else self.url
         self.listener = Listener(listen_url, channels, self._on_notify, self._on_listen_connect,
                                  ping_seconds=max(self.poll, 1.0), outage=self.outage)
@@ -284,6 +286,8 @@ class Worker:
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == cancel_channel(self.settings.schema_name):
             self.heartbeat.cancel_hint(payload)
+        elif channel == finished_channel(self.settings.schema_name):
+            self.fetcher.on_finished()
         else:
             self.fetcher.on_type_notify(payload)
 

@@ -30,42 +30,9 @@ branch_labels = None
 depends_on = None
 
 
-def upgrade() -> None:
-    s = migration_schema()
-    op.execute(f"""
--- Not STRICT and a single SELECT, so the planner inlines it; COALESCE: a task without the key value
--- shares the key '' (one more tenant, never an error).
-CREATE FUNCTION "{s}".flow_key(spec text, owner text, doc_id bigint, batch_id bigint, payload jsonb)
-RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT COALESCE(CASE spec WHEN 'owner' THEN owner
-                              WHEN 'doc_id' THEN doc_id::text
-                              WHEN 'batch_id' THEN batch_id::text
-                              ELSE payload ->> substr(spec, 9) END, '')
-$$;
-
-CREATE TABLE "{s}".flow_rules (
-    type        text PRIMARY KEY,
-    key         text,              -- owner | doc_id | batch_id | payload.<field>; NULL: the type as a whole
-    fair        boolean NOT NULL DEFAULT false,
-    max_per_key integer CHECK (max_per_key IS NULL OR max_per_key > 0),
-    rate_n      integer CHECK (rate_n IS NULL OR rate_n > 0),
-    rate_secs   double precision CHECK (rate_secs IS NULL OR rate_secs > 0),
-    rate_by_key boolean NOT NULL DEFAULT false,
-    index_name  text,
-    declared_by text,
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-
--- One row per claim and key within a rate window; key '' holds a type-wide rate.
-CREATE TABLE "{s}".flow_grants (
-    type text NOT NULL,
-    key  text NOT NULL,
-    at   timestamptz NOT NULL,
-    n    integer NOT NULL
-);
-CREATE INDEX flow_grants_idx ON "{s}".flow_grants (type, key, at);
-
--- The flow-controlled claim (runtime/flow.py), one call: a function so that taking the type's lock
+def claim_flow_sql(s: str) -> str:
+    """The function claim_flow as this revision creates it (0012 replaces it; its downgrade re-issues this)."""
+    return f"""-- The flow-controlled claim (runtime/flow.py), one call: a function so that taking the type's lock
 -- and the claim's fresh snapshot after it are one round trip instead of four (BEGIN, lock, claim,
 -- COMMIT), which measured about 2 ms of a 5 ms claim. Claims up to p_n tasks of one type p_type
 -- for worker p_worker (lease p_lease s); p_key the key spec (owner, doc_id, batch_id,
@@ -192,7 +159,45 @@ BEGIN
     FROM started s;
 END
 $fn$;
+"""
 
+
+def upgrade() -> None:
+    s = migration_schema()
+    op.execute(f"""
+-- Not STRICT and a single SELECT, so the planner inlines it; COALESCE: a task without the key value
+-- shares the key '' (one more tenant, never an error).
+CREATE FUNCTION "{s}".flow_key(spec text, owner text, doc_id bigint, batch_id bigint, payload jsonb)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT COALESCE(CASE spec WHEN 'owner' THEN owner
+                              WHEN 'doc_id' THEN doc_id::text
+                              WHEN 'batch_id' THEN batch_id::text
+                              ELSE payload ->> substr(spec, 9) END, '')
+$$;
+
+CREATE TABLE "{s}".flow_rules (
+    type        text PRIMARY KEY,
+    key         text,              -- owner | doc_id | batch_id | payload.<field>; NULL: the type as a whole
+    fair        boolean NOT NULL DEFAULT false,
+    max_per_key integer CHECK (max_per_key IS NULL OR max_per_key > 0),
+    rate_n      integer CHECK (rate_n IS NULL OR rate_n > 0),
+    rate_secs   double precision CHECK (rate_secs IS NULL OR rate_secs > 0),
+    rate_by_key boolean NOT NULL DEFAULT false,
+    index_name  text,
+    declared_by text,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per claim and key within a rate window; key '' holds a type-wide rate.
+CREATE TABLE "{s}".flow_grants (
+    type text NOT NULL,
+    key  text NOT NULL,
+    at   timestamptz NOT NULL,
+    n    integer NOT NULL
+);
+CREATE INDEX flow_grants_idx ON "{s}".flow_grants (type, key, at);
+
+{claim_flow_sql(s)}
 CREATE FUNCTION "{s}".declare_flow(p_type text, p_key text, p_fair boolean, p_limit integer, p_rate_n integer,
                                    p_rate_secs double precision, p_rate_by_key boolean, p_worker text)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -68,7 +68,7 @@ SELECT type FROM {schema}.queues WHERE type = ANY($1::text[]) AND max_running IS
 
 -- name: claim_flow
 -- A flow-controlled type's claim (runtime/flow.py): fair claims, per-key limits, rate limits. The
--- statement is the function claim_flow of migration 0009 (one round trip: the type's lock, then the
+-- statement is the function claim_flow of migration 0012 (one round trip: the type's lock, then the
 -- claim with a snapshot taken after it); its comment says how it works.
 SELECT * FROM {schema}.claim_flow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 
