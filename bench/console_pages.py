@@ -2,7 +2,7 @@
 
 Creates a scratch database on the server of --dsn, loads test_views' history of --rows finished tasks
 (plus 2,000 documents with 200,000 chunks), times each page in-process (median of 5 requests) and
-drops the database. Needs the [ui] and [test] extras (it reuses the tests' loader).
+drops the database (unless --keep). Needs the [ui] and [test] extras (it reuses the tests' loader).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the database (its URL is printed) to EXPLAIN a slow page; drop it yourself")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     import psycopg
@@ -64,7 +66,10 @@ def main() -> None:
                     assert r.status_code == 200, (path, r.status_code)
                 print(f"{path:40s} median {statistics.median(times):7.1f} ms  max {max(times):7.1f} ms")
     finally:
-        drop_database(args.dsn, url)
+        if args.keep:
+            print(f"kept {url}")
+        else:
+            drop_database(args.dsn, url)
 
 
 if __name__ == "__main__":

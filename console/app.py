@@ -197,12 +197,11 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     console = console or ConsoleSettings()
     store = Store(url, settings)
     templates = Jinja2Templates(env=_environment())
-    state: dict[str, Any] = {"read_only": True, "control": False}
     hub_box: list[live.Hub] = []
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state["read_only"], state["control"] = await run_in_threadpool(store.access)
+        await run_in_threadpool(store.access)
         hub = live.Hub(store.url, settings.schema_name)
         hub.start()
         hub_box.append(hub)
@@ -248,8 +247,10 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     def page(request: Request, name: str, *, status_code: int = 200, **context: Any) -> Response:
         token = csrf_token(request)
+        rights = store.rights
         response = templates.TemplateResponse(request, name, {
-            "csrf": token, "read_only": state["read_only"], "control": state["control"] and not state["read_only"],
+            "csrf": token, "read_only": rights.read_only, "control": rights.control and not rights.read_only,
+            "all_chunks": rights.all_chunks,
             "msg": request.query_params.get("msg", ""),
             "statuses": STATUSES, "version": __version__, **context}, status_code=status_code)
         if request.cookies.get(CSRF_COOKIE) != token:
@@ -257,7 +258,7 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
         return response
 
     def may_write(request: Request, sent: str | None = None, *, api: bool = False) -> None:
-        if state["read_only"]:
+        if store.rights.read_only:
             raise HTTPException(403, "this console is read-only: its database role cannot change tasks")
         if not csrf_ok(request, sent, api=api):
             raise HTTPException(403, "missing or wrong CSRF token; reload the page")

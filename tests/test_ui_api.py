@@ -691,7 +691,6 @@ def test_priority_goes_through_the_client_so_a_producer_may(producer_url: str, c
         assert r.json() == {"changed": [mine], "count": 1}  # its selector matches only its own tasks
         r = prod.post("/api/queues/ui_ok/pause", headers=API)
         assert r.status_code == 403 and "only the schema owner" in r.json()["error"], r.text
-        # (its overview is refused by the database: the producer role reads no observation view)
         token = page_csrf(prod, f"/tasks/{mine}")
         r = prod.post("/queues/ui_ok/pause", data={"csrf": token})
         assert r.status_code == 403 and "only the schema owner" in r.text and "Traceback" not in r.text
@@ -716,3 +715,50 @@ def test_read_only_role_has_no_queue_or_bulk_action(dashboard_url: str, client: 
         assert ro.delete("/api/queues/ui_ok/cap", headers=API).status_code == 403
     assert [t.status for t in client.list(label="ro")] == ["queued"]
     assert not next(s for s in client.queues() if s.type == "ui_ok").paused
+
+
+def _document_with_chunks(conn: psycopg.Connection[Any], by: str, text: str) -> int:
+    """A finished one-range document enqueued by role `by`, with one chunk and one summary of `text`."""
+    row = conn.execute(
+        "INSERT INTO documents (name, size, format, kind, parser, pages, content_digest, content, enqueued_by) "
+        "VALUES ('d.md', 1, 'md', 'text', 'general', 1, %s, 'x', %s) RETURNING id", (uuid.uuid4().hex, by)).fetchone()
+    assert row is not None
+    task = one(conn, "INSERT INTO tasks (type, status, doc_id, from_page, to_page, enqueued_by, finished_at) "
+                     "VALUES ('ui_ok', 'done', %s, 0, 1, %s, now()) RETURNING id", row[0], by)
+    for level in (0, 1):
+        conn.execute("INSERT INTO chunks (doc_id, task_id, level, position, from_page, to_page, text, token_count, "
+                     "digest) VALUES (%s, %s, %s, 0, 0, 0, %s, 3, 'x')", (row[0], task, level, f"{text} {level}"))
+    return int(row[0])
+
+
+def test_producer_and_dashboard_logins_open_every_page(producer_url: str, dashboard_url: str, client: Client,
+                                                      conn: psycopg.Connection[Any], clean: None) -> None:
+    """A producer reads the views that only count tasks (overview, failures) but not worker_health (the
+    workers page says so and lists the running tasks) and only its own documents' chunks; the dashboard
+    reads everything."""
+    producer = urlsplit(producer_url).username
+    mine = _document_with_chunks(conn, producer or "", "mine")
+    theirs = _document_with_chunks(conn, "someone_else", "theirs")
+    failed = one(conn, "INSERT INTO tasks (type, status, last_error, finished_at, attempt, retry_count) "
+                       "VALUES ('ui_fail', 'failed', 'ValueError: seen by all', now(), 1, 0) RETURNING id")
+    conn.execute("INSERT INTO workers (id, host, pid, types, concurrency, last_seen) "
+                 "VALUES ('w-prod', 'host-secret', 4242, '{ui_slow}', 4, now())")
+    running = one(conn, "INSERT INTO tasks (type, status, worker_id, started_at, attempt, lease_expires_at) "
+                        "VALUES ('ui_slow', 'running', 'w-prod', now(), 1, now() + interval '1 hour') RETURNING id")
+    pages = [*PAGES, f"/tasks/{failed}", f"/documents/{mine}", f"/documents/{theirs}", f"/api/documents/{mine}",
+             "/api/queues"]
+    with TestClient(create_app(producer_url)) as prod, TestClient(create_app(dashboard_url)) as dash:
+        for web in (prod, dash):
+            for path in pages:
+                r = web.get(path)
+                assert r.status_code == 200, (path, r.text)
+            assert "ui_fail" in web.get("/").text and "ValueError: seen by all" in web.get("/failures").text
+            assert f'href="/tasks/{running}"' in web.get("/workers").text
+        workers = prod.get("/workers").text
+        assert 'id="no-workers"' in workers and "host-secret" not in workers and "4242" not in workers
+        assert 'id="no-workers"' not in dash.get("/workers").text and "host-secret" in dash.get("/workers").text
+        own, other = prod.get(f"/documents/{mine}").text, prod.get(f"/documents/{theirs}").text
+        assert "mine 0" in own and "mine 1" in own and 'id="own-chunks"' in own  # its chunk and its summary
+        assert "theirs" not in other and "No chunk yet" in other
+        both = dash.get(f"/documents/{theirs}").text
+        assert "theirs 0" in both and "theirs 1" in both and 'id="own-chunks"' not in both
