@@ -36,6 +36,7 @@ from jobqueue import (
     InvalidPayload,
     InvalidTransition,
     JobqError,
+    PayloadTooLarge,
     PermissionDenied,
     QueueState,
     Settings,
@@ -48,7 +49,7 @@ from jobqueue import (
 from . import live
 from .security import CSRF_COOKIE, Guard, csrf_ok, csrf_token
 from .settings import ConsoleSettings
-from .store import Store, TooLarge, Upload
+from .store import Store, Upload
 
 STATUSES = [str(s) for s in (*LIVE, *TERMINAL)]
 
@@ -57,7 +58,7 @@ LIVE_IDS = 300
 
 # Errors the library raises, as HTTP statuses (most specific first: DuplicateTask is an InvalidTransition).
 STATUS_OF: list[tuple[type[Exception], int]] = [
-    (TaskNotFound, 404), (UnknownTaskType, 422), (TooLarge, 413), (InvalidPayload, 400), (DocumentError, 400),
+    (TaskNotFound, 404), (UnknownTaskType, 422), (PayloadTooLarge, 413), (InvalidPayload, 400), (DocumentError, 400),
     (InvalidTransition, 409), (PermissionDenied, 403), (DatabaseUnavailable, 503),
 ]
 
@@ -362,11 +363,17 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     @app.post("/documents", include_in_schema=False)
     def documents_upload(request: Request, files: Annotated[list[UploadFile], File()], csrf: Csrf = "",
-                         parser: Annotated[str, Form()] = "general",
-                         then: Annotated[str, Form()] = "", priority: Annotated[int, Form()] = 0) -> Response:
+                         parser: Annotated[str, Form()] = "general", page_size: Annotated[str, Form()] = "",
+                         then: Annotated[str, Form()] = "", priority: Annotated[int, Form()] = 0,
+                         owner: Annotated[str, Form()] = "") -> Response:
+        """The upload form: the API's options (an empty pages-per-task field is the parser's default)."""
         may_write(request, csrf)
+        try:
+            pages_per_task = int(page_size) if page_size.strip() else None
+        except ValueError:
+            raise InvalidPayload("pages per task must be a whole number") from None
         result = store.upload([Upload(f.filename or "", f.file) for f in files], parser=parser,
-                              then=then or None, priority=priority)
+                              page_size=pages_per_task, then=then or None, priority=priority, owner=owner or None)
         report = _upload_report(result)
         lines = [f"{f['name']}: document {f['doc_id']}, {len(f['tasks'])} task(s)" if f["error"] is None
                  else f"{f['name']}: {f['error']}" for f in report["files"]]

@@ -25,6 +25,7 @@ from jobqueue import (
     DatabaseUnavailable,
     InvalidPayload,
     JobqError,
+    PayloadTooLarge,
     PermissionDenied,
     QueueState,
     Settings,
@@ -48,10 +49,6 @@ FAILURE_GROUPS = 200
 FLOW_KEYS = 50
 # The queue controls: each is the Client method of that name (cap also takes the number).
 QUEUE_ACTIONS = ("pause", "resume", "cap", "uncap")
-
-
-class TooLarge(InvalidPayload):
-    """An upload over JOBQ_MAX_DOCUMENT_BYTES (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +290,8 @@ class Store:
                     while chunk := f.file.read(1 << 20):
                         copied += len(chunk)
                         if copied > limit:
-                            raise TooLarge(f"{name} is over the limit of {limit} bytes (JOBQ_MAX_DOCUMENT_BYTES)")
+                            raise PayloadTooLarge(f"{name} is over the limit of {limit} bytes "
+                                                  "(JOBQ_MAX_DOCUMENT_BYTES)")
                         out.write(chunk)
                 paths.append(str(path))
             return enqueue_files(paths, url=self.url, settings=self.settings, **options)

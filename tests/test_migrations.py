@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 from support import REPO, SCHEMA, create_database, drop_database, jobq_cli
@@ -145,3 +146,44 @@ def test_0006_abandoned_column_goes_down_and_up_keeping_grants(server_url: str) 
         drop_database(server_url, url)
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_0012_flow_control_reads_live_rows_by_index_and_goes_down_and_up(server_url: str) -> None:
+    """0009's flow_control scanned every task (its status IN (...) has no index); 0012's reads each
+    rule's queued rows through the claim index and running ones through the lease index, with the same
+    rows out, and goes back down to 0009's view."""
+    from alembic import command
+    from test_views import explain, plan_nodes
+
+    from jobqueue.admin.migrate import alembic_config
+
+    url = create_database(server_url)
+
+    def view(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+        return conn.execute("SELECT * FROM flow_control ORDER BY type, key").fetchall()
+
+    def seq_scans(conn: psycopg.Connection[Any]) -> list[str]:
+        plan = explain(conn, "SELECT * FROM flow_control")
+        return [n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan"]
+
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO flow_rules (type, key, max_per_key) VALUES ('m_fair', 'owner', 1)")
+            conn.execute("INSERT INTO tasks (type, status, owner, finished_at) SELECT 'm_fair', 'done', "
+                         "'t' || (i % 3), now() FROM generate_series(1, 50000) i")
+            conn.execute("INSERT INTO tasks (type, status, owner) SELECT 'm_fair', 'queued', 't' || (i % 3) "
+                         "FROM generate_series(1, 30) i")
+            conn.execute("INSERT INTO tasks (type, status, owner, worker_id, attempt, started_at, lease_expires_at) "
+                         "VALUES ('m_fair', 'running', 't1', 'w', 1, now(), now() + interval '1 minute')")
+            conn.execute("ANALYZE tasks")
+            conn.execute("ANALYZE flow_rules")
+            now = view(conn)
+            assert [(r[1], r[3], r[4]) for r in now] == [("t0", 10, 0), ("t1", 10, 1), ("t2", 10, 0)]
+            assert "tasks" not in seq_scans(conn)
+            command.downgrade(alembic_config(url), "0011")
+            assert view(conn) == now and "tasks" in seq_scans(conn)
+            migrate(url)
+            assert current(url) == _head() and view(conn) == now and "tasks" not in seq_scans(conn)
+    finally:
+        drop_database(server_url, url)

@@ -149,6 +149,8 @@ def test_api_enqueue_get_cancel_retry_and_errors(web: TestClient, client: Client
     err(web.post("/api/tasks", json={"payload": {}}, headers=API), 400)  # no type
     err(web.post("/api/tasks", json={"type": "ui_ok", "surprise": 1}, headers=API), 400)
     err(web.post("/api/tasks", json={"type": "ui_ok", "owner": "a\x00b"}, headers=API), 400)
+    too_big = {"type": "ui_ok", "payload": "x" * 1_000_001}  # over JOBQ_MAX_PAYLOAD_BYTES' default
+    assert "over the limit of 1000000" in err(web.post("/api/tasks", json=too_big, headers=API), 413)
     err(web.get("/api/tasks/987654321"), 404)
     err(web.get("/api/documents/987654321"), 404)
     err(web.post("/api/tasks/987654321/cancel", headers=API), 404)
@@ -219,6 +221,23 @@ def test_document_upload_and_event_stream_to_done(web: TestClient, client: Clien
     strip = html.split('id="ranges"', 1)[1].split("</div>", 1)[0]
     assert strip.count('class="cell st-done"') == 5
     assert re.search(r"<td>1(\u2013\d+)?</td>", html)  # chunks carry their page numbers (an en dash)
+
+
+def test_upload_form_takes_the_parser_options(web: TestClient, client: Client, clean: None) -> None:
+    """The page's upload form passes what the API and `jobq enqueue FILE` take: parser, pages per task,
+    owner, priority and then raptor."""
+    token = page_csrf(web, "/documents")
+    owner = f"form-{uuid.uuid4().hex[:6]}"
+    pdf = ("handbook.pdf", (SAMPLES / "handbook.pdf").read_bytes())
+    r = web.post("/documents", files={"files": pdf}, data={"csrf": token, "page_size": "abc"})
+    assert r.status_code == 400 and "pages per task" in r.text
+    r = web.post("/documents", files={"files": pdf}, follow_redirects=False,
+                 data={"csrf": token, "parser": "general", "page_size": "10", "owner": owner, "priority": "2",
+                       "then": "raptor"})
+    assert r.status_code == 303, r.text
+    tasks = client.list(owner=owner)
+    assert sorted(t.type for t in tasks) == ["dataflow"] * 4 + ["raptor"]  # 37 pages by 10, then raptor
+    assert {t.priority for t in tasks} == {2}
 
 
 # ---------------------------------------------------------------- CSRF, read-only, authentication
@@ -449,6 +468,8 @@ def _plans() -> list[tuple[str, str, list[Any]]]:
         ("document chunks", q.document_chunks, [7, None, None, None, 50, 400]),
         ("document chunks, next page", q.document_chunks, [7, 10, 0, 100, 50, 400]),
         ("document summaries", q.document_summaries, [7, 400]),
+        ("own document chunks", q.own_document_chunks, [7, None, None, None, 50, 400]),
+        ("own document summaries", q.own_document_summaries, [7, 400]),
         ("running tasks", q.running_tasks, []),
         ("overview", q.overview, []),
         ("workers", q.workers, [3600]),
@@ -762,3 +783,25 @@ def test_producer_and_dashboard_logins_open_every_page(producer_url: str, dashbo
         assert "theirs" not in other and "No chunk yet" in other
         both = dash.get(f"/documents/{theirs}").text
         assert "theirs 0" in both and "theirs 1" in both and 'id="own-chunks"' not in both
+
+
+def test_task_dependency_graph_and_document_summary_tree(web: TestClient, client: Client,
+                                                         conn: psycopg.Connection[Any], clean: None) -> None:
+    parent = client.enqueue("ui_ok", {})
+    child = client.enqueue("ui_ok", {}, depends_on=[parent])
+
+    def column(html: str, title: str) -> str:
+        return html.split(f"<h3>{title}</h3>", 1)[1].split("</div>", 1)[0]
+
+    assert f'href="/tasks/{child}"' in column(web.get(f"/tasks/{parent}").text, "needed by")
+    child_page = web.get(f"/tasks/{child}").text
+    assert f'href="/tasks/{parent}"' in column(child_page, "depends on")
+    assert "nothing" in column(child_page, "needed by")
+
+    doc = _document_with_chunks(conn, "someone", "leaf")
+    root = one(conn, "INSERT INTO chunks (doc_id, level, position, from_page, to_page, text, token_count, digest) "
+                     "VALUES (%s, 2, 0, 0, 0, 'the root', 2, 'r') RETURNING id", doc)
+    conn.execute("UPDATE chunks SET parent_id = %s WHERE doc_id = %s AND level = 1", (root, doc))
+    tree = web.get(f"/documents/{doc}").text.split("<h2>Summary tree</h2>", 1)[1]
+    # the level-1 summary sits in a list nested inside the root's item
+    assert re.search(r'<ul class="tree">\s*<li>.*?the root</div><ul class="tree">\s*<li>.*?leaf 1</div>', tree, re.S)
