@@ -148,10 +148,10 @@ def test_0006_abandoned_column_goes_down_and_up_keeping_grants(server_url: str) 
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
-def test_0012_flow_control_reads_live_rows_by_index_and_goes_down_and_up(server_url: str) -> None:
+def test_0012_flow_control_and_failures_read_by_index_and_go_down_and_up(server_url: str) -> None:
     """0009's flow_control scanned every task (its status IN (...) has no index); 0012's reads each
-    rule's queued rows through the claim index and running ones through the lease index, with the same
-    rows out, and goes back down to 0009's view."""
+    rule's queued rows through the claim index and running ones through the lease index, and failures
+    reads the errors through tasks_errors_idx, with the same rows out; down to 0011 and up again."""
     from alembic import command
     from test_views import explain, plan_nodes
 
@@ -166,6 +166,9 @@ def test_0012_flow_control_reads_live_rows_by_index_and_goes_down_and_up(server_
         plan = explain(conn, "SELECT * FROM flow_control")
         return [n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan"]
 
+    def indexes(conn: psycopg.Connection[Any], view: str) -> set[str]:
+        return {n.get("Index Name", "") for n in plan_nodes(explain(conn, f"SELECT * FROM {view}"))}
+
     try:
         migrate(url)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -176,14 +179,19 @@ def test_0012_flow_control_reads_live_rows_by_index_and_goes_down_and_up(server_
                          "FROM generate_series(1, 30) i")
             conn.execute("INSERT INTO tasks (type, status, owner, worker_id, attempt, started_at, lease_expires_at) "
                          "VALUES ('m_fair', 'running', 't1', 'w', 1, now(), now() + interval '1 minute')")
+            conn.execute("INSERT INTO tasks (type, status, last_error, finished_at) SELECT 'm_fair', 'failed', "
+                         "'ValueError: ' || i, now() FROM generate_series(1, 40) i")
             conn.execute("ANALYZE tasks")
             conn.execute("ANALYZE flow_rules")
-            now = view(conn)
+            now, failures = view(conn), conn.execute("SELECT type, error, failed FROM failures").fetchall()
             assert [(r[1], r[3], r[4]) for r in now] == [("t0", 10, 0), ("t1", 10, 1), ("t2", 10, 0)]
-            assert "tasks" not in seq_scans(conn)
+            assert failures == [("m_fair", "ValueError: N", 40)]
+            assert "tasks" not in seq_scans(conn) and "tasks_errors_idx" in indexes(conn, "failures")
             command.downgrade(alembic_config(url), "0011")
             assert view(conn) == now and "tasks" in seq_scans(conn)
+            assert "tasks_errors_idx" not in indexes(conn, "failures")
             migrate(url)
             assert current(url) == _head() and view(conn) == now and "tasks" not in seq_scans(conn)
+            assert conn.execute("SELECT type, error, failed FROM failures").fetchall() == failures
     finally:
         drop_database(server_url, url)

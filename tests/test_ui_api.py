@@ -426,7 +426,8 @@ def test_fuzz_task_text_is_escaped_everywhere(web: TestClient, client: Client, c
 
 @pytest.fixture(scope="module")
 def big(db_url: str) -> int:
-    """A few hundred thousand tasks (test_views' history) and a few hundred documents with chunks."""
+    """A few hundred thousand tasks (test_views' history), a few hundred documents with chunks and one
+    flow-controlled type."""
     from test_views import load_history
 
     rows = 300_000
@@ -441,9 +442,11 @@ def big(db_url: str) -> int:
         c.execute("""INSERT INTO chunks (doc_id, level, position, from_page, to_page, text, token_count, digest)
                      SELECT 1 + i % 500, (i % 10 = 0)::int, i / 500, i % 40, i % 40, 'chunk ' || i, 5, md5(i::text)
                      FROM generate_series(1, 50000) i""")
+        c.execute("INSERT INTO flow_rules (type, key, max_per_key) VALUES ('type0', 'owner', 2) "
+                  "ON CONFLICT (type) DO NOTHING")  # the overview's flow section reads flow_control
         c.execute("VACUUM ANALYZE tasks")
-        c.execute("ANALYZE documents")
-        c.execute("ANALYZE chunks")
+        for table in ("documents", "chunks", "flow_rules"):
+            c.execute(f"ANALYZE {table}")
     return rows
 
 
@@ -472,6 +475,7 @@ def _plans() -> list[tuple[str, str, list[Any]]]:
         ("own document summaries", q.own_document_summaries, [7, 400]),
         ("running tasks", q.running_tasks, []),
         ("overview", q.overview, []),
+        ("overview's flow control", q.flow_control, [50]),
         ("workers", q.workers, [3600]),
         ("failures", q.failures, [200]),
         ("live tasks", q.live_tasks, [[1, 2, 3]]),
