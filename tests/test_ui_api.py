@@ -23,7 +23,18 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FULL, SAMPLES, SCHEMA, BackgroundWorker, dashboard_login, jobq_cli, one, serve, wait_for
+from support import (
+    FULL,
+    SAMPLES,
+    SCHEMA,
+    BackgroundWorker,
+    dashboard_login,
+    drop_login,
+    jobq_cli,
+    one,
+    serve,
+    wait_for,
+)
 
 from jobqueue import Client, Context, Fail, task
 
@@ -264,8 +275,10 @@ def test_page_actions_need_the_csrf_token(web: TestClient, client: Client, clean
 
 
 @pytest.fixture(scope="module")
-def dashboard_url(db_url: str) -> str:
-    return dashboard_login(db_url)
+def dashboard_url(db_url: str) -> Iterator[str]:
+    url = dashboard_login(db_url)
+    yield url
+    drop_login(db_url, url)
 
 
 def test_read_only_role_sees_no_action_and_is_refused(dashboard_url: str, client: Client, clean: None) -> None:
@@ -568,8 +581,7 @@ def producer_url(db_url: str) -> Iterator[str]:
     pause or cap a queue (docs/roles.md)."""
     url = dashboard_login(db_url, "producer")
     yield url
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(f"DROP ROLE {urlsplit(url).username}")
+    drop_login(db_url, url)
 
 
 def queue_of(web: TestClient, task_type: str) -> dict[str, Any]:
