@@ -36,6 +36,7 @@ from jobqueue import (
     InvalidPayload,
     InvalidTransition,
     JobqError,
+    PayloadTooLarge,
     PermissionDenied,
     QueueState,
     Settings,
@@ -48,7 +49,7 @@ from jobqueue import (
 from . import live
 from .security import CSRF_COOKIE, Guard, csrf_ok, csrf_token
 from .settings import ConsoleSettings
-from .store import Store, TooLarge, Upload
+from .store import Store, Upload
 
 STATUSES = [str(s) for s in (*LIVE, *TERMINAL)]
 
@@ -57,7 +58,7 @@ LIVE_IDS = 300
 
 # Errors the library raises, as HTTP statuses (most specific first: DuplicateTask is an InvalidTransition).
 STATUS_OF: list[tuple[type[Exception], int]] = [
-    (TaskNotFound, 404), (UnknownTaskType, 422), (TooLarge, 413), (InvalidPayload, 400), (DocumentError, 400),
+    (TaskNotFound, 404), (UnknownTaskType, 422), (PayloadTooLarge, 413), (InvalidPayload, 400), (DocumentError, 400),
     (InvalidTransition, 409), (PermissionDenied, 403), (DatabaseUnavailable, 503),
 ]
 
@@ -197,12 +198,11 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
     console = console or ConsoleSettings()
     store = Store(url, settings)
     templates = Jinja2Templates(env=_environment())
-    state: dict[str, Any] = {"read_only": True, "control": False}
     hub_box: list[live.Hub] = []
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state["read_only"], state["control"] = await run_in_threadpool(store.access)
+        await run_in_threadpool(store.access)
         hub = live.Hub(store.url, settings.schema_name)
         hub.start()
         hub_box.append(hub)
@@ -248,8 +248,10 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     def page(request: Request, name: str, *, status_code: int = 200, **context: Any) -> Response:
         token = csrf_token(request)
+        rights = store.rights
         response = templates.TemplateResponse(request, name, {
-            "csrf": token, "read_only": state["read_only"], "control": state["control"] and not state["read_only"],
+            "csrf": token, "read_only": rights.read_only, "control": rights.control and not rights.read_only,
+            "all_chunks": rights.all_chunks,
             "msg": request.query_params.get("msg", ""),
             "statuses": STATUSES, "version": __version__, **context}, status_code=status_code)
         if request.cookies.get(CSRF_COOKIE) != token:
@@ -257,7 +259,7 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
         return response
 
     def may_write(request: Request, sent: str | None = None, *, api: bool = False) -> None:
-        if state["read_only"]:
+        if store.rights.read_only:
             raise HTTPException(403, "this console is read-only: its database role cannot change tasks")
         if not csrf_ok(request, sent, api=api):
             raise HTTPException(403, "missing or wrong CSRF token; reload the page")
@@ -361,11 +363,17 @@ def create_app(url: str | None = None, *, settings: Settings | None = None,
 
     @app.post("/documents", include_in_schema=False)
     def documents_upload(request: Request, files: Annotated[list[UploadFile], File()], csrf: Csrf = "",
-                         parser: Annotated[str, Form()] = "general",
-                         then: Annotated[str, Form()] = "", priority: Annotated[int, Form()] = 0) -> Response:
+                         parser: Annotated[str, Form()] = "general", page_size: Annotated[str, Form()] = "",
+                         then: Annotated[str, Form()] = "", priority: Annotated[int, Form()] = 0,
+                         owner: Annotated[str, Form()] = "") -> Response:
+        """The upload form: the API's options (an empty pages-per-task field is the parser's default)."""
         may_write(request, csrf)
+        try:
+            pages_per_task = int(page_size) if page_size.strip() else None
+        except ValueError:
+            raise InvalidPayload("pages per task must be a whole number") from None
         result = store.upload([Upload(f.filename or "", f.file) for f in files], parser=parser,
-                              then=then or None, priority=priority)
+                              page_size=pages_per_task, then=then or None, priority=priority, owner=owner or None)
         report = _upload_report(result)
         lines = [f"{f['name']}: document {f['doc_id']}, {len(f['tasks'])} task(s)" if f["error"] is None
                  else f"{f['name']}: {f['error']}" for f in report["files"]]

@@ -18,6 +18,8 @@ class ConsoleSQL(SQLFile, package="jobq_console", filename="sql/console.sql"):
     document_tasks: str
     document_chunks: str
     document_summaries: str
+    own_document_chunks: str
+    own_document_summaries: str
     running_tasks: str
     live_tasks: str
     live_documents: str

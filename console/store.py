@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +25,7 @@ from jobqueue import (
     DatabaseUnavailable,
     InvalidPayload,
     JobqError,
+    PayloadTooLarge,
     PermissionDenied,
     QueueState,
     Settings,
@@ -50,8 +51,14 @@ FLOW_KEYS = 50
 QUEUE_ACTIONS = ("pause", "resume", "cap", "uncap")
 
 
-class TooLarge(InvalidPayload):
-    """An upload over JOBQ_MAX_DOCUMENT_BYTES (HTTP 413)."""
+@dataclass(frozen=True)
+class Access:
+    """What this console's database login may do and read, asked once when the server starts."""
+
+    read_only: bool = True
+    control: bool = False  # pause, resume, cap, uncap (the schema owner)
+    workers: bool = False  # the worker_health view (a producer may not: the fleet's hosts and pids)
+    all_chunks: bool = False  # every document's chunks; without it only its own, through own_chunks
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ class Store:
         # Every connection opened, whichever server thread holds it, so close() ends them all.
         self._opened: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
+        self.rights = Access()
 
     @property
     def url(self) -> str:
@@ -118,10 +126,11 @@ class Store:
 
     # -- reads
 
-    def access(self) -> tuple[bool, bool]:
-        """(read-only, may control queues) for this login."""
+    def access(self) -> Access:
+        """This login's rights; later reads choose their statements by them."""
         row = self.one(self.q.access) or {}
-        return bool(row.get("read_only", True)), bool(row.get("control", False))
+        self.rights = Access(**{f.name: bool(row.get(f.name, f.default)) for f in fields(Access)})
+        return self.rights
 
     def overview(self) -> list[Row]:
         return self.rows(self.q.overview)
@@ -162,14 +171,22 @@ class Store:
         return row
 
     def document_detail(self, doc_id: int, after: tuple[int, int, int] | None, limit: int) -> dict[str, Any]:
+        """The document, its ranges and, unless `limit` is 0 (the API's document), a page of its chunks and
+        its summary tree: all of them, or for a login without SELECT on chunks its own documents' only."""
         doc = self.document(doc_id)
-        key = after or (None, None, None)
-        chunks = self.rows(self.q.document_chunks, doc_id, *key, limit, CHUNK_PREVIEW)
-        return {"doc": doc, "tasks": self.rows(self.q.document_tasks, doc_id), "chunks": chunks,
-                "summaries": summary_tree(self.rows(self.q.document_summaries, doc_id, CHUNK_PREVIEW))}
+        detail = {"doc": doc, "tasks": self.rows(self.q.document_tasks, doc_id), "chunks": [], "summaries": []}
+        if limit:
+            all_chunks = self.rights.all_chunks
+            key = after or (None, None, None)
+            detail["chunks"] = self.rows(self.q.document_chunks if all_chunks else self.q.own_document_chunks,
+                                         doc_id, *key, limit, CHUNK_PREVIEW)
+            summaries = self.q.document_summaries if all_chunks else self.q.own_document_summaries
+            detail["summaries"] = summary_tree(self.rows(summaries, doc_id, CHUNK_PREVIEW))
+        return detail
 
-    def workers(self) -> list[Row]:
-        return self.rows(self.q.workers, STOPPED_VISIBLE_SECONDS)
+    def workers(self) -> list[Row] | None:
+        """None for a login that may not read worker_health (the page says so and lists running tasks)."""
+        return self.rows(self.q.workers, STOPPED_VISIBLE_SECONDS) if self.rights.workers else None
 
     def failures(self) -> list[Row]:
         return self.rows(self.q.failures, FAILURE_GROUPS)
@@ -273,7 +290,8 @@ class Store:
                     while chunk := f.file.read(1 << 20):
                         copied += len(chunk)
                         if copied > limit:
-                            raise TooLarge(f"{name} is over the limit of {limit} bytes (JOBQ_MAX_DOCUMENT_BYTES)")
+                            raise PayloadTooLarge(f"{name} is over the limit of {limit} bytes "
+                                                  "(JOBQ_MAX_DOCUMENT_BYTES)")
                         out.write(chunk)
                 paths.append(str(path))
             return enqueue_files(paths, url=self.url, settings=self.settings, **options)

@@ -39,6 +39,11 @@ class InvalidPayload(JobqError):
     pass
 
 
+class PayloadTooLarge(InvalidPayload):
+    """A payload over JOBQ_MAX_PAYLOAD_BYTES (or a document over JOBQ_MAX_DOCUMENT_BYTES): an HTTP API
+    answers 413 for it rather than 400, so a client knows to send less, not to fix what it sent."""
+
+
 class TaskNotFound(JobqError):
     pass
 

@@ -169,3 +169,9 @@ def dashboard_login(url: str, kind: str = "dashboard") -> str:
         c.execute(f"CREATE ROLE {login} LOGIN IN ROLE {SCHEMA}_{kind}")
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+def drop_login(url: str, login_url: str) -> None:
+    """Drop the login dashboard_login made (roles are cluster-wide: they outlive the test database)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f'DROP ROLE IF EXISTS "{urlsplit(login_url).username}"')

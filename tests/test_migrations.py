@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 from support import REPO, SCHEMA, create_database, drop_database, jobq_cli
@@ -145,3 +146,52 @@ def test_0006_abandoned_column_goes_down_and_up_keeping_grants(server_url: str) 
         drop_database(server_url, url)
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_0013_flow_control_and_failures_read_by_index_and_go_down_and_up(server_url: str) -> None:
+    """0009's flow_control scanned every task (its status IN (...) has no index); 0013's reads each
+    rule's queued rows through the claim index and running ones through the lease index, and failures
+    reads the errors through tasks_errors_idx, with the same rows out; down to 0012 and up again."""
+    from alembic import command
+    from test_views import explain, plan_nodes
+
+    from jobqueue.admin.migrate import alembic_config
+
+    url = create_database(server_url)
+
+    def view(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+        return conn.execute("SELECT * FROM flow_control ORDER BY type, key").fetchall()
+
+    def seq_scans(conn: psycopg.Connection[Any]) -> list[str]:
+        plan = explain(conn, "SELECT * FROM flow_control")
+        return [n["Relation Name"] for n in plan_nodes(plan) if n["Node Type"] == "Seq Scan"]
+
+    def indexes(conn: psycopg.Connection[Any], view: str) -> set[str]:
+        return {n.get("Index Name", "") for n in plan_nodes(explain(conn, f"SELECT * FROM {view}"))}
+
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO flow_rules (type, key, max_per_key) VALUES ('m_fair', 'owner', 1)")
+            conn.execute("INSERT INTO tasks (type, status, owner, finished_at) SELECT 'm_fair', 'done', "
+                         "'t' || (i % 3), now() FROM generate_series(1, 50000) i")
+            conn.execute("INSERT INTO tasks (type, status, owner) SELECT 'm_fair', 'queued', 't' || (i % 3) "
+                         "FROM generate_series(1, 30) i")
+            conn.execute("INSERT INTO tasks (type, status, owner, worker_id, attempt, started_at, lease_expires_at) "
+                         "VALUES ('m_fair', 'running', 't1', 'w', 1, now(), now() + interval '1 minute')")
+            conn.execute("INSERT INTO tasks (type, status, last_error, finished_at) SELECT 'm_fair', 'failed', "
+                         "'ValueError: ' || i, now() FROM generate_series(1, 40) i")
+            conn.execute("ANALYZE tasks")
+            conn.execute("ANALYZE flow_rules")
+            now, failures = view(conn), conn.execute("SELECT type, error, failed FROM failures").fetchall()
+            assert [(r[1], r[3], r[4]) for r in now] == [("t0", 10, 0), ("t1", 10, 1), ("t2", 10, 0)]
+            assert failures == [("m_fair", "ValueError: N", 40)]
+            assert "tasks" not in seq_scans(conn) and "tasks_errors_idx" in indexes(conn, "failures")
+            command.downgrade(alembic_config(url), "0012")
+            assert view(conn) == now and "tasks" in seq_scans(conn)
+            assert "tasks_errors_idx" not in indexes(conn, "failures")
+            migrate(url)
+            assert current(url) == _head() and view(conn) == now and "tasks" not in seq_scans(conn)
+            assert conn.execute("SELECT type, error, failed FROM failures").fetchall() == failures
+    finally:
+        drop_database(server_url, url)

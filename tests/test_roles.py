@@ -148,6 +148,13 @@ def test_producer_enqueues_reads_cancels_but_never_deletes(
     finally:
         client.close()
     denied(prod, "DELETE FROM tasks WHERE id = %s", keyed)
+    # The views that only count tasks are readable (the web console's overview and failures); the fleet's
+    # health (workers' hosts and pids) and every document's chunks are not.
+    for view in ("queue_depth", "throughput", "latency", "failures"):
+        prod.execute(f"SELECT * FROM {view} LIMIT 1").fetchall()
+    assert prod.execute("SELECT sum(queued) FROM queue_depth WHERE type = 'r_ok'").fetchone() == (2,)
+    for rel in ("worker_health", "workers", "document_chunks", "chunks"):
+        denied(prod, f"SELECT * FROM {rel} LIMIT 1")
     # Its one way to delete: replacing a re-enqueued document's finished run.
     prod.execute("SELECT replace_document_run(-1, '{}'::bigint[])")
     dash = as_role(DASHBOARD)

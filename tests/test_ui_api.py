@@ -23,7 +23,18 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import FULL, SAMPLES, SCHEMA, BackgroundWorker, dashboard_login, jobq_cli, one, serve, wait_for
+from support import (
+    FULL,
+    SAMPLES,
+    SCHEMA,
+    BackgroundWorker,
+    dashboard_login,
+    drop_login,
+    jobq_cli,
+    one,
+    serve,
+    wait_for,
+)
 
 from jobqueue import Client, Context, Fail, task
 
@@ -149,6 +160,8 @@ def test_api_enqueue_get_cancel_retry_and_errors(web: TestClient, client: Client
     err(web.post("/api/tasks", json={"payload": {}}, headers=API), 400)  # no type
     err(web.post("/api/tasks", json={"type": "ui_ok", "surprise": 1}, headers=API), 400)
     err(web.post("/api/tasks", json={"type": "ui_ok", "owner": "a\x00b"}, headers=API), 400)
+    too_big = {"type": "ui_ok", "payload": "x" * 1_000_001}  # over JOBQ_MAX_PAYLOAD_BYTES' default
+    assert "over the limit of 1000000" in err(web.post("/api/tasks", json=too_big, headers=API), 413)
     err(web.get("/api/tasks/987654321"), 404)
     err(web.get("/api/documents/987654321"), 404)
     err(web.post("/api/tasks/987654321/cancel", headers=API), 404)
@@ -221,6 +234,23 @@ def test_document_upload_and_event_stream_to_done(web: TestClient, client: Clien
     assert re.search(r"<td>1(\u2013\d+)?</td>", html)  # chunks carry their page numbers (an en dash)
 
 
+def test_upload_form_takes_the_parser_options(web: TestClient, client: Client, clean: None) -> None:
+    """The page's upload form passes what the API and `jobq enqueue FILE` take: parser, pages per task,
+    owner, priority and then raptor."""
+    token = page_csrf(web, "/documents")
+    owner = f"form-{uuid.uuid4().hex[:6]}"
+    pdf = ("handbook.pdf", (SAMPLES / "handbook.pdf").read_bytes())
+    r = web.post("/documents", files={"files": pdf}, data={"csrf": token, "page_size": "abc"})
+    assert r.status_code == 400 and "pages per task" in r.text
+    r = web.post("/documents", files={"files": pdf}, follow_redirects=False,
+                 data={"csrf": token, "parser": "general", "page_size": "10", "owner": owner, "priority": "2",
+                       "then": "raptor"})
+    assert r.status_code == 303, r.text
+    tasks = client.list(owner=owner)
+    assert sorted(t.type for t in tasks) == ["dataflow"] * 4 + ["raptor"]  # 37 pages by 10, then raptor
+    assert {t.priority for t in tasks} == {2}
+
+
 # ---------------------------------------------------------------- CSRF, read-only, authentication
 
 
@@ -245,8 +275,10 @@ def test_page_actions_need_the_csrf_token(web: TestClient, client: Client, clean
 
 
 @pytest.fixture(scope="module")
-def dashboard_url(db_url: str) -> str:
-    return dashboard_login(db_url)
+def dashboard_url(db_url: str) -> Iterator[str]:
+    url = dashboard_login(db_url)
+    yield url
+    drop_login(db_url, url)
 
 
 def test_read_only_role_sees_no_action_and_is_refused(dashboard_url: str, client: Client, clean: None) -> None:
@@ -407,7 +439,8 @@ def test_fuzz_task_text_is_escaped_everywhere(web: TestClient, client: Client, c
 
 @pytest.fixture(scope="module")
 def big(db_url: str) -> int:
-    """A few hundred thousand tasks (test_views' history) and a few hundred documents with chunks."""
+    """A few hundred thousand tasks (test_views' history), a few hundred documents with chunks and one
+    flow-controlled type."""
     from test_views import load_history
 
     rows = 300_000
@@ -422,9 +455,11 @@ def big(db_url: str) -> int:
         c.execute("""INSERT INTO chunks (doc_id, level, position, from_page, to_page, text, token_count, digest)
                      SELECT 1 + i % 500, (i % 10 = 0)::int, i / 500, i % 40, i % 40, 'chunk ' || i, 5, md5(i::text)
                      FROM generate_series(1, 50000) i""")
+        c.execute("INSERT INTO flow_rules (type, key, max_per_key) VALUES ('type0', 'owner', 2) "
+                  "ON CONFLICT (type) DO NOTHING")  # the overview's flow section reads flow_control
         c.execute("VACUUM ANALYZE tasks")
-        c.execute("ANALYZE documents")
-        c.execute("ANALYZE chunks")
+        for table in ("documents", "chunks", "flow_rules"):
+            c.execute(f"ANALYZE {table}")
     return rows
 
 
@@ -449,8 +484,11 @@ def _plans() -> list[tuple[str, str, list[Any]]]:
         ("document chunks", q.document_chunks, [7, None, None, None, 50, 400]),
         ("document chunks, next page", q.document_chunks, [7, 10, 0, 100, 50, 400]),
         ("document summaries", q.document_summaries, [7, 400]),
+        ("own document chunks", q.own_document_chunks, [7, None, None, None, 50, 400]),
+        ("own document summaries", q.own_document_summaries, [7, 400]),
         ("running tasks", q.running_tasks, []),
         ("overview", q.overview, []),
+        ("overview's flow control", q.flow_control, [50]),
         ("workers", q.workers, [3600]),
         ("failures", q.failures, [200]),
         ("live tasks", q.live_tasks, [[1, 2, 3]]),
@@ -543,8 +581,7 @@ def producer_url(db_url: str) -> Iterator[str]:
     pause or cap a queue (docs/roles.md)."""
     url = dashboard_login(db_url, "producer")
     yield url
-    with psycopg.connect(db_url, autocommit=True) as c:
-        c.execute(f"DROP ROLE {urlsplit(url).username}")
+    drop_login(db_url, url)
 
 
 def queue_of(web: TestClient, task_type: str) -> dict[str, Any]:
@@ -691,7 +728,6 @@ def test_priority_goes_through_the_client_so_a_producer_may(producer_url: str, c
         assert r.json() == {"changed": [mine], "count": 1}  # its selector matches only its own tasks
         r = prod.post("/api/queues/ui_ok/pause", headers=API)
         assert r.status_code == 403 and "only the schema owner" in r.json()["error"], r.text
-        # (its overview is refused by the database: the producer role reads no observation view)
         token = page_csrf(prod, f"/tasks/{mine}")
         r = prod.post("/queues/ui_ok/pause", data={"csrf": token})
         assert r.status_code == 403 and "only the schema owner" in r.text and "Traceback" not in r.text
@@ -716,3 +752,72 @@ def test_read_only_role_has_no_queue_or_bulk_action(dashboard_url: str, client: 
         assert ro.delete("/api/queues/ui_ok/cap", headers=API).status_code == 403
     assert [t.status for t in client.list(label="ro")] == ["queued"]
     assert not next(s for s in client.queues() if s.type == "ui_ok").paused
+
+
+def _document_with_chunks(conn: psycopg.Connection[Any], by: str, text: str) -> int:
+    """A finished one-range document enqueued by role `by`, with one chunk and one summary of `text`."""
+    row = conn.execute(
+        "INSERT INTO documents (name, size, format, kind, parser, pages, content_digest, content, enqueued_by) "
+        "VALUES ('d.md', 1, 'md', 'text', 'general', 1, %s, 'x', %s) RETURNING id", (uuid.uuid4().hex, by)).fetchone()
+    assert row is not None
+    task = one(conn, "INSERT INTO tasks (type, status, doc_id, from_page, to_page, enqueued_by, finished_at) "
+                     "VALUES ('ui_ok', 'done', %s, 0, 1, %s, now()) RETURNING id", row[0], by)
+    for level in (0, 1):
+        conn.execute("INSERT INTO chunks (doc_id, task_id, level, position, from_page, to_page, text, token_count, "
+                     "digest) VALUES (%s, %s, %s, 0, 0, 0, %s, 3, 'x')", (row[0], task, level, f"{text} {level}"))
+    return int(row[0])
+
+
+def test_producer_and_dashboard_logins_open_every_page(producer_url: str, dashboard_url: str, client: Client,
+                                                      conn: psycopg.Connection[Any], clean: None) -> None:
+    """A producer reads the views that only count tasks (overview, failures) but not worker_health (the
+    workers page says so and lists the running tasks) and only its own documents' chunks; the dashboard
+    reads everything."""
+    producer = urlsplit(producer_url).username
+    mine = _document_with_chunks(conn, producer or "", "mine")
+    theirs = _document_with_chunks(conn, "someone_else", "theirs")
+    failed = one(conn, "INSERT INTO tasks (type, status, last_error, finished_at, attempt, retry_count) "
+                       "VALUES ('ui_fail', 'failed', 'ValueError: seen by all', now(), 1, 0) RETURNING id")
+    conn.execute("INSERT INTO workers (id, host, pid, types, concurrency, last_seen) "
+                 "VALUES ('w-prod', 'host-secret', 4242, '{ui_slow}', 4, now())")
+    running = one(conn, "INSERT INTO tasks (type, status, worker_id, started_at, attempt, lease_expires_at) "
+                        "VALUES ('ui_slow', 'running', 'w-prod', now(), 1, now() + interval '1 hour') RETURNING id")
+    pages = [*PAGES, f"/tasks/{failed}", f"/documents/{mine}", f"/documents/{theirs}", f"/api/documents/{mine}",
+             "/api/queues"]
+    with TestClient(create_app(producer_url)) as prod, TestClient(create_app(dashboard_url)) as dash:
+        for web in (prod, dash):
+            for path in pages:
+                r = web.get(path)
+                assert r.status_code == 200, (path, r.text)
+            assert "ui_fail" in web.get("/").text and "ValueError: seen by all" in web.get("/failures").text
+            assert f'href="/tasks/{running}"' in web.get("/workers").text
+        workers = prod.get("/workers").text
+        assert 'id="no-workers"' in workers and "host-secret" not in workers and "4242" not in workers
+        assert 'id="no-workers"' not in dash.get("/workers").text and "host-secret" in dash.get("/workers").text
+        own, other = prod.get(f"/documents/{mine}").text, prod.get(f"/documents/{theirs}").text
+        assert "mine 0" in own and "mine 1" in own and 'id="own-chunks"' in own  # its chunk and its summary
+        assert "theirs" not in other and "No chunk yet" in other
+        both = dash.get(f"/documents/{theirs}").text
+        assert "theirs 0" in both and "theirs 1" in both and 'id="own-chunks"' not in both
+
+
+def test_task_dependency_graph_and_document_summary_tree(web: TestClient, client: Client,
+                                                         conn: psycopg.Connection[Any], clean: None) -> None:
+    parent = client.enqueue("ui_ok", {})
+    child = client.enqueue("ui_ok", {}, depends_on=[parent])
+
+    def column(html: str, title: str) -> str:
+        return html.split(f"<h3>{title}</h3>", 1)[1].split("</div>", 1)[0]
+
+    assert f'href="/tasks/{child}"' in column(web.get(f"/tasks/{parent}").text, "needed by")
+    child_page = web.get(f"/tasks/{child}").text
+    assert f'href="/tasks/{parent}"' in column(child_page, "depends on")
+    assert "nothing" in column(child_page, "needed by")
+
+    doc = _document_with_chunks(conn, "someone", "leaf")
+    root = one(conn, "INSERT INTO chunks (doc_id, level, position, from_page, to_page, text, token_count, digest) "
+                     "VALUES (%s, 2, 0, 0, 0, 'the root', 2, 'r') RETURNING id", doc)
+    conn.execute("UPDATE chunks SET parent_id = %s WHERE doc_id = %s AND level = 1", (root, doc))
+    tree = web.get(f"/documents/{doc}").text.split("<h2>Summary tree</h2>", 1)[1]
+    # the level-1 summary sits in a list nested inside the root's item
+    assert re.search(r'<ul class="tree">\s*<li>.*?the root</div><ul class="tree">\s*<li>.*?leaf 1</div>', tree, re.S)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SAMPLES, BackgroundWorker, dashboard_login, serve, wait_for
+from support import SAMPLES, BackgroundWorker, dashboard_login, drop_login, serve, wait_for
 
 from jobqueue import Client, Context, Fail, task
 
@@ -185,7 +185,8 @@ def test_retry_a_failed_task_from_its_page(tab: Tab, client: Client) -> None:
 
 def test_a_read_only_role_sees_no_action(browser: Any, db_url: str, client: Client) -> None:
     queued = client.enqueue("br_slow", {})
-    with serve(create_app(dashboard_login(db_url))) as base:
+    viewer = dashboard_login(db_url)
+    with serve(create_app(viewer)) as base:
         t = Tab(browser, base)
         try:
             for path in [*PAGES, f"/tasks/{queued}", "/tasks?type=br_slow&status=queued"]:
@@ -199,6 +200,7 @@ def test_a_read_only_role_sees_no_action(browser: Any, db_url: str, client: Clie
             assert t.errors == []
         finally:
             t.close()
+    drop_login(db_url, viewer)
     client.cancel(queued)
 
 

@@ -7,11 +7,15 @@
 -- name: access
 -- Whether this login may change anything (jobq_dashboard logs in read-only and holds no INSERT on tasks),
 -- and whether it may pause or cap queues: that writes the queues table, which only the schema owner
--- may (docs/roles.md); the jobq_* roles see the state but not the controls.
+-- may (docs/roles.md); the jobq_* roles see the state but not the controls. A producer reads neither
+-- worker_health (the fleet's hosts and pids) nor chunks (only its own, through own_chunks): the workers
+-- page then says so, and a document page reads own_chunks.
 SELECT current_setting('transaction_read_only') = 'on'
        OR NOT has_any_column_privilege('{schema}.tasks', 'INSERT') AS read_only,
        current_setting('transaction_read_only') = 'off'
-       AND has_table_privilege('{schema}.queues', 'INSERT, UPDATE') AS control;
+       AND has_table_privilege('{schema}.queues', 'INSERT, UPDATE') AS control,
+       has_table_privilege('{schema}.worker_health', 'SELECT') AS workers,
+       has_table_privilege('{schema}.chunks', 'SELECT') AS all_chunks;
 
 -- name: parents
 SELECT id, type, status, progress FROM {schema}.tasks WHERE id = ANY($1::bigint[]) ORDER BY id;
@@ -71,6 +75,23 @@ LIMIT $5::bigint;
 -- The RAPTOR summaries (level > 0) with the parent each belongs to; the tree is built by the caller.
 SELECT id, level, parent_id, position, from_page, to_page, token_count, left(text, $2::int) AS text
 FROM {schema}.chunks
+WHERE doc_id = $1::bigint AND level > 0
+ORDER BY level DESC, position, id
+LIMIT 1000;
+
+-- name: own_document_chunks
+-- document_chunks for a login that may read only its own documents' chunks (a producer: own_chunks).
+SELECT id, task_id, position, from_page, to_page, token_count, left(text, $6::int) AS text,
+       length(text) > $6::int AS cut
+FROM {schema}.own_chunks
+WHERE doc_id = $1::bigint AND level = 0
+  AND ($2::int IS NULL OR (from_page, position, id) > ($2::int, $3::int, $4::bigint))
+ORDER BY from_page, position, id
+LIMIT $5::bigint;
+
+-- name: own_document_summaries
+SELECT id, level, parent_id, position, from_page, to_page, token_count, left(text, $2::int) AS text
+FROM {schema}.own_chunks
 WHERE doc_id = $1::bigint AND level > 0
 ORDER BY level DESC, position, id
 LIMIT 1000;

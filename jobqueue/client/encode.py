@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ValidationError
 
 from jobqueue import registry, tracing
-from jobqueue.errors import InvalidPayload, TaskNotFound
+from jobqueue.errors import InvalidPayload, PayloadTooLarge, TaskNotFound
 from jobqueue.models import TaskSpec
 from jobqueue.settings import Settings
 from jobqueue.states import RunOn, Status
@@ -197,7 +197,7 @@ def _encode(spec: registry.TaskType, payload: Any, settings: Settings) -> str:
     except UnicodeEncodeError:
         raise InvalidPayload("payload contains invalid Unicode (a lone surrogate)") from None
     if size > settings.max_payload_bytes:
-        raise InvalidPayload(f"payload is {size} bytes, over the limit of {settings.max_payload_bytes}")
+        raise PayloadTooLarge(f"payload is {size} bytes, over the limit of {settings.max_payload_bytes}")
     return text
 
 

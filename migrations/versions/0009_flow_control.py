@@ -162,6 +162,46 @@ $fn$;
 """
 
 
+# The live rows flow_control counts per (type, key): 0012 replaces this with index-driven reads.
+KEYED = """
+    SELECT t.type, "{s}".flow_key(r.key, t.owner, t.doc_id, t.batch_id, t.payload) AS key,
+           count(*) FILTER (WHERE t.status = 'queued' AND t.run_at <= now()) AS queued,
+           count(*) FILTER (WHERE t.status = 'running') AS running
+    FROM "{s}".tasks t JOIN "{s}".flow_rules r ON r.type = t.type
+    WHERE t.status IN ('queued', 'running')
+    GROUP BY 1, 2
+"""
+
+
+def flow_control_sql(s: str, *, keyed: str = KEYED, create: str = "CREATE VIEW") -> str:
+    """flow_control's DDL with its `keyed` CTE (`{s}` in it stands for the schema) as a parameter: one
+    copy of the view for 0009 and the revisions that re-issue it."""
+    return f"""{create} "{s}".flow_control AS
+WITH keyed AS ({keyed.replace("{s}", s)}), used AS (
+    SELECT g.type, g.key, sum(g.n) AS used, min(g.at) AS oldest
+    FROM "{s}".flow_grants g JOIN "{s}".flow_rules r ON r.type = g.type
+    WHERE g.at > now() - make_interval(secs => r.rate_secs)
+    GROUP BY 1, 2
+), judged AS (
+    SELECT k.type, k.key, r.fair, k.queued, k.running, r.max_per_key, r.rate_n, r.rate_secs, r.rate_by_key,
+           COALESCE(u.used, 0) AS rate_used, u.oldest,
+           CASE WHEN k.queued = 0 THEN NULL
+                WHEN r.max_per_key IS NOT NULL AND k.running >= r.max_per_key THEN 'limit'
+                WHEN r.rate_n IS NOT NULL AND COALESCE(u.used, 0) >= r.rate_n THEN 'rate' END AS held_by
+    FROM keyed k JOIN "{s}".flow_rules r ON r.type = k.type
+    LEFT JOIN used u ON u.type = k.type AND u.key = CASE WHEN r.rate_by_key THEN k.key ELSE '' END
+)
+SELECT type, key, fair, queued, running, max_per_key, rate_n, rate_secs, rate_by_key, rate_used, held_by,
+       CASE WHEN held_by IS NULL THEN 0 ELSE queued END AS held_back,
+       -- How long until the key may start a task again: the oldest grant leaving the rate window
+       -- (NULL when held by a limit: that waits for a running task to end).
+       CASE WHEN held_by = 'rate'
+            THEN greatest(0, extract(epoch FROM oldest + make_interval(secs => rate_secs) - now()))::float8 END
+           AS wait_seconds
+FROM judged;
+"""
+
+
 def upgrade() -> None:
     s = migration_schema()
     op.execute(f"""
@@ -243,37 +283,7 @@ $$;
 REVOKE EXECUTE ON FUNCTION "{s}".declare_flow(text, text, boolean, integer, integer, double precision, boolean, text)
     FROM PUBLIC;
 
-CREATE VIEW "{s}".flow_control AS
-WITH keyed AS (
-    SELECT t.type, "{s}".flow_key(r.key, t.owner, t.doc_id, t.batch_id, t.payload) AS key,
-           count(*) FILTER (WHERE t.status = 'queued' AND t.run_at <= now()) AS queued,
-           count(*) FILTER (WHERE t.status = 'running') AS running
-    FROM "{s}".tasks t JOIN "{s}".flow_rules r ON r.type = t.type
-    WHERE t.status IN ('queued', 'running')
-    GROUP BY 1, 2
-), used AS (
-    SELECT g.type, g.key, sum(g.n) AS used, min(g.at) AS oldest
-    FROM "{s}".flow_grants g JOIN "{s}".flow_rules r ON r.type = g.type
-    WHERE g.at > now() - make_interval(secs => r.rate_secs)
-    GROUP BY 1, 2
-), judged AS (
-    SELECT k.type, k.key, r.fair, k.queued, k.running, r.max_per_key, r.rate_n, r.rate_secs, r.rate_by_key,
-           COALESCE(u.used, 0) AS rate_used, u.oldest,
-           CASE WHEN k.queued = 0 THEN NULL
-                WHEN r.max_per_key IS NOT NULL AND k.running >= r.max_per_key THEN 'limit'
-                WHEN r.rate_n IS NOT NULL AND COALESCE(u.used, 0) >= r.rate_n THEN 'rate' END AS held_by
-    FROM keyed k JOIN "{s}".flow_rules r ON r.type = k.type
-    LEFT JOIN used u ON u.type = k.type AND u.key = CASE WHEN r.rate_by_key THEN k.key ELSE '' END
-)
-SELECT type, key, fair, queued, running, max_per_key, rate_n, rate_secs, rate_by_key, rate_used, held_by,
-       CASE WHEN held_by IS NULL THEN 0 ELSE queued END AS held_back,
-       -- How long until the key may start a task again: the oldest grant leaving the rate window
-       -- (NULL when held by a limit: that waits for a running task to end).
-       CASE WHEN held_by = 'rate'
-            THEN greatest(0, extract(epoch FROM oldest + make_interval(secs => rate_secs) - now()))::float8 END
-           AS wait_seconds
-FROM judged;
-""")
+{flow_control_sql(s)}""")
 
 
 def downgrade() -> None:

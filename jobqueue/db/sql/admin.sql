@@ -16,10 +16,14 @@
 SELECT kind, object, privileges, names, never, only_columns
 FROM (VALUES
     -- Reads tasks and documents; its own chunks through the own_chunks view (none on chunks itself).
+    -- The observation views that only count tasks (queue_depth, throughput, latency, failures) tell it
+    -- nothing tasks does not: a producer's web console shows its overview and failures. worker_health
+    -- reads workers (the fleet's hosts and pids), which stays the dashboard's and the operator's.
     -- Every role reads alembic_version: the CLI checks the schema's revision before it acts.
     (1, 'producer', 'tables', ARRAY['SELECT'],
         ARRAY['tasks', 'documents', 'queues', 'queue_state', 'document_progress', 'batch_progress',
-              'document_tasks', 'own_chunks', 'alembic_version', 'flow_control', 'schedules', 'schedules_due'],
+              'document_tasks', 'own_chunks', 'alembic_version', 'flow_control', 'schedules', 'schedules_due',
+              'queue_depth', 'throughput', 'latency', 'failures'],
         NULL::text[], NULL::text[]),
     (2, 'producer', 'tables', ARRAY['SELECT', 'INSERT', 'UPDATE'], ARRAY['batches'], NULL, NULL),
     -- Enqueue (INSERT and COPY) writes the enqueue columns; the insert guard of 0005 keeps the status to
