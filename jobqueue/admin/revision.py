@@ -14,12 +14,14 @@ import enum
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
-
-import psycopg
+from typing import TYPE_CHECKING, Any
 
 from jobqueue.db.queries import SchemaSQL
 from jobqueue.errors import ConfigurationError, SchemaMissing
+
+if TYPE_CHECKING:
+    import asyncpg
+    import psycopg
 
 
 def _versions_dir() -> Path:
@@ -90,6 +92,8 @@ class SchemaState(enum.Enum):
 
 def stamped(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, set[str]]:
     """Whether jobq's tasks table exists in `schema`, and the alembic revisions stamped there."""
+    import psycopg
+
     q = SchemaSQL.load(schema)
     with psycopg.RawCursor(conn) as cur:
         row = cur.execute(q.tables).fetchone()
@@ -98,9 +102,17 @@ def stamped(conn: psycopg.Connection[Any], schema: str) -> tuple[bool, set[str]]
         return bool(has_tasks), ({r[0] for r in cur.execute(q.revision).fetchall()} if versioned else set())
 
 
-def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState:
-    """Where the schema in `conn`'s database stands relative to this jobq."""
-    has_tasks, found = stamped(conn, schema)
+async def astamped(conn: asyncpg.Connection, schema: str) -> tuple[bool, set[str]]:
+    """:func:`stamped` on asyncpg: the worker checks the schema without loading psycopg."""
+    q = SchemaSQL.load(schema)
+    row = await conn.fetchrow(q.tables)
+    assert row is not None
+    has_tasks, versioned = row
+    return bool(has_tasks), ({r[0] for r in await conn.fetch(q.revision)} if versioned else set())
+
+
+def state_of(has_tasks: bool, found: set[str]) -> SchemaState:
+    """Where a schema with (or without) jobq's tasks table and these stamped revisions stands."""
     if not has_tasks:
         return SchemaState.MISSING
     if not found:
@@ -108,3 +120,13 @@ def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState:
     if found == {head_revision()}:
         return SchemaState.CURRENT
     return SchemaState.BEHIND if found <= set(revisions()) else SchemaState.NEWER
+
+
+def schema_state(conn: psycopg.Connection[Any], schema: str) -> SchemaState:
+    """Where the schema in `conn`'s database stands relative to this jobq."""
+    return state_of(*stamped(conn, schema))
+
+
+async def aschema_state(conn: asyncpg.Connection, schema: str) -> SchemaState:
+    """:func:`schema_state` on asyncpg."""
+    return state_of(*await astamped(conn, schema))

@@ -73,8 +73,6 @@ def register(argv: Sequence[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning every error into one line and an exit code."""
-    import psycopg
-
     from jobqueue.errors import JobqError
 
     register(argv)
@@ -83,14 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     except JobqError as exc:
         error_line(str(exc))
         sys.exit(1)
-    except psycopg.Error as exc:
-        error_line(f"database: {str(exc).strip().splitlines()[0]}")
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except OSError as exc:
         error_line(str(exc))
         sys.exit(1)
+    except Exception as exc:
+        if not _is_psycopg_error(exc):
+            raise
+        error_line(f"database: {str(exc).strip().splitlines()[0]}")
+        sys.exit(1)
+
+
+def _is_psycopg_error(exc: BaseException) -> bool:
+    """A psycopg error, without importing psycopg: a command that never loaded it (the worker) cannot
+    have raised one."""
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 __all__ = ["app", "main", "register"]
