@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import re
 from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -31,10 +32,31 @@ def _versions_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "versions"
 
 
+# A top-level `revision = "…"` / `down_revision = …` line (annotated or not), as alembic writes them.
+_ASSIGNED = re.compile(r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.M)
+
+
 def _declared(path: Path) -> tuple[str, tuple[str, ...]] | None:
-    """(revision, parents) declared at the top level of one migration file, or None for other files."""
+    """(revision, parents) declared at the top level of one migration file, or None for other files.
+
+    The two assignment lines are evaluated alone: parsing every migration file whole cost a read-only
+    command about 10 ms. A value that is not one literal on its line is read from the parsed module."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        values: dict[str, Any] = {name: ast.literal_eval(value) for name, value in _ASSIGNED.findall(text)}
+    except (ValueError, SyntaxError):
+        values = _parsed(text, str(path))
+    if not isinstance(values.get("revision"), str):
+        return None
+    down = values.get("down_revision")
+    parents = () if down is None else (down,) if isinstance(down, str) else tuple(down)
+    return values["revision"], parents
+
+
+def _parsed(text: str, filename: str) -> dict[str, Any]:
+    """The top-level revision and down_revision of a module, from its syntax tree."""
     values: dict[str, Any] = {}
-    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+    for node in ast.parse(text, filename).body:
         target: ast.expr | None = None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
@@ -43,11 +65,7 @@ def _declared(path: Path) -> tuple[str, tuple[str, ...]] | None:
         if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
             assert isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None
             values[target.id] = ast.literal_eval(node.value)
-    if not isinstance(values.get("revision"), str):
-        return None
-    down = values.get("down_revision")
-    parents = () if down is None else (down,) if isinstance(down, str) else tuple(down)
-    return values["revision"], parents
+    return values
 
 
 @cache
