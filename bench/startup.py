@@ -90,8 +90,10 @@ def run(dsn: str, runs: int, against: str | None = None) -> dict[str, dict[str, 
         workdir = Path(tmp)
         shutil.copy(REPO / "bench" / "startup_handlers.py", workdir / f"{HANDLERS}.py")
         trees = _trees(workdir, against)
+        # PYTHONDONTWRITEBYTECODE emptied: the warm-up run writes each tree's .pyc files, as an installed
+        # jobq has them; with it set (some CI shells do) every run would compile the modules again.
         envs = {label: {**os.environ, "JOBQ_DATABASE_URL": url, "JOBQ_SCHEMA": schema, "BENCH_TREE": str(tree),
-                        "PYTHONPATH": os.pathsep.join((str(tree), str(workdir)))}
+                        "PYTHONPATH": os.pathsep.join((str(tree), str(workdir))), "PYTHONDONTWRITEBYTECODE": ""}
                 for label, tree in trees.items()}
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')

@@ -16,14 +16,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-import psycopg
-from psycopg.rows import dict_row
 
 from jobqueue.db.queries import CronSQL
 from jobqueue.errors import ConfigurationError, JobqError
+
+if TYPE_CHECKING:
+    import psycopg
 
 # How far back a pass looks for missed ticks at most, whatever the backfill: enumerating the ticks of
 # a per-minute schedule after a month's outage would be 43,200 steps for nothing.
@@ -116,6 +116,10 @@ class Schedules:
         self.q = CronSQL.load(schema)
 
     def _rows(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        # psycopg is imported here: the worker's scheduler imports this module for Cron alone, and runs on asyncpg.
+        import psycopg
+        from psycopg.rows import dict_row
+
         with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
             cur.execute(sql, params)
             return cur.fetchall() if cur.description else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -108,6 +109,22 @@ def test_head_revision_found_without_alembic_is_alembics_head() -> None:
     script = ScriptDirectory.from_config(alembic_config("postgresql://unused@localhost/x", SCHEMA))
     assert head_revision() == script.get_current_head()
     assert set(revisions()) == {r.revision for r in script.walk_revisions()}
+
+
+@pytest.mark.parametrize(("source", "declared"), [
+    ('revision = "0012"\ndown_revision = "0011"\n', ("0012", ("0011",))),
+    ('revision: str = "a1"\ndown_revision: str | None = None\n', ("a1", ())),
+    ('"""revision = \'in a docstring\' is not\nat the top level"""\nrevision = "m"\ndown_revision = ("a",\n    "b")\n',
+     ("m", ("a", "b"))),
+    ("import os\n", None),
+], ids=["plain", "annotated", "merge-over-lines", "not-a-migration"])
+def test_a_migration_files_revision_is_read_without_importing_it(tmp_path: Path, source: str,
+                                                                 declared: Any) -> None:
+    from jobqueue.admin.revision import _declared
+
+    path = tmp_path / "m.py"
+    path.write_text(source, encoding="utf-8")
+    assert _declared(path) == declared
 
 
 @pytest.mark.parametrize(("version", "needle"), [("0001", "older revision"), ("9999_future", "newer jobq")])

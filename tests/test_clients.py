@@ -223,6 +223,22 @@ def test_enqueue_many_returns_the_id_a_concurrent_producer_just_committed(
     assert conn.execute("SELECT count(*) FROM tasks").fetchone() == (2,)
 
 
+@pytest.mark.parametrize("labels", [None, [], ["blue", "x y"]], ids=["none", "empty", "two"])
+def test_a_copy_batch_stores_each_payload_under_its_id_with_the_batch_labels(
+        either: Any, conn: psycopg.Connection[Any], labels: list[str] | None) -> None:
+    """A batch without labels leaves the column out of the COPY: the rows must read as if it were in."""
+    ids = either.enqueue_many("cl_plain", [{"i": i} for i in range(300)] + [TaskSpec({"i": 300}, priority=7)],
+                              labels=labels)
+    assert len(set(ids)) == 301 and ids == sorted(ids)
+    got = conn.execute("SELECT id, payload, labels, priority, run_at <= now(), trace_context FROM tasks "
+                       "ORDER BY id").fetchall()
+    assert [r[0] for r in got] == ids
+    assert [r[1] for r in got] == [{"i": i} for i in range(301)]
+    assert {tuple(r[2]) for r in got} == {tuple(labels or [])}
+    assert [r[3] for r in got] == [0] * 300 + [7]
+    assert all(r[4] is True and r[5] is None for r in got)
+
+
 # ---------------------------------------------------------------- issue 11, item 20
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:
+    from jobqueue.admin.revision import SchemaState
     from jobqueue.client.sync import Client
     from jobqueue.settings import Settings
 
@@ -84,22 +85,23 @@ def database_url(s: Settings | None = None) -> str:
     return start_if_needed(s or settings())
 
 
-def ensure_schema(s: Settings | None = None) -> str:
+def ensure_schema(s: Settings | None = None, *, asyncpg: bool = False) -> str:
     """Check that jobq's schema is at this jobq's revision and return the URL checked.
 
     The embedded server is migrated on demand; a real server must have been migrated (`jobq migrate`).
-    The check reads the alembic_version table with psycopg and compares it with the head revision read
-    from the migration files (admin/revision.py), so a read-only command never imports alembic.
+    The check reads the alembic_version table and compares it with the head revision read from the
+    migration files (admin/revision.py), so a read-only command never imports alembic. `asyncpg`: check
+    on asyncpg (the worker, whose runtime is on it, then never imports psycopg).
     """
-    from jobqueue.admin.revision import SchemaState, schema_state
-    from jobqueue.db.connect import connect, is_embedded
+    from jobqueue.admin.revision import SchemaState
 
     s = s or settings()
     url = database_url(s)
-    with connect(url, autocommit=True) as conn:
-        state = schema_state(conn, s.schema_name)
+    state = _schema_state_asyncpg(url, s.schema_name) if asyncpg else _schema_state(url, s.schema_name)
     if state is SchemaState.CURRENT:
         return url
+    from jobqueue.db.connect import is_embedded
+
     if is_embedded(s) and state is not SchemaState.NEWER:
         from jobqueue.admin.migrate import migrate
 
@@ -107,6 +109,35 @@ def ensure_schema(s: Settings | None = None) -> str:
         return url
     state.raise_for(s.schema_name)
     return url
+
+
+def _schema_state(url: str, schema: str) -> SchemaState:
+    from jobqueue.admin.revision import schema_state
+    from jobqueue.db.connect import connect
+
+    with connect(url, autocommit=True) as conn:
+        return schema_state(conn, schema)
+
+
+def _schema_state_asyncpg(url: str, schema: str) -> SchemaState:
+    import asyncio
+
+    import asyncpg
+
+    from jobqueue.admin.revision import aschema_state
+    from jobqueue.db.connect import aconnect
+    from jobqueue.db.errors import translate
+
+    async def check() -> SchemaState:
+        conn = await aconnect(url)
+        try:
+            return await aschema_state(conn, schema)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise translate(exc) from None
+        finally:
+            await conn.close()
+
+    return asyncio.run(check())
 
 
 def client(s: Settings | None = None) -> Client:

@@ -53,7 +53,9 @@ def worker(
         fail("--isolation must be thread or process")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency must be at least 1")
-    url = ensure_schema(s)  # an unreachable database at start is one error line, not a retry loop
+    # An unreachable database at start is one error line, not a retry loop; checked on asyncpg like the
+    # runtime, so the worker does not import psycopg.
+    url = ensure_schema(s, asyncpg=True)
     if metrics_port is not None:
         from jobqueue.observe.metrics import serve
 

@@ -162,9 +162,9 @@ class AsyncClient(ClientBase):
                     if not todo:
                         return [i for i in ids if i is not None]
                 raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
-            new = [int(r["id"]) for r in await self._fetch(conn, self.q.reserve_ids, (len(rows),))]
+            new: list[int] = await conn.fetchval(self.q.reserve_ids, len(rows))
             await conn.copy_records_to_table(
-                "tasks", schema_name=self.settings.schema_name, columns=list(encode.COPY_COLUMNS),
+                "tasks", schema_name=self.settings.schema_name, columns=list(encode.copy_columns(lab)),
                 records=encode.copy_records(new, rows, lab))
             return new
 

@@ -180,8 +180,8 @@ class Client(ClientBase):
                     if not todo:
                         return [i for i in ids if i is not None]
                 raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
-            new = [int(r["id"]) for r in self._fetch(conn, self.q.reserve_ids, (len(rows),))]
-            with conn.cursor() as cur, cur.copy(self.q.copy_tasks) as copy:
+            new: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(rows),))[0]["ids"]
+            with conn.cursor() as cur, cur.copy(self.q.copy_tasks if lab else self.q.copy_tasks_unlabelled) as copy:
                 for record in encode.copy_records(new, rows, lab):
                     copy.write_row(record)
             return new

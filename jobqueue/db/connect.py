@@ -11,14 +11,15 @@ log line or an error message.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
 
 from jobqueue.admin import embedded
 from jobqueue.errors import ConfigurationError, DatabaseUnavailable
 from jobqueue.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import psycopg
 
 _DRIVER = re.compile(r"^postgres(?:ql)?(\+\w+)?://")
 
@@ -73,7 +74,12 @@ def is_embedded(settings: Settings | None = None) -> bool:
 
 
 def connect(url: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A psycopg connection with errors turned into one readable line."""
+    """A psycopg connection with errors turned into one readable line.
+
+    psycopg is imported here, not with the module: a worker, whose runtime is on asyncpg, never loads it.
+    """
+    import psycopg
+
     url = url or resolve_url()
     try:
         return psycopg.connect(url, **kwargs)

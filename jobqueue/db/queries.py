@@ -19,6 +19,7 @@ class ClientSQL(SQLFile, package=PACKAGE, filename="sql/client.sql"):
     enqueue_many: str
     reserve_ids: str
     copy_tasks: str
+    copy_tasks_unlabelled: str
     lock_parents: str
     cancel: str
     retry: str
