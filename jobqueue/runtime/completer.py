@@ -150,42 +150,45 @@ class Completer:
 
     async def _write_tx(self, conn: asyncpg.Connection, batch: list[Ack]) -> None:
         async with conn.transaction():
-            rows = await self.write(conn, batch)
-        if len(rows) < len(batch):
-            log.warning("%d outcome(s) rejected: the attempt is no longer ours (lease lost)", len(batch) - len(rows))
+            written = await self.write(conn, batch)
+        if written < len(batch):
+            log.warning("%d outcome(s) rejected: the attempt is no longer ours (lease lost)", len(batch) - written)
 
-    async def write(self, conn: asyncpg.Connection, batch: list[Ack]) -> list[asyncpg.Record]:
-        """finish_many and the dependents, on `conn` inside the caller's transaction."""
-        rows: list[asyncpg.Record]
+    async def write(self, conn: asyncpg.Connection, batch: list[Ack]) -> int:
+        """finish_many (or complete_many) and the dependents, on `conn` inside the caller's transaction;
+        returns how many of the batch's rows were written (the others are no longer ours)."""
         # One transposition (C speed) instead of a list comprehension per column.
         outcomes, ids, attempts, _, lines, results, errors, secs, caps = zip(*batch, strict=True)
         if outcomes.count(Outcome.DONE) == len(outcomes):
-            # Only successes (the common case): the lean statement, same fence and lock order.
-            rows = await conn.fetch(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
-                                    self.worker_id)
-            self.stats.done += len(rows)
-            await self._dependents(conn, rows)
-            return rows
+            # Only successes (the common case): the lean statement, same fence and lock order, one row back.
+            summary = await conn.fetchrow(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
+                                          self.worker_id)
+            assert summary is not None  # an aggregate: always one row
+            written: int = summary["written"]
+            self.stats.done += written
+            await self._dependents(conn, summary["parents"], [], [])
+            return written
         rows = await conn.fetch(
             self.q.finish_many, ids, attempts, [o.value for o in outcomes], results, errors, lines, secs, caps,
             self.log_chars, self.worker_id)
-        await self._dependents(conn, rows)
-        self._count(rows)
-        return rows
 
-    async def _dependents(self, conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+        def parents(status: Status) -> list[int]:
+            return [r["id"] for r in rows if r["status"] == status and r["has_dependents"]]
+
+        await self._dependents(conn, parents(Status.DONE), parents(Status.FAILED), parents(Status.CANCELLED))
+        self._count(rows)
+        return len(rows)
+
+    async def _dependents(self, conn: asyncpg.Connection, done: list[int], failed: list[int],
+                          cancelled: list[int]) -> None:
         """Release the children of done parents and cancel those of failed or cancelled ones, in the
         outcome's transaction; a run_on="failure" child whose parents all succeeded is cancelled too."""
-        done = [r["id"] for r in rows if r["status"] == Status.DONE and r["has_dependents"]]
-        skipped: list[int] = []  # run_on="failure" children whose parents all succeeded
         if done:
             released = await conn.fetch(self.q.release_dependents, done,
                                         f"{clock()} [Canceled] no parent task failed", self.log_chars)
-            skipped = [r["id"] for r in released if r["id"] is not None and r["has_dependents"]]
-        for status, verb in ((Status.FAILED, "failed"), (Status.CANCELLED, "was cancelled")):
-            dead = [r["id"] for r in rows if r["status"] == status and r["has_dependents"]]
-            if status == Status.CANCELLED:
-                dead += skipped
+            # Children cancelled on release (run_on="failure", every parent succeeded): cancel theirs too.
+            cancelled = cancelled + [r["id"] for r in released if r["id"] is not None and r["has_dependents"]]
+        for dead, verb in ((failed, "failed"), (cancelled, "was cancelled")):
             if dead:
                 names = ", ".join(map(str, dead[:20])) + (", ..." if len(dead) > 20 else "")
                 await conn.fetch(self.q.cancel_dependents, dead,
