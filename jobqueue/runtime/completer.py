@@ -97,7 +97,12 @@ class Completer:
         return len(self.pending) + len(self.in_flight)
 
     def add(self, ack: Ack) -> None:
-        self.pending.append(ack)
+        self.add_many([ack])
+
+    def add_many(self, acks: list[Ack]) -> None:
+        if not acks:
+            return
+        self.pending += acks
         n = len(self.pending) + len(self.in_flight)
         if n > self.stats.max_unwritten:
             self.stats.max_unwritten = n

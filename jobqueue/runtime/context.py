@@ -166,6 +166,27 @@ class Context:
         self._connection = connection
         self._on_progress = on_progress
 
+    @classmethod
+    def bound(
+        cls,
+        *,
+        log: logging.Logger,
+        transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[Any]],
+        on_progress: Callable[[Context], None],
+        connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+        sql: RuntimeSQL,
+    ) -> Callable[[ClaimedTask], Context]:
+        """A maker of contexts with these runtime hooks (one per worker): a subclass that holds them
+        as class attributes, so each of the thousands of contexts a second sets two attributes."""
+
+        def __init__(self: Context, task: ClaimedTask) -> None:
+            self.task = task
+            self.payload = task.payload
+
+        hooks = {"_logger": log, "_transaction": transaction, "_on_progress": on_progress,
+                 "_connection": connection, "_sql": sql, "__init__": __init__}
+        return type(cls.__name__, (cls,), hooks)
+
     def _guard(self) -> threading.Lock:
         """The lock of the pending progress, made on first use (a handler's thread and the loop may
         both get here first: the one module lock decides)."""

@@ -81,8 +81,12 @@ class Dispatcher:
         self.deferred: dict[int, asyncpg.Record] = {}
         self.abandoned: set[Attempt] = set()
         # The types whose handler the dispatcher runs itself until it first waits (Executor.inline).
-        # While a claim's rows are started: the types whose slots were freed meanwhile (dispatch_many).
+        # While a claim's rows are started: the types whose slots were freed meanwhile, and the acks
+        # of the handlers that ended (dispatch_many).
         self._freed_meanwhile: set[str] | None = None
+        self._acks_meanwhile: list[Ack] | None = None
+        self._context = Context.bound(log=log, transaction=self._transaction, on_progress=progress.mark,
+                                      connection=connection, sql=completer.q)
         self._inline = {t: executor.inline(spec) for t, spec in specs.items()}
         # The asyncio tasks of the attempts (the event loop keeps only weak references).
         self._handles: set[asyncio.Task[Any]] = set()
@@ -97,18 +101,19 @@ class Dispatcher:
         return pairs
 
     def dispatch_many(self, rows: list[asyncpg.Record]) -> None:
-        """Start a claim's rows, in the claim's order (see ``dispatch``). The fetcher calls this and
-        claims again right after, so the slots that handlers ending inline free meanwhile need not
-        wake it one by one: it hears once per type, at the end."""
+        """Start a claim's rows, in the claim's order. The fetcher calls this and claims again right
+        after, so the slots that handlers ending inline free meanwhile need not wake it one by one (it
+        hears once per type, at the end), and their acks reach the completer together."""
         self.stats.claimed += len(rows)
         metrics.started_many(rows)
         self._freed_meanwhile = freed = set[str]()
+        self._acks_meanwhile = acks = list[Ack]()
         try:
-            dispatch = self.dispatch
             for row in rows:
-                dispatch(row)
+                self.dispatch(row)
         finally:
-            self._freed_meanwhile = None
+            self._freed_meanwhile = self._acks_meanwhile = None
+            self.completer.add_many(acks)
             for task_type in freed:
                 self._freed(task_type)
 
@@ -116,55 +121,39 @@ class Dispatcher:
         """Start a claimed row. Its payload is decoded here, row by row: one that Python cannot decode
         fails alone. An id whose older attempt still runs here (its lease expired and we re-claimed it)
         waits until that attempt has ended: never two attempts of one task in one worker."""
-        self.by_type[row["type"]] += 1
-        task_id = row["id"]
+        task_id, task_type = row["id"], row["type"]
+        self.by_type[task_type] += 1
         old = self.running.get(task_id)
         if old is not None:
             self.deferred[task_id] = row
             self.executor.cancel(old, CancelReason.LOST)  # its writes would be rejected anyway
             return
-        self._start(row)
+        self._start(row, task_id, task_type)
 
-    def _start(self, row: asyncpg.Record) -> None:
-        task_id, task_type = row["id"], row["type"]
+    def _start(self, row: asyncpg.Record, task_id: int, task_type: str) -> None:
         spec = self.specs[task_type]
         try:
             payload, bad = _loads(row["payload"]), None
         except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, 2,000 nested arrays
             payload, bad = None, Fail(f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}")
-        ctx = Context(ClaimedTask(row, payload), log=log, transaction=self._transaction,
-                      on_progress=self.progress.mark, connection=self._connection, sql=self.completer.q)
-        attempt = Attempt(ctx, spec, task_id, row["attempt"], task_type)
+        ctx = self._context(ClaimedTask(row, payload))
+        a = Attempt(ctx, spec, task_id, row["attempt"], task_type)
         if bad is not None:
             self.by_type[task_type] -= 1
             metrics.finished(task_type, Outcome.FAILED, 0.0)
-            self.completer.add(self.executor.ack(attempt, Outcome.FAILED, bad))
+            self._add(self.executor.ack(a, Outcome.FAILED, bad))
             return
-        self.running[task_id] = attempt
+        self.running[task_id] = a
         if row["cancel_requested"]:
             ctx.request_cancel(CancelReason.USER)
-        if self._inline[task_type] and not tracing.enabled():
-            self._run_inline(attempt, spec, ctx)
+        if not self._inline[task_type] or tracing.enabled():
+            self._start_executing(a)
             return
-        # Any other handler (sync, with timeouts, traced) runs in _execute, itself started right here, in
-        # the caller's step of the loop, until it first waits (a handler that never does ends without an
-        # asyncio task); then it goes on in a task from where it stopped.
-        coro = self._execute(attempt)
-        context = contextvars.copy_context()
-        try:
-            waiting_on = context.run(coro.send, None)
-        except StopIteration:
-            return
-        self._spawn(_resume(coro, waiting_on), attempt, context,
-                    handler_task=attempt.future is not None and attempt.future is asyncio.current_task())
-
-    def _run_inline(self, a: Attempt, spec: registry.TaskType, ctx: Context) -> None:
-        """Run an async handler without timeouts right here, in the caller's step of the loop, until
-        it first waits: a handler that never waits (a no-op, a cache hit) ends without an asyncio task
-        or a coroutine of the runtime's own, which were most of the worker's CPU per task. One that
-        waits goes on in a task from where it stopped (`_finish_later`). It runs in a copy of the
-        context, as a task would."""
-        payload = ctx.payload
+        # Run an async handler without timeouts right here, in the caller's step of the loop, until it
+        # first waits: a handler that never waits (a no-op, a cache hit) ends without an asyncio task
+        # or a coroutine of the runtime's own, which were most of the worker's CPU per task. One that
+        # waits goes on in a task from where it stopped (`_finish_later`). It runs in a copy of the
+        # context, as a task would.
         if spec.payload is not None or ctx.is_cancelled:
             ended, payload = self.executor.begin(a)
             if ended is not None:
@@ -180,8 +169,8 @@ class Dispatcher:
                 # The hot path: a success with nothing to store that reported nothing.
                 self._forget(a)
                 seconds = time.monotonic() - a.started
-                metrics.finished(a.type, Outcome.DONE, seconds)
-                self.completer.add(self.executor.done_ack(a, seconds))
+                metrics.finished(task_type, Outcome.DONE, seconds)
+                self._add(self.executor.done_ack(a, seconds))
                 return
             self._end(a, Outcome.DONE, value)
             return
@@ -189,6 +178,26 @@ class Dispatcher:
             self._end(a, *self.executor.outcome_of(a, exc))
             return
         self._spawn(self._finish_later(a, coro, waiting_on), a, context, handler_task=True)
+
+    def _start_executing(self, a: Attempt) -> None:
+        """Any other handler (sync, with timeouts, traced) runs in _execute, itself started right here,
+        in the caller's step of the loop, until it first waits (a handler that never does ends without
+        an asyncio task); then it goes on in a task from where it stopped."""
+        coro = self._execute(a)
+        context = contextvars.copy_context()
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration:
+            return
+        self._spawn(_resume(coro, waiting_on), a, context,
+                    handler_task=a.future is not None and a.future is asyncio.current_task())
+
+    def _add(self, ack: Ack) -> None:
+        """Hand an ack to the completer (at the end of the claim's dispatch, when one runs)."""
+        if self._acks_meanwhile is not None:
+            self._acks_meanwhile.append(ack)
+        else:
+            self.completer.add(ack)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], a: Attempt, context: contextvars.Context, *,
                handler_task: bool) -> None:
@@ -202,7 +211,7 @@ class Dispatcher:
         handle.add_done_callback(self._handles.discard)
 
     async def _finish_later(self, a: Attempt, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
-        """The rest of an inline handler that waited (`_run_inline`), in its own task."""
+        """The rest of an inline handler that waited (`_start`), in its own task."""
         try:
             value = await _continue(coro, waiting_on)
         except BaseException as exc:
@@ -226,7 +235,7 @@ class Dispatcher:
         if ack is not None:
             if ack.outcome is not Outcome.RELEASED:
                 metrics.finished(a.type, ack.outcome, time.monotonic() - a.started)
-            self.completer.add(ack)
+            self._add(ack)
         elif a.completed_in_transaction:
             metrics.finished(a.type, Outcome.DONE, time.monotonic() - a.started)
 
@@ -270,7 +279,7 @@ class Dispatcher:
             if row is not None and self._stopping():
                 self._release_deferred(row)
             elif row is not None:
-                self._start(row)
+                self._start(row, task_id, row["type"])
         if self._freed_meanwhile is not None:
             self._freed_meanwhile.add(a.type)
         else:

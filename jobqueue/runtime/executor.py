@@ -28,7 +28,7 @@ from jobqueue import tracing
 from jobqueue.db.connect import redact_text
 from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
 from jobqueue.registry import TaskType
-from jobqueue.runtime.context import Context
+from jobqueue.runtime.context import Context, clock
 from jobqueue.settings import Settings
 from jobqueue.states import CancelReason, Outcome
 
@@ -182,7 +182,7 @@ class Executor:
     def done_ack(a: Attempt, seconds: float, result: str | None = None) -> Ack:
         """The hot path: the Ack of a success that reported nothing since the last flush and ran
         `seconds`: one line, no joins."""
-        return Ack(Outcome.DONE, a.id, a.attempt, a.type, a.ctx.line(f"Done in {seconds:.2f}s."), result)
+        return Ack(Outcome.DONE, a.id, a.attempt, a.type, f"{clock()} {a.ctx.prefix()}Done in {seconds:.2f}s.", result)
 
     def ack(self, a: Attempt, outcome: Outcome, value: Any = None, *, result: str | None = None) -> Ack:
         """The Ack of an attempt that ended with `outcome` (`value`: the exception or the Snooze)."""
