@@ -178,9 +178,11 @@ class Completer:
         return [ack for ack in batch if ack.id in held] if held else []
 
     async def _complete_many(self, conn: asyncpg.Connection, ids: Sequence[int], attempts: Sequence[int],
-                             results: Sequence[str | None], lines: Sequence[str], *, hold: bool) -> asyncpg.Record:
-        summary = await conn.fetchrow(self.q.complete_many, ids, attempts, results, lines, self.log_chars,
-                                      self.worker_id, hold)
+                             results: tuple[str | None, ...], lines: Sequence[str], *, hold: bool) -> asyncpg.Record:
+        # No results at all (no-op handlers): no array to encode, unnest pads the missing one with NULLs.
+        summary = await conn.fetchrow(self.q.complete_many, ids, attempts,
+                                      None if results.count(None) == len(results) else results, lines,
+                                      self.log_chars, self.worker_id, hold)
         assert summary is not None  # an aggregate: always one row
         self.stats.done += summary["written"]
         return summary

@@ -256,7 +256,7 @@ FROM u;
 -- name: complete_many
 -- finish_many for a batch of successes only (the common case): the same fence (id, attempt, worker_id,
 -- status = 'running') and the same lock order, without the expressions of the other outcomes. Inputs:
--- $1 id, $2 attempt, $3 result (JSON text), $4 log line, one element per attempt; $5 log size,
+-- $1 id, $2 attempt, $3 result (JSON text; NULL: none has one), $4 log line, one element per attempt; $5 log size,
 -- $6 worker; $7 true: leave out the tasks that have dependents (see below).
 -- Returns one row for the whole batch: `written`, the rows written (fewer than the acks when a lease
 -- was lost); `parents`, those of them that have dependents to release; `held`, the tasks left out.
