@@ -65,7 +65,7 @@ def complete(conn: psycopg.Connection[Any], q: Any, claimed: list[tuple[int, int
     """The completer's statement for `claimed` (id, attempt), in the caller's transaction."""
     with psycopg.RawCursor(conn) as cur:
         cur.execute(q.complete_many, ([i for i, _ in claimed], [a for _, a in claimed], ["null"] * len(claimed),
-                                      ["done"] * len(claimed), 3000, "bench"))
+                                      ["done"] * len(claimed), 3000, "bench", False))
 
 
 def wait_then_stamp(client: Any, task_id: int, stamps: list[float]) -> None:

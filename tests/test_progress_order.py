@@ -56,8 +56,8 @@ def test_a_flush_after_done_lands_above_the_done_line(conn: psycopg.Connection[A
                                                       db_url: str) -> None:
     task = running_task(conn, "10:00:00 Task has been received.")
     done = run(db_url, Q.complete_many, [task], [1], ['{"ok": 1}'], ["10:00:02 Parsed.\n10:00:02 Done in 2.00s."],
-               LOG_CHARS, WORKER)
-    assert [r["status"] for r in done] == ["done"]
+               LOG_CHARS, WORKER, False)
+    assert [(r["written"], r["parents"]) for r in done] == [(1, [])]
     # The flush took "Extracted" before the handler returned; its statement commits after the completion.
     rows = flush(db_url, task, "10:00:01 Extracted 12 pages.\n10:00:01 Chunked into 40 chunks.", 0.9)
     assert [r["id"] for r in rows] == [task]  # still this attempt's: its lines are kept

@@ -78,7 +78,7 @@ def test_batch_statements_look_rows_up_by_key_whatever_the_statistics(
         n = len(ids)
         args: tuple[Any, ...]
         args = {
-            "complete_many": (ids, [1] * n, [None] * n, ["x"] * n, 4000, "w"),
+            "complete_many": (ids, [1] * n, [None] * n, ["x"] * n, 4000, "w", True),
             "finish_many": (ids, [1] * n, ["retry"] * n, [None] * n, ["e"] * n, ["x"] * n, [1.0] * n, [2.0] * n,
                             4000, "w"),
             "progress_many": (ids, [1] * n, [0.5] * n, ["x"] * n, 4000, "w"),

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from jobqueue.errors import Cancelled
@@ -30,16 +30,41 @@ if TYPE_CHECKING:
 
 # How many pending message lines a task keeps between two flushes (the log is bounded anyway).
 MAX_PENDING_LINES = 64
+# Makes each context's own lock, once (Context._guard).
+_FIRST_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
+# The claimed row's columns a handler can read as ``ctx.task.<name>``, in the claim's order.
+TASK_FIELDS = ("id", "type", "priority", "payload", "attempt", "retry_count", "max_retries", "created_at", "run_at",
+               "doc_id", "batch_id", "from_page", "to_page", "owner", "labels", "digest", "trace_context")
+
+
 class ClaimedTask:
-    """The claimed row, as the claim statement returned it."""
+    """The claimed row, as the claim statement returned it (read-only).
+
+    It keeps the row itself (an asyncpg Record, or any mapping of the same names) and reads a column
+    when asked: a worker claims thousands of rows a second and most handlers read two or three of
+    their 17 columns, so copying each into an attribute was a good part of the CPU per task."""
+
+    __slots__ = ("_payload", "_row")
+
+    def __init__(self, row: Any, payload: Any) -> None:
+        self._row = row
+        self._payload = payload
+
+    @property
+    def payload(self) -> Any:
+        """The payload as decoded JSON (the handler's second argument before model validation)."""
+        return self._payload
+
+    @property
+    def trace_context(self) -> str | None:
+        """JSON: the enqueueing span's context (jobqueue.tracing); a claim may not return the column."""
+        return self._row.get("trace_context")  # type: ignore[no-any-return]
 
     id: int
     type: str
     priority: int
-    payload: Any
     attempt: int
     retry_count: int
     max_retries: int
@@ -52,7 +77,42 @@ class ClaimedTask:
     owner: str | None
     labels: list[str]
     digest: str | None
-    trace_context: str | None = None  # JSON: the enqueueing span's context (jobqueue.tracing)
+
+    def _fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in TASK_FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClaimedTask) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # like the frozen dataclass with a list field it replaced
+
+    def __repr__(self) -> str:
+        return "ClaimedTask(" + ", ".join(f"{k}={v!r}" for k, v in self._fields().items()) + ")"
+
+
+def _column(name: str) -> property:
+    return property(lambda self: self._row[name], doc=f"The claimed row's ``{name}``.")
+
+
+def _moment(name: str) -> property:
+    """A timestamp column: the plain claim returns it as microseconds since the epoch (an int), the
+    datetime is made here, on first read; a row with a datetime already (claim_flow) is taken as is."""
+
+    def get(self: ClaimedTask) -> datetime:
+        value = self._row[name]
+        return _EPOCH + timedelta(microseconds=value) if type(value) is int else value
+
+    return property(get, doc=f"The claimed row's ``{name}`` (UTC).")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+for _name in TASK_FIELDS:
+    if _name in ("created_at", "run_at"):
+        setattr(ClaimedTask, _name, _moment(_name))
+    elif _name not in ("payload", "trace_context"):
+        setattr(ClaimedTask, _name, _column(_name))
+del _name
 
 
 @dataclass(frozen=True)
@@ -76,6 +136,18 @@ class Context:
     the attempt (its future, thread, timing, how it was completed) lives in runtime.executor.Attempt.
     """
 
+    # What an attempt starts with, as class attributes: the worker makes thousands of contexts a second
+    # and most of them never report progress, get cancelled or store a result.
+    _cancelled: threading.Event | None = None
+    is_cancelled = False
+    cancel_reason: CancelReason | None = None
+    result: Any = None
+    _lock: threading.Lock | None = None  # created by the first progress() (see _guard)
+    _pending_progress: float | None = None
+    _pending_lines: deque[str] | None = None
+    _dirty = False
+    trace: AttemptSpan | None = None  # the attempt's span, when tracing is on (runtime.executor)
+
     def __init__(
         self,
         task: ClaimedTask,
@@ -90,18 +162,41 @@ class Context:
         self._sql = sql
         self.payload: Any = task.payload
         self._logger = log
-        self._cancelled: threading.Event | None = None
-        self.is_cancelled = False
-        self.cancel_reason: CancelReason | None = None
-        self.result: Any = None
         self._transaction = transaction
         self._connection = connection
         self._on_progress = on_progress
-        self._lock = threading.Lock()
-        self._pending_progress: float | None = None
-        self._pending_lines: deque[str] = deque(maxlen=MAX_PENDING_LINES)
-        self._dirty = False
-        self.trace: AttemptSpan | None = None  # the attempt's span, when tracing is on (runtime.executor)
+
+    @classmethod
+    def bound(
+        cls,
+        *,
+        log: logging.Logger,
+        transaction: Callable[[Context], contextlib.AbstractAsyncContextManager[Any]],
+        on_progress: Callable[[Context], None],
+        connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+        sql: RuntimeSQL,
+    ) -> Callable[[ClaimedTask], Context]:
+        """A maker of contexts with these runtime hooks (one per worker): a subclass that holds them
+        as class attributes, so each of the thousands of contexts a second sets two attributes."""
+
+        def __init__(self: Context, task: ClaimedTask) -> None:
+            self.task = task
+            self.payload = task.payload
+
+        hooks = {"_logger": log, "_transaction": transaction, "_on_progress": on_progress,
+                 "_connection": connection, "_sql": sql, "__init__": __init__}
+        return type(cls.__name__, (cls,), hooks)
+
+    def _guard(self) -> threading.Lock:
+        """The lock of the pending progress, made on first use (a handler's thread and the loop may
+        both get here first: the one module lock decides)."""
+        lock = self._lock
+        if lock is None:
+            with _FIRST_LOCK:
+                lock = self._lock
+                if lock is None:
+                    lock = self._lock = threading.Lock()
+        return lock
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -138,10 +233,12 @@ class Context:
         """Report progress (0..1, or -1 for an error) and/or a message line; raises Cancelled once the
         task's cancellation was requested, so sync handlers stop at their next report."""
         self.raise_if_cancelled()
-        with self._lock:
+        with self._guard():
             if fraction is not None:
                 self._pending_progress = float(fraction)
             if message:
+                if self._pending_lines is None:
+                    self._pending_lines = deque(maxlen=MAX_PENDING_LINES)
                 self._pending_lines.append(self.line(message))
             first = not self._dirty
             self._dirty = True
@@ -158,10 +255,11 @@ class Context:
 
     def take_pending(self) -> tuple[float | None, str]:
         """Hand the pending progress and lines to the writer (and forget them)."""
-        with self._lock:
-            value, lines = self._pending_progress, "\n".join(self._pending_lines)
+        with self._guard():
+            value, lines = self._pending_progress, "\n".join(self._pending_lines or ())
             self._pending_progress = None
-            self._pending_lines.clear()
+            if self._pending_lines:
+                self._pending_lines.clear()
             self._dirty = False
         return value, lines
 

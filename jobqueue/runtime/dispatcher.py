@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from jobqueue import registry
+from jobqueue import registry, tracing
 from jobqueue.errors import Fail, LeaseLost
 from jobqueue.observe import metrics
 from jobqueue.runtime.completer import Completer
@@ -37,6 +37,19 @@ if TYPE_CHECKING:
     from jobqueue.runtime.worker import WorkerStats
 
 log = logging.getLogger("jobq.worker")
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    """json.loads for the text PostgreSQL makes of a jsonb (no whitespace around it), without
+    json.loads' two whitespace matches per call; anything unusual goes to json.loads itself, whose
+    errors are the ones reported."""
+    try:
+        value, end = _scan(text, 0)
+    except (StopIteration, ValueError):
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)
+
 
 
 class Dispatcher:
@@ -67,6 +80,14 @@ class Dispatcher:
         self.by_type = dict.fromkeys(specs, 0)
         self.deferred: dict[int, asyncpg.Record] = {}
         self.abandoned: set[Attempt] = set()
+        # The types whose handler the dispatcher runs itself until it first waits (Executor.inline).
+        # While a claim's rows are started: the types whose slots were freed meanwhile, and the acks
+        # of the handlers that ended (dispatch_many).
+        self._freed_meanwhile: set[str] | None = None
+        self._acks_meanwhile: list[Ack] | None = None
+        self._context = Context.bound(log=log, transaction=self._transaction, on_progress=progress.mark,
+                                      connection=connection, sql=completer.q)
+        self._inline = {t: executor.inline(spec) for t, spec in specs.items()}
         # The asyncio tasks of the attempts (the event loop keeps only weak references).
         self._handles: set[asyncio.Task[Any]] = set()
         progress.running = self.running
@@ -79,61 +100,144 @@ class Dispatcher:
         pairs += [(ack.id, ack.attempt) for ack in self.completer.pending + self.completer.in_flight]
         return pairs
 
+    def dispatch_many(self, rows: list[asyncpg.Record]) -> None:
+        """Start a claim's rows, in the claim's order. The fetcher calls this and claims again right
+        after, so the slots that handlers ending inline free meanwhile need not wake it one by one (it
+        hears once per type, at the end), and their acks reach the completer together."""
+        self.stats.claimed += len(rows)
+        metrics.started_many(rows)
+        self._freed_meanwhile = freed = set[str]()
+        self._acks_meanwhile = acks = list[Ack]()
+        try:
+            for row in rows:
+                self.dispatch(row)
+        finally:
+            self._freed_meanwhile = self._acks_meanwhile = None
+            self.completer.add_many(acks)
+            for task_type in freed:
+                self._freed(task_type)
+
     def dispatch(self, row: asyncpg.Record) -> None:
         """Start a claimed row. Its payload is decoded here, row by row: one that Python cannot decode
         fails alone. An id whose older attempt still runs here (its lease expired and we re-claimed it)
         waits until that attempt has ended: never two attempts of one task in one worker."""
-        self.by_type[row["type"]] += 1
-        self.stats.claimed += 1
-        old = self.running.get(row["id"])
+        task_id, task_type = row["id"], row["type"]
+        self.by_type[task_type] += 1
+        old = self.running.get(task_id)
         if old is not None:
-            self.deferred[row["id"]] = row
+            self.deferred[task_id] = row
             self.executor.cancel(old, CancelReason.LOST)  # its writes would be rejected anyway
             return
-        self._start(row)
+        self._start(row, task_id, task_type)
 
-    def _start(self, row: asyncpg.Record) -> None:
-        spec = self.specs[row["type"]]
+    def _start(self, row: asyncpg.Record, task_id: int, task_type: str) -> None:
+        spec = self.specs[task_type]
         try:
-            payload, bad = json.loads(row["payload"]), None
+            payload, bad = _loads(row["payload"]), None
         except (ValueError, RecursionError) as exc:  # a 5,000-digit integer, 2,000 nested arrays
             payload, bad = None, Fail(f"payload cannot be decoded: {type(exc).__name__}: {str(exc)[:200]}")
-        task = ClaimedTask(
-            id=row["id"], type=row["type"], priority=row["priority"], payload=payload,
-            attempt=row["attempt"], retry_count=row["retry_count"], max_retries=row["max_retries"],
-            created_at=row["created_at"], run_at=row["run_at"], doc_id=row["doc_id"], batch_id=row["batch_id"],
-            from_page=row["from_page"], to_page=row["to_page"], owner=row["owner"], labels=list(row["labels"]),
-            digest=row["digest"], trace_context=row.get("trace_context"),
-        )
-        ctx = Context(task, log=log, transaction=self._transaction, on_progress=self.progress.mark,
-                      connection=self._connection, sql=self.completer.q)
-        attempt = Attempt(ctx=ctx, spec=spec)
-        metrics.started(task.type, task.run_at)
+        ctx = self._context(ClaimedTask(row, payload))
+        a = Attempt(ctx, spec, task_id, row["attempt"], task_type)
         if bad is not None:
-            self.by_type[task.type] -= 1
-            metrics.finished(task.type, Outcome.FAILED, 0.0)
-            self.completer.add(self.executor.ack(attempt, Outcome.FAILED, bad))
+            self.by_type[task_type] -= 1
+            metrics.finished(task_type, Outcome.FAILED, 0.0)
+            self._add(self.executor.ack(a, Outcome.FAILED, bad))
             return
-        self.running[task.id] = attempt
+        self.running[task_id] = a
         if row["cancel_requested"]:
             ctx.request_cancel(CancelReason.USER)
-        # Run the attempt right here, in the caller's step of the loop, until it first waits: a handler
-        # that never waits (a no-op, a cache hit) ends without an asyncio task of its own, which was a
-        # good part of the worker's CPU per task. One that waits goes on in a task from where it
-        # stopped (`_resume`). It runs in a copy of the context, as a task would.
-        coro = self._execute(attempt)
+        if not self._inline[task_type] or tracing.enabled():
+            self._start_executing(a)
+            return
+        # Run an async handler without timeouts right here, in the caller's step of the loop, until it
+        # first waits: a handler that never waits (a no-op, a cache hit) ends without an asyncio task
+        # or a coroutine of the runtime's own, which were most of the worker's CPU per task. One that
+        # waits goes on in a task from where it stopped (`_finish_later`). It runs in a copy of the
+        # context, as a task would.
+        if spec.payload is not None or ctx.is_cancelled:
+            ended, payload = self.executor.begin(a)
+            if ended is not None:
+                self._end(a, ended, payload)
+                return
+        coro = spec.handler(ctx, payload)
+        context = contextvars.copy_context()
+        try:
+            waiting_on = context.run(coro.send, None)
+        except StopIteration as stop:
+            value = stop.value
+            if value is None and ctx.result is None and not ctx._dirty and ctx.cancel_reason is None:
+                # The hot path: a success with nothing to store that reported nothing.
+                self._forget(a)
+                seconds = time.monotonic() - a.started
+                metrics.finished(task_type, Outcome.DONE, seconds)
+                self._add(self.executor.done_ack(a, seconds))
+                return
+            self._end(a, Outcome.DONE, value)
+            return
+        except BaseException as exc:
+            self._end(a, *self.executor.outcome_of(a, exc))
+            return
+        self._spawn(self._finish_later(a, coro, waiting_on), a, context, handler_task=True)
+
+    def _start_executing(self, a: Attempt) -> None:
+        """Any other handler (sync, with timeouts, traced) runs in _execute, itself started right here,
+        in the caller's step of the loop, until it first waits (a handler that never does ends without
+        an asyncio task); then it goes on in a task from where it stopped."""
+        coro = self._execute(a)
         context = contextvars.copy_context()
         try:
             waiting_on = context.run(coro.send, None)
         except StopIteration:
             return
-        handle = asyncio.get_running_loop().create_task(_resume(coro, waiting_on), name=f"jobq-task-{task.id}",
-                                                        context=context)
-        if attempt.future is not None and attempt.future is asyncio.current_task():
-            attempt.future = handle  # the handler's own task from now on: what a cancel interrupts
+        self._spawn(_resume(coro, waiting_on), a, context,
+                    handler_task=a.future is not None and a.future is asyncio.current_task())
+
+    def _add(self, ack: Ack) -> None:
+        """Hand an ack to the completer (at the end of the claim's dispatch, when one runs)."""
+        if self._acks_meanwhile is not None:
+            self._acks_meanwhile.append(ack)
+        else:
+            self.completer.add(ack)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], a: Attempt, context: contextvars.Context, *,
+               handler_task: bool) -> None:
+        """Go on with an attempt that waits in an asyncio task; with `handler_task`, the task is what
+        a cancel of the attempt interrupts."""
+        handle = asyncio.get_running_loop().create_task(coro, name=f"jobq-task-{a.id}", context=context)
+        if handler_task:
+            a.future = handle
         # The running map holds the attempt's record; the set keeps the asyncio task itself alive.
         self._handles.add(handle)
         handle.add_done_callback(self._handles.discard)
+
+    async def _finish_later(self, a: Attempt, coro: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
+        """The rest of an inline handler that waited (`_start`), in its own task."""
+        try:
+            value = await _continue(coro, waiting_on)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and (task := asyncio.current_task()):
+                task.uncancel()  # the cancel was aimed at the handler; this task goes on to record it
+            self._end(a, *self.executor.outcome_of(a, exc))
+            return
+        self._end(a, Outcome.DONE, value)
+
+    def _end(self, a: Attempt, outcome: Outcome, value: Any) -> None:
+        """An inline handler has ended: its ack, then the same bookkeeping as `_execute`."""
+        try:
+            ack = self.executor.finish(a, outcome, value)
+        except Exception as exc:  # a bug of the runtime must cost this attempt, not the worker
+            log.exception("task %d: the executor failed", a.id)
+            ack = self.executor.ack(a, Outcome.RETRY, exc)
+        self._forget(a)
+        self._record(a, ack)
+
+    def _record(self, a: Attempt, ack: Ack | None) -> None:
+        if ack is not None:
+            if ack.outcome is not Outcome.RELEASED:
+                metrics.finished(a.type, ack.outcome, time.monotonic() - a.started)
+            self._add(ack)
+        elif a.completed_in_transaction:
+            metrics.finished(a.type, Outcome.DONE, time.monotonic() - a.started)
 
     def _transaction(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Any]:
         a = self.running.get(ctx.id)
@@ -146,7 +250,7 @@ class Dispatcher:
         try:
             ack = await self.executor.run(a)
         except Exception as exc:  # a bug of the runtime must cost this attempt, not the worker
-            log.exception("task %d: the executor failed", a.ctx.id)
+            log.exception("task %d: the executor failed", a.id)
             ack = self.executor.ack(a, Outcome.RETRY, exc)
         finally:
             thread = a.thread
@@ -161,33 +265,31 @@ class Dispatcher:
                         loop.call_soon_threadsafe(self._thread_returned, a)
 
                 thread.add_done_callback(returned)
-        if ack is not None:
-            if ack.outcome is not Outcome.RELEASED:
-                metrics.finished(a.ctx.task.type, ack.outcome, time.monotonic() - a.started)
-            self.completer.add(ack)
-        elif a.completed_in_transaction:
-            metrics.finished(a.ctx.task.type, Outcome.DONE, time.monotonic() - a.started)
+        self._record(a, ack)
 
     def _forget(self, a: Attempt, *, keep_slot: bool = False) -> None:
         """The attempt has ended: free its slot (unless its thread lingers), and start the newer
         attempt of the same task if one was claimed meanwhile."""
-        task_id = a.ctx.id
+        task_id = a.id
         if self.running.get(task_id) is a:
             del self.running[task_id]
             if not keep_slot:
-                self.by_type[a.ctx.task.type] -= 1
+                self.by_type[a.type] -= 1
             row = self.deferred.pop(task_id, None)
             if row is not None and self._stopping():
                 self._release_deferred(row)
             elif row is not None:
-                self._start(row)
-        self._freed(a.ctx.task.type)
+                self._start(row, task_id, row["type"])
+        if self._freed_meanwhile is not None:
+            self._freed_meanwhile.add(a.type)
+        else:
+            self._freed(a.type)
 
     def _thread_returned(self, a: Attempt) -> None:
         """An abandoned sync handler's thread has returned at last: its slot is free."""
         self.abandoned.discard(a)
-        self.by_type[a.ctx.task.type] -= 1
-        self._freed(a.ctx.task.type)
+        self.by_type[a.type] -= 1
+        self._freed(a.type)
 
     def _release_deferred(self, row: asyncpg.Record) -> None:
         self.by_type[row["type"]] -= 1
@@ -203,7 +305,7 @@ class Dispatcher:
                 self.executor.cancel(a, CancelReason.USER)
         for task_id, attempt in asked:
             a = self.running.get(task_id)
-            if (task_id not in ours and a is not None and a.ctx.attempt == attempt
+            if (task_id not in ours and a is not None and a.attempt == attempt
                     and not a.completed_in_transaction):
                 log.warning("task %d is no longer ours (lease lost); cancelling its handler", task_id)
                 self.executor.cancel(a, CancelReason.LOST)
@@ -233,10 +335,10 @@ class Dispatcher:
 
 
 @types.coroutine
-def _continue(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, None, None]:
+def _continue(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, None, Any]:
     """Drive a coroutine that was started outside any task, as ``await`` would from here on: what it
     waits for is handed to the running task unchanged, and the task's results, exceptions and
-    cancellations are passed back into it."""
+    cancellations are passed back into it; returns what the coroutine returned."""
     while True:
         thrown: BaseException | None = None
         try:
@@ -245,8 +347,8 @@ def _continue(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any
             thrown = exc
         try:
             waiting_on = coro.send(None) if thrown is None else coro.throw(thrown)
-        except StopIteration:
-            return
+        except StopIteration as stop:
+            return stop.value
 
 
 async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:

@@ -20,7 +20,6 @@ import math
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
@@ -29,7 +28,7 @@ from jobqueue import tracing
 from jobqueue.db.connect import redact_text
 from jobqueue.errors import Cancelled, Fail, LeaseLost, Snooze
 from jobqueue.registry import TaskType
-from jobqueue.runtime.context import Context
+from jobqueue.runtime.context import Context, clock
 from jobqueue.settings import Settings
 from jobqueue.states import CancelReason, Outcome
 
@@ -54,24 +53,42 @@ class Ack(NamedTuple):
     cap: float = 0.0  # the backoff cap of a retry
 
 
-@dataclass(eq=False)
 class Attempt:
-    """The runtime's record of one running attempt; the handler only sees ``ctx``."""
+    """The runtime's record of one running attempt; the handler only sees ``ctx``. A plain class with
+    slots: one is made per task, and the id, attempt and type the runtime reads all the time are
+    copied out of the row once."""
 
-    ctx: Context
-    spec: TaskType
-    started: float = field(default_factory=time.monotonic)
-    # What a cancel interrupts: the handler's asyncio task or future (None once it cannot be interrupted).
-    future: asyncio.Future[Any] | None = None
-    # A sync handler's thread: it may outlive the attempt (hard timeout) and holds its pool slot until
-    # it returns, so the attempt stays counted against capacity until then.
-    thread: concurrent.futures.Future[Any] | None = None
-    abandoned: bool = False  # hard-timed-out: the task is no longer ours, only the thread lingers
-    completed_in_transaction: bool = False  # ctx.transaction() wrote the outcome already
+    __slots__ = (
+        "abandoned",
+        "attempt",
+        "completed_in_transaction",
+        "ctx",
+        "future",
+        "id",
+        "spec",
+        "started",
+        "thread",
+        "type",
+    )
+
+    def __init__(self, ctx: Context, spec: TaskType, task_id: int, attempt: int, task_type: str) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.id = task_id
+        self.attempt = attempt
+        self.type = task_type
+        self.started = time.monotonic()
+        # What a cancel interrupts: the handler's asyncio task or future (None once it cannot be interrupted).
+        self.future: asyncio.Future[Any] | None = None
+        # A sync handler's thread: it may outlive the attempt (hard timeout) and holds its pool slot until
+        # it returns, so the attempt stays counted against capacity until then.
+        self.thread: concurrent.futures.Future[Any] | None = None
+        self.abandoned = False  # hard-timed-out: the task is no longer ours, only the thread lingers
+        self.completed_in_transaction = False  # ctx.transaction() wrote the outcome already
 
     @property
     def key(self) -> tuple[int, int]:
-        return self.ctx.id, self.ctx.attempt
+        return self.id, self.attempt
 
     @property
     def in_thread(self) -> bool:
@@ -125,41 +142,53 @@ class Executor:
         if a.spec.is_async and a.future is not None and not a.future.done():
             a.future.cancel()
 
+    @staticmethod
+    def inline(spec: TaskType) -> bool:
+        """Whether the dispatcher may run this type's handler itself, without an asyncio task until it
+        first waits (while tracing is off: the attempt's span wraps the whole run): an async handler
+        without timeouts (a timeout needs a task to cancel)."""
+        return spec.is_async and spec.timeout is None and spec.hard_timeout is None
+
     async def run(self, a: Attempt) -> Ack | None:
         """Run the handler; the Ack to write, or None when there is nothing to write (the attempt is
         no longer ours, or ``ctx.transaction()`` completed it). With tracing on, under the attempt's span."""
         span = a.ctx.trace = tracing.attempt_span(a.ctx)
         if span is None:
-            return await self._run(a)
+            return self.finish(a, *await self._invoke(a))
         with span:
-            span.ack = await self._run(a)
+            span.ack = self.finish(a, *await self._invoke(a))
             span.reason = a.ctx.cancel_reason
         a.ctx.trace = None  # a hard-timed-out thread's late progress() is no event of the ended span
         return span.ack
 
-    async def _run(self, a: Attempt) -> Ack | None:
-        outcome, value = await self._invoke(a)
+    def finish(self, a: Attempt, outcome: Outcome, value: Any) -> Ack | None:
+        """The Ack of a handler that ended with (outcome, value), or None when there is nothing to write."""
         a.future = None  # from here on a cancel can no longer interrupt this attempt's own writes
         ctx = a.ctx
-        if ctx.cancel_reason == CancelReason.LOST or a.completed_in_transaction:
+        reason = ctx.cancel_reason
+        if reason is CancelReason.LOST or a.completed_in_transaction:
             return None
-        if ctx.cancel_reason == CancelReason.SHUTDOWN and outcome is Outcome.CANCELLED:
-            outcome = Outcome.RELEASED
         if outcome is Outcome.DONE:
             try:
                 result = json_result(value if value is not None else ctx.result)
             except (TypeError, ValueError, RecursionError) as exc:
                 return self.ack(a, Outcome.FAILED, Fail(f"result cannot be stored: {exc}"))
             return self.ack(a, Outcome.DONE, result=result)
+        if reason is CancelReason.SHUTDOWN and outcome is Outcome.CANCELLED:
+            outcome = Outcome.RELEASED
         return self.ack(a, outcome, value)
+
+    @staticmethod
+    def done_ack(a: Attempt, seconds: float, result: str | None = None) -> Ack:
+        """The hot path: the Ack of a success that reported nothing since the last flush and ran
+        `seconds`: one line, no joins."""
+        return Ack(Outcome.DONE, a.id, a.attempt, a.type, f"{clock()} {a.ctx.prefix()}Done in {seconds:.2f}s.", result)
 
     def ack(self, a: Attempt, outcome: Outcome, value: Any = None, *, result: str | None = None) -> Ack:
         """The Ack of an attempt that ended with `outcome` (`value`: the exception or the Snooze)."""
         ctx, spec = a.ctx, a.spec
         if outcome is Outcome.DONE and not ctx._dirty:
-            # The hot path (a success that reported nothing since the last flush): one line, no joins.
-            return Ack(outcome, ctx.task.id, ctx.task.attempt, ctx.task.type,
-                       ctx.line(f"Done in {time.monotonic() - a.started:.2f}s."), result)
+            return self.done_ack(a, time.monotonic() - a.started, result)
         _, lines = take_pending(ctx)
         secs = cap = 0.0
         error: str | None = None
@@ -187,7 +216,7 @@ class Executor:
         else:
             last = "[Canceled] Task has been canceled."
         line = "\n".join(filter(None, [lines, ctx.line(last)]))
-        return Ack(outcome, ctx.id, ctx.attempt, ctx.task.type, line, result, error, secs, cap)
+        return Ack(outcome, a.id, a.attempt, a.type, line, result, error, secs, cap)
 
     def _policy(self, a: Attempt, exc: BaseException, secs: float, cap: float
                 ) -> tuple[Outcome, BaseException, float, float]:
@@ -208,8 +237,10 @@ class Executor:
                                         f"{MAX_SNOOZE_SECONDS:.0f} (after {exc!r})"), secs, cap
         return Outcome.RETRY, exc, delay, -1.0
 
-    async def _invoke(self, a: Attempt) -> tuple[Outcome, Any]:
-        """Run the handler with its timeouts; returns (outcome, value or exception)."""
+    def begin(self, a: Attempt) -> tuple[Outcome | None, Any]:
+        """Before the handler runs: the payload as the handler takes it (validated against the type's
+        model) as ``(None, payload)``, or how the attempt ends without running (a malformed payload,
+        a task cancelled before it started)."""
         ctx, spec = a.ctx, a.spec
         payload: Any = ctx.payload
         if spec.payload is not None:
@@ -220,6 +251,35 @@ class Executor:
                                             f"{'.'.join(map(str, exc.errors()[0]['loc']))}")
         if ctx.is_cancelled:
             return Outcome.CANCELLED, None
+        return None, payload
+
+    def outcome_of(self, a: Attempt, exc: BaseException) -> tuple[Outcome, Any]:
+        """How the attempt ends when its handler raised `exc`; anything but an Exception or a
+        cancellation (KeyboardInterrupt, SystemExit) is raised again."""
+        ctx = a.ctx
+        if isinstance(exc, Snooze):
+            return Outcome.SNOOZED, exc
+        if isinstance(exc, Fail):
+            return Outcome.FAILED, exc
+        if isinstance(exc, (Cancelled, asyncio.CancelledError)):
+            if ctx.cancel_reason == CancelReason.TIMEOUT:
+                return Outcome.RETRY, TimeoutError(f"soft timeout of {a.spec.timeout}s exceeded")
+            if ctx.cancel_reason is not None:
+                return Outcome.CANCELLED, None
+            return Outcome.RETRY, exc if isinstance(exc, Exception) else RuntimeError("handler was cancelled")
+        if isinstance(exc, LeaseLost):
+            ctx.request_cancel(CancelReason.LOST)
+            return Outcome.CANCELLED, None
+        if isinstance(exc, Exception):
+            return Outcome.RETRY, exc
+        raise exc
+
+    async def _invoke(self, a: Attempt) -> tuple[Outcome, Any]:
+        """Run the handler with its timeouts; returns (outcome, value or exception)."""
+        ctx, spec = a.ctx, a.spec
+        ended, payload = self.begin(a)
+        if ended is not None:
+            return ended, payload
         fut: asyncio.Future[Any] | None
         if spec.is_async and spec.timeout is None and spec.hard_timeout is None:
             # The common case runs the handler inside this task: no second task per run.
@@ -243,23 +303,10 @@ class Executor:
             else:
                 a.future = fut
                 value = await self._await_with_timeouts(a, fut)
-        except Snooze as exc:
-            return Outcome.SNOOZED, exc
-        except Fail as exc:
-            return Outcome.FAILED, exc
-        except (Cancelled, asyncio.CancelledError) as exc:
+        except BaseException as exc:
             if fut is None and isinstance(exc, asyncio.CancelledError) and (task := asyncio.current_task()):
                 task.uncancel()  # the cancel was aimed at the handler; this task goes on to record it
-            if ctx.cancel_reason == CancelReason.TIMEOUT:
-                return Outcome.RETRY, TimeoutError(f"soft timeout of {spec.timeout}s exceeded")
-            if ctx.cancel_reason is not None:
-                return Outcome.CANCELLED, None
-            return Outcome.RETRY, exc if isinstance(exc, Exception) else RuntimeError("handler was cancelled")
-        except LeaseLost:
-            ctx.request_cancel(CancelReason.LOST)
-            return Outcome.CANCELLED, None
-        except Exception as exc:
-            return Outcome.RETRY, exc
+            return self.outcome_of(a, exc)
         if ctx.cancel_reason == CancelReason.LOST:
             return Outcome.CANCELLED, None
         # A handler that returned normally did its work, even if a shutdown asked it to stop meanwhile.

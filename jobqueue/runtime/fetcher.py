@@ -156,8 +156,7 @@ class Fetcher:
                 self.wake.clear()
                 continue
             rows = await w._db(self._claim, free, want)
-            for row in rows:
-                w._dispatch(row)
+            w._dispatch(rows)
             if rows:
                 idle_claims = 0
                 self._rearms = 0

@@ -301,8 +301,8 @@ class Worker:
         """The (id, attempt) pairs the heartbeat renews (see Dispatcher.running_pairs)."""
         return self.dispatcher.running_pairs()
 
-    def _dispatch(self, row: asyncpg.Record) -> None:
-        self.dispatcher.dispatch(row)
+    def _dispatch(self, rows: list[asyncpg.Record]) -> None:
+        self.dispatcher.dispatch_many(rows)
 
     def _apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
         self.dispatcher.apply_flags(rows, asked)

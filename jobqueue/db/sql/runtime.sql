@@ -19,6 +19,9 @@
 -- which leases, rescue and the fencing token already handle; the completion stays fully durable.
 -- Rows are locked with SKIP LOCKED, never waited for, so the priority order in which they are taken
 -- cannot be part of a deadlock with the id-ordered statements (heartbeat, progress, completion).
+-- created_at and run_at come back as microseconds since the epoch (int8): the worker makes a datetime
+-- of one only when a handler reads it (ClaimedTask), since asyncpg's decoding of the two timestamps
+-- was a quarter of the worker's CPU per no-op task (issue 12).
 WITH wanted AS (
     SELECT w.type, w.n
     FROM unnest($1::text[], $2::int[]) AS w(type, n),
@@ -46,7 +49,8 @@ SET status = 'running', worker_id = $4, attempt = t.attempt + 1, started_at = no
 FROM candidates c
 WHERE t.id = c.id
 RETURNING t.id, t.type, t.priority, t.payload::text AS payload, t.attempt, t.retry_count, t.max_retries,
-          t.created_at, t.run_at, t.doc_id, t.batch_id, t.from_page, t.to_page, t.owner, t.labels,
+          (extract(epoch FROM t.created_at) * 1000000)::int8 AS created_at,
+          (extract(epoch FROM t.run_at) * 1000000)::int8 AS run_at, t.doc_id, t.batch_id, t.from_page, t.to_page, t.owner, t.labels,
           t.digest, t.cancel_requested_at IS NOT NULL AS cancel_requested, t.trace_context::text AS trace_context;
 
 -- name: running_count
@@ -252,15 +256,23 @@ FROM u;
 -- name: complete_many
 -- finish_many for a batch of successes only (the common case): the same fence (id, attempt, worker_id,
 -- status = 'running') and the same lock order, without the expressions of the other outcomes. Inputs:
--- $1 id, $2 attempt, $3 result (JSON text), $4 log line, one element per attempt; $5 log size,
--- $6 worker. Returns the columns of finish_many.
+-- $1 id, $2 attempt, $3 result (JSON text; NULL: none has one), $4 log line, one element per attempt; $5 log size,
+-- $6 worker; $7 true: leave out the tasks that have dependents (see below).
+-- Returns one row for the whole batch: `written`, the rows written (fewer than the acks when a lease
+-- was lost); `parents`, those of them that have dependents to release; `held`, the tasks left out.
+-- (A row per task cost the worker a record decoded and read back per task for nothing, issue 12.)
+-- With $7 the worker runs this statement alone, outside a transaction block: BEGIN and COMMIT were two
+-- of its three round trips per batch. A task with dependents needs its release in the same transaction,
+-- so it is left out and written again in one ($7 false). has_dependents is read under this
+-- statement's row lock, which an enqueue's lock_parents (FOR UPDATE) conflicts with: a child either
+-- committed before (the parent is held back) or sees its parent done.
 -- Rows looked up by primary key one by one, in id order (see finish_many).
 WITH d AS MATERIALIZED (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[]) AS d(id, attempt, result, line)
     ORDER BY d.id
 ), n AS MATERIALIZED (
-    SELECT d.* FROM d CROSS JOIN LATERAL (
-        SELECT 1 FROM {schema}.tasks t
+    SELECT d.*, mine.has_dependents AND $7::bool AS held FROM d CROSS JOIN LATERAL (
+        SELECT t.has_dependents FROM {schema}.tasks t
         WHERE t.id = d.id AND t.attempt = d.attempt AND t.status = 'running' AND t.worker_id = $6
         FOR NO KEY UPDATE OF t
     ) AS mine
@@ -272,7 +284,7 @@ WITH d AS MATERIALIZED (
     FROM n
     -- n's rows are locked by this statement and were checked there; = ANY keeps the update on the
     -- primary key whatever the statistics say about 'running' rows.
-    WHERE t.id = ANY($1::bigint[]) AND t.id = n.id
+    WHERE t.id = ANY($1::bigint[]) AND t.id = n.id AND NOT n.held
     RETURNING t.id, t.status, t.run_at, t.has_dependents, t.doc_id
 ), counted AS (
     UPDATE {schema}.workers SET done = done + (SELECT count(*) FROM u), last_seen = now() WHERE id = $6
@@ -281,11 +293,13 @@ WITH d AS MATERIALIZED (
     -- PostgreSQL's 8000-byte payload (300 ids of up to 20 digits and a comma each).
     SELECT pg_notify('{schema}.finished', string_agg(f.id::text, ','))
     FROM (SELECT u.id, (row_number() OVER () - 1) / 300 AS part FROM u) f GROUP BY f.part
+), progressed AS (
+    -- Finished document tasks tell watchers (`jobq watch`).
+    SELECT pg_notify('{schema}.progress', u.id || ',' || u.doc_id || ',1') FROM u WHERE u.doc_id IS NOT NULL
 )
--- Finished document tasks tell watchers (`jobq watch`).
-SELECT u.id, u.status, 'done'::text AS outcome, u.run_at, u.has_dependents,
-       CASE WHEN u.doc_id IS NOT NULL THEN pg_notify('{schema}.progress', u.id || ',' || u.doc_id || ',1') END,
-       0::bigint AS woken, (SELECT count(*) FROM finished) AS notified
+SELECT count(*)::int AS written, COALESCE(array_agg(u.id ORDER BY u.id) FILTER (WHERE u.has_dependents), '{}') AS parents,
+       (SELECT COALESCE(array_agg(n.id), '{}') FROM n WHERE n.held) AS held,
+       (SELECT count(*) FROM progressed) AS progressed, (SELECT count(*) FROM finished) AS notified
 FROM u;
 
 -- name: progress_many
