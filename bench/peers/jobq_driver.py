@@ -24,6 +24,8 @@ from typing import Any
 from _driverlib import (
     BATCH_SIZE,
     CANCEL_TASKS,
+    CONCURRENT_CALLERS,
+    CONCURRENT_THREADS,
     LATENCY_GAP_S,
     LATENCY_TASKS,
     Args,
@@ -31,9 +33,11 @@ from _driverlib import (
     WorkerGroup,
     emit,
     first_start,
+    concurrent_calls,
     parse_args,
     percentiles_ms,
     read_events,
+    threaded_calls,
     throughput,
     wait_for_events,
 )
@@ -111,6 +115,30 @@ def drain(args: Args, client: Client, conc: int) -> dict[str, Any]:
     return throughput(args.n, end_t - start_t)
 
 
+async def enqueue_concurrent(args: Args, client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """N single enqueues from CONCURRENT_CALLERS coroutines on one AsyncClient, then N from
+    CONCURRENT_THREADS threads on one Client; each call returns once its task is committed
+    (group commit shares the commits). The metric is the coroutines' (jobs/s, call latency), with
+    the threads' under ``threads``."""
+    before = client._own().execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    async with AsyncClient(args.dsn) as ac:
+        await ac.enqueue("noop", {"i": -1})  # connect outside the clock
+        metric = await concurrent_calls(lambda i: ac.enqueue("noop", {"i": i}), args.n)
+        coroutines = ac.group_stats
+    client.enqueue("noop", {"i": -1})
+    metric["threads"] = await asyncio.to_thread(threaded_calls, lambda i: client.enqueue("noop", {"i": i}), args.n)
+    stored = client._own().execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    if stored is None or before is None or stored[0] - before[0] != 2 * args.n + 2:
+        raise RuntimeError(f"expected {2 * args.n + 2} new tasks, found {stored} after {before}")
+    threads = client.group_stats
+    settings = {"api": f"AsyncClient.enqueue from {CONCURRENT_CALLERS} coroutines; Client.enqueue from "
+                       f"{CONCURRENT_THREADS} threads", "group_commit": True}
+    for name, stats in (("coroutines", coroutines), ("threads", threads)):
+        if stats is not None:
+            settings[name] = {"statements": stats.statements, "calls": stats.calls, "largest": stats.largest}
+    return metric, settings
+
+
 async def main(args: Args) -> dict[str, Any]:
     migrate(args.dsn)
     client = Client(args.dsn)
@@ -138,6 +166,9 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
                 await ac.enqueue_many("noop", [{"i": i} for i in range(start, min(args.n, start + BATCH_SIZE))])
             result["metric"] = throughput(args.n, time.perf_counter() - t0)
         result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
+
+    elif args.scenario == "enqueue_concurrent":
+        result["metric"], result["settings"] = await enqueue_concurrent(args, client)
 
     elif args.scenario in ("drain", "mass_cancel"):
         if args.scenario == "mass_cancel":
