@@ -83,7 +83,7 @@ class AsyncClient(ClientBase):
         if self._pool is None:
             url = self.url
             try:
-                self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+                self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4, reset=_session_unchanged)
             except _DRIVER_ERRORS as exc:
                 raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
         return self._pool
@@ -358,6 +358,13 @@ class AsyncClient(ClientBase):
                     await asyncio.wait_for(waker.event.wait(), waits.sleep_for(feed, self.settings, deadline, watch))
         finally:
             waits.hub().leave(feed, watch, waker)
+
+
+async def _session_unchanged(conn: asyncpg.Connection) -> None:
+    """The pool's release hook, in place of asyncpg's reset query (``RESET ALL``, ``UNLISTEN *``,
+    ``CLOSE ALL``, advisory unlocks): one more round trip after every call, to undo what this
+    client's statements never do (no SET, LISTEN, cursor or session lock; the waiters' LISTEN has
+    a connection of its own). asyncpg still rolls back a transaction left open before this runs."""
 
 
 def _task(row: dict[str, Any]) -> Task:
