@@ -188,8 +188,12 @@ class ThreadGroup:
         calls = [w.call for w in batch]
         try:
             send(calls)
-        except BaseException as exc:  # an interrupt or a bug: no caller may sleep forever
+        except Exception as exc:  # a bug: each caller raises it
             _fail(calls, exc)
+            raise
+        except BaseException as exc:  # the leading thread interrupted: the others must not sleep forever
+            _fail(calls, DatabaseUnavailable(f"enqueue interrupted ({type(exc).__name__}) in the thread sending it; "
+                                             "the task may or may not have been committed"))
             raise
         finally:
             with self._lock:
