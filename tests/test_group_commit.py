@@ -51,6 +51,22 @@ class Side:
     def enqueue(self, *args: Any, **kwargs: Any) -> Future[Any]:
         return self.call("enqueue", *args, **kwargs)
 
+    def traced_enqueue(self, span: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        """enqueue() inside a span of its own, current where the call runs."""
+        from opentelemetry import trace
+
+        tracer = trace.get_tracer("jobq-group-tests")
+        if self.kind == "sync":
+            def call() -> Any:
+                with tracer.start_as_current_span(span):
+                    return self.client.enqueue(*args, **kwargs)
+            return self.threads.submit(call)
+
+        async def acall() -> Any:
+            with tracer.start_as_current_span(span):
+                return await self.client.enqueue(*args, **kwargs)
+        return asyncio.run_coroutine_threadsafe(acall(), self.loop)
+
     def waiting(self) -> int:
         return int(self.client._group.waiting())
 
@@ -146,6 +162,27 @@ def test_waiting_calls_share_one_statement_and_one_commit(side: Side, parked: Pa
         assert (payload, priority, owner, status) == ({"i": i}, i, f"o{i}", "queued")
         assert labels == ([f"l{i}", "all"] if i % 2 else [])
         assert (run_at == at) == (i == 3)
+
+
+def test_each_call_of_a_group_keeps_its_own_trace_context(side: Side, parked: Parked,
+                                                          conn: psycopg.Connection[Any]) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # settable once a process
+        trace.set_tracer_provider(TracerProvider())
+    first = parked.first("gc_plain", {"i": -1})
+    futures = [side.traced_enqueue(f"request {i}", "gc_plain", {"i": i}) for i in range(4)]
+    plain = side.enqueue("gc_plain", {"i": 4})
+    parked.queue(5)
+    parked.release()
+    first.result(30)
+    ids = [f.result(30) for f in futures]
+    contexts = [conn.execute("SELECT trace_context FROM tasks WHERE id = %s", (i,)).fetchone() for i in ids]
+    parents = [c[0]["traceparent"] for c in contexts if c and c[0]]
+    assert len(parents) == 4 and len({p.split("-")[1] for p in parents}) == 4  # four traces, one a call
+    assert conn.execute("SELECT trace_context FROM tasks WHERE id = %s", (plain.result(30),)).fetchone() == (None,)
+    assert xmins(conn, [*ids, plain.result(30)]) == 1
 
 
 def test_a_lone_call_goes_alone_at_once(side: Side, conn: psycopg.Connection[Any]) -> None:
