@@ -16,7 +16,7 @@ A peer ``X`` is ``bench/peers/X_driver.py`` plus optional ``bench/peers/X_requir
 
     bench/.venvs/X/bin/python bench/peers/X_driver.py SCENARIO N PROCESSES TUNED DSN
 
-with cwd ``bench/peers``, where SCENARIO is one of enqueue_single, enqueue_batch,
+with cwd ``bench/peers``, where SCENARIO is one of enqueue_single, enqueue_batch, enqueue_concurrent,
 drain, latency, cancel; N the job count; PROCESSES the worker process count; TUNED
 ``0`` (peer defaults) or ``1`` (best documented settings); DSN a postgresql:// URL of a
 fresh, empty database that the driver may fill as it likes. The driver prints exactly one

@@ -39,6 +39,7 @@ class Case:
 
 CASES: tuple[Case, ...] = (
     Case("enqueue_single", "enqueue_single", 1, False),
+    Case("enqueue_concurrent", "enqueue_concurrent", 1, False),
     Case("enqueue_batch", "enqueue_batch", 1, False),
     Case("drain_1p_default", "drain", 1, False),
     Case("drain_1p_tuned", "drain", 1, True),
@@ -86,14 +87,19 @@ def run_driver(python: Path, peer: str, case: Case, n: int, dsn: str) -> dict[st
 
 def median_metric(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-key median over successful runs (throughput and each latency percentile)."""
-    metrics = [r["metric"] for r in runs if r.get("ok")]
-    if not metrics:
-        return {}
+    return _medians([r["metric"] for r in runs if r.get("ok")])
+
+
+def _medians(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of the metrics' keys; a nested metric (enqueue_concurrent's ``threads``) likewise."""
     out: dict[str, Any] = {}
     for key in ("jobs_per_s", *LATENCY_KEYS):
         values = [m[key] for m in metrics if key in m]
         if values:
             out[key] = round(statistics.median(values), 3)
+    nested = [m["threads"] for m in metrics if isinstance(m.get("threads"), dict)]
+    if nested:
+        out["threads"] = _medians(nested)
     return out
 
 

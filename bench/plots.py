@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 from .report import ROW_TITLES
 
 DPI = 80  # small files: docs/benchmarks.md embeds them
-THROUGHPUT_KEYS = ("enqueue_single", "enqueue_batch", "drain_1p_default", "drain_1p_tuned", "drain_2p_default",
-                   "drain_2p_tuned")
+THROUGHPUT_KEYS = ("enqueue_single", "enqueue_concurrent", "enqueue_batch", "drain_1p_default", "drain_1p_tuned",
+                   "drain_2p_default", "drain_2p_tuned")
 
 
 def draw(directory: Path) -> list[Path]:

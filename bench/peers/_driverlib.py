@@ -15,13 +15,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCENARIOS = ("enqueue_single", "enqueue_batch", "drain", "latency", "cancel", "mass_cancel")
+SCENARIOS = ("enqueue_single", "enqueue_batch", "enqueue_concurrent", "drain", "latency", "cancel", "mass_cancel")
 BATCH_SIZE = 1000  # jobs per call of a peer's batch-enqueue API
+CONCURRENT_CALLERS = 64  # coroutines each awaiting one single enqueue at a time (enqueue_concurrent)
+CONCURRENT_THREADS = 16  # threads each making one single enqueue at a time (enqueue_concurrent)
+CONCURRENT_NOTE = ("not driven for this peer yet (issue 12 added the scenario for jobq's group commit); its "
+                   "single enqueue from concurrent callers is one commit per call")
 LATENCY_GAP_S = 0.020  # gap between two enqueues in the latency scenario
 LATENCY_TASKS = 200
 CANCEL_TASKS = 100
@@ -81,6 +85,60 @@ def percentiles_ms(samples_s: Iterable[float]) -> dict[str, float]:
 
 def throughput(n: int, elapsed_s: float) -> dict[str, float]:
     return {"n": n, "elapsed_s": round(elapsed_s, 4), "jobs_per_s": round(n / elapsed_s, 1)}
+
+
+def _calls(n: int) -> Iterator[int]:
+    """The job indexes callers take turns at (one shared iterator: each index is taken once)."""
+    return iter(range(n))
+
+
+async def concurrent_calls(call: Callable[[int], Awaitable[Any]], n: int,
+                           callers: int = CONCURRENT_CALLERS) -> dict[str, Any]:
+    """`callers` coroutines, each awaiting `call(i)` for the next job until N are done: jobs/s over
+    the whole run and the percentiles of one call's wall time (the web server that enqueues per request)."""
+    import asyncio
+
+    todo = _calls(n)
+    samples: list[float] = []
+
+    async def caller() -> None:
+        for i in todo:
+            t0 = time.perf_counter()
+            await call(i)
+            samples.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return {**throughput(n, time.perf_counter() - t0), **percentiles_ms(samples)}
+
+
+def threaded_calls(call: Callable[[int], Any], n: int, threads: int = CONCURRENT_THREADS) -> dict[str, Any]:
+    """As :func:`concurrent_calls` with `threads` threads making blocking calls."""
+    import threading
+
+    todo = _calls(n)
+    samples: list[float] = []
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            for i in todo:
+                t0 = time.perf_counter()
+                call(i)
+                samples.append(time.perf_counter() - t0)
+        except BaseException as exc:  # re-raised in the driver's thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=caller) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return {**throughput(n, elapsed), **percentiles_ms(samples)}
 
 
 # --- events written by handlers running in worker processes ------------------------

@@ -25,6 +25,7 @@ import redis
 from _driverlib import (
     BATCH_SIZE,
     CANCEL_TASKS,
+    CONCURRENT_NOTE,
     LATENCY_GAP_S,
     LATENCY_TASKS,
     Args,
@@ -35,6 +36,7 @@ from _driverlib import (
     parse_args,
     percentiles_ms,
     throughput,
+    unsupported,
     wait_for_events,
     wait_until,
 )
@@ -115,6 +117,8 @@ def main(args: Args) -> dict[str, Any]:
         "save": r.config_get("save").get("save"),
     }
     server = {"redis_version": info.get("redis_version"), "redis_persistence": persistence}
+    if args.scenario == "enqueue_concurrent":
+        return unsupported(args, VERSION, CONCURRENT_NOTE)
     result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": VERSION, "server": server}
 
     if args.scenario == "enqueue_single":

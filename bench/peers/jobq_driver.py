@@ -6,6 +6,9 @@ when it is installed (a dependency of jobq on Linux). Defaults: jobq's documente
 concurrency, so each claim and each completion statement covers more tasks.
 Cancellation uses ``Client.cancel`` (NOTIFY on jobq.cancel to the worker holding the task).
 
+``enqueue_concurrent``: ``BENCH_JOBQ_GROUP_COMMIT=0`` turns group commit off (each call its own commit), to
+compare at the same concurrency.
+
 jobq only (bench/sweep.py): ``BENCH_JOBQ_CONCURRENCY`` overrides the concurrency of the drain; the
 ``mass_cancel`` scenario enqueues and cancels ``BENCH_MASS_CANCEL`` tasks (default 100,000), then
 drains N new ones with one worker at defaults (the drain after a mass cancel, issue 12 target 8).
@@ -24,16 +27,20 @@ from typing import Any
 from _driverlib import (
     BATCH_SIZE,
     CANCEL_TASKS,
+    CONCURRENT_CALLERS,
+    CONCURRENT_THREADS,
     LATENCY_GAP_S,
     LATENCY_TASKS,
     Args,
     EventLog,
     WorkerGroup,
+    concurrent_calls,
     emit,
     first_start,
     parse_args,
     percentiles_ms,
     read_events,
+    threaded_calls,
     throughput,
     wait_for_events,
 )
@@ -113,6 +120,31 @@ def drain(args: Args, client: Client, conc: int) -> dict[str, Any]:
     return throughput(args.n, end_t - start_t)
 
 
+async def enqueue_concurrent(args: Args, client: Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """N single enqueues from CONCURRENT_CALLERS coroutines on one AsyncClient, then N from
+    CONCURRENT_THREADS threads on one Client; each call returns once its task is committed
+    (group commit shares the commits). The metric is the coroutines' (jobs/s, call latency), with
+    the threads' under ``threads``."""
+    grouped = os.environ.get("BENCH_JOBQ_GROUP_COMMIT", "1") != "0"
+    before = client._own().execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    async with AsyncClient(args.dsn, group_commit=grouped) as ac:
+        await ac.enqueue("noop", {"i": -1})  # connect outside the clock
+        metric = await concurrent_calls(lambda i: ac.enqueue("noop", {"i": i}), args.n)
+        coroutines = ac.group_stats
+    with Client(args.dsn, group_commit=grouped) as tc:
+        metric["threads"] = await asyncio.to_thread(threaded_calls, lambda i: tc.enqueue("noop", {"i": i}), args.n)
+        threads = tc.group_stats
+    stored = client._own().execute("SELECT count(*) FROM jobq.tasks").fetchone()
+    if stored is None or before is None or stored[0] - before[0] != 2 * args.n + 1:
+        raise RuntimeError(f"expected {2 * args.n + 1} new tasks, found {stored} after {before}")
+    settings: dict[str, Any] = {"api": f"AsyncClient.enqueue from {CONCURRENT_CALLERS} coroutines; Client.enqueue "
+                                       f"from {CONCURRENT_THREADS} threads", "group_commit": grouped}
+    for name, stats in (("coroutines", coroutines), ("threads", threads)):
+        if stats is not None:
+            settings[name] = {"statements": stats.statements, "calls": stats.calls, "largest": stats.largest}
+    return metric, settings
+
+
 async def main(args: Args) -> dict[str, Any]:
     migrate(args.dsn)
     client = Client(args.dsn)
@@ -140,6 +172,9 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
                 await ac.enqueue_many("noop", [{"i": i} for i in range(start, min(args.n, start + BATCH_SIZE))])
             result["metric"] = throughput(args.n, time.perf_counter() - t0)
         result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
+
+    elif args.scenario == "enqueue_concurrent":
+        result["metric"], result["settings"] = await enqueue_concurrent(args, client)
 
     elif args.scenario in ("drain", "mass_cancel"):
         if args.scenario == "mass_cancel":

@@ -23,6 +23,7 @@ import uvloop
 from _driverlib import (
     BATCH_SIZE,
     CANCEL_TASKS,
+    CONCURRENT_NOTE,
     LATENCY_GAP_S,
     LATENCY_TASKS,
     Args,
@@ -34,6 +35,7 @@ from _driverlib import (
     percentiles_ms,
     read_events,
     throughput,
+    unsupported,
     wait_for_events,
 )
 from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, PgQueuer, Queries
@@ -111,6 +113,8 @@ async def main(args: Args) -> dict[str, Any]:
 
 
 async def run_scenario(args: Args, queries: Queries, pool: asyncpg.Pool) -> dict[str, Any]:
+    if args.scenario == "enqueue_concurrent":
+        return unsupported(args, VERSION, CONCURRENT_NOTE)
     result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": VERSION}
     if args.scenario == "enqueue_single":
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ import psycopg
 from _driverlib import (
     BATCH_SIZE,
     CANCEL_TASKS,
+    CONCURRENT_NOTE,
     LATENCY_GAP_S,
     LATENCY_TASKS,
     Args,
@@ -32,6 +33,7 @@ from _driverlib import (
     percentiles_ms,
     read_events,
     throughput,
+    unsupported,
     wait_for_events,
 )
 from procrastinate.tasks import Task
@@ -100,6 +102,8 @@ async def main(args: Args) -> dict[str, Any]:
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
         noop_task = app.tasks["noop"]
+        if args.scenario == "enqueue_concurrent":
+            return unsupported(args, VERSION, CONCURRENT_NOTE)
         result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": VERSION}
 
         if args.scenario == "enqueue_single":

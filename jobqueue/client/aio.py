@@ -17,13 +17,21 @@ from typing import Any
 
 import asyncpg
 
-from jobqueue.client import encode
+from jobqueue.client import encode, group
 from jobqueue.client import wait as waits
-from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
+from jobqueue.client.base import (
+    RACE_RETRIES,
+    ClientBase,
+    all_ids,
+    id_statuses,
+    not_prioritized,
+    not_retryable,
+    status_of,
+)
 from jobqueue.client.wait import TaskEvent
 from jobqueue.db.connect import first_line, redact
 from jobqueue.db.errors import translate
-from jobqueue.errors import DatabaseError, DatabaseUnavailable, JobqError, TaskNotFound
+from jobqueue.errors import DatabaseUnavailable, JobqError, TaskNotFound
 from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
 
@@ -55,23 +63,34 @@ async def asyncpg_connection(conn: Any) -> AnyConnection | None:
 class AsyncClient(ClientBase):
     """Async producer: a small asyncpg pool of its own, or the caller's connection.
 
-    The same methods, arguments, results and errors as :class:`jobqueue.Client`.
+    The same methods, arguments, results and errors as :class:`jobqueue.Client`; ``group_commit``
+    as there: concurrent ``enqueue()`` calls (coroutines of one event loop) share one statement
+    and one commit, a lone call goes at once.
     """
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None,
+                 group_commit: bool = True) -> None:
         super().__init__(url, settings=settings)
         self._pool: asyncpg.Pool | None = None
+        self._group = group.LoopGroup() if group_commit else None
+
+    @property
+    def group_stats(self) -> group.GroupStats | None:
+        """As :attr:`jobqueue.Client.group_stats`."""
+        return None if self._group is None else self._group.stats
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             url = self.url
             try:
-                self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+                self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4, reset=_session_unchanged)
             except _DRIVER_ERRORS as exc:
                 raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
         return self._pool
 
     async def close(self) -> None:
+        if self._group is not None:
+            await self._group.idle()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -133,16 +152,51 @@ class AsyncClient(ClientBase):
         lab = encode.labels(labels)
         deps = encode.dependencies(depends_on)
         when = encode.run_on(run_on, deps)
+        if self._group is not None and connection is None and not deps:
+            return await self._group.submit(group.Call(row, lab), self._send_group)
         async with self._using(connection) as conn, (_atomic(conn) if deps else nullcontext()):
             plan = encode.NO_DEPENDENCIES
             if deps:
                 plan = encode.plan_dependencies(await self._fetch(conn, self.q.lock_parents, (deps,)), deps, when)
-            params = encode.enqueue_params(row, lab, deps, plan, when)
-            for _ in range(RACE_RETRIES):
-                rows = await self._fetch(conn, self.q.enqueue, params)
-                if rows:  # empty: the live duplicate finished between the conflict and the look-up
-                    return int(rows[0]["id"])
-        raise DatabaseError(f"enqueue of {type!r} kept losing a dedupe race on {dedupe_key!r}")
+            return await self._enqueue_one(conn, encode.enqueue_params(row, lab, deps, plan, when), row)
+
+    async def _enqueue_one(self, conn: AnyConnection, params: tuple[Any, ...], row: encode.TaskRow) -> int:
+        for _ in range(RACE_RETRIES):
+            rows = await self._fetch(conn, self.q.enqueue, params)
+            if rows:  # empty: the live duplicate finished between the conflict and the look-up
+                return int(rows[0]["id"])
+        raise group.lost_race(row)
+
+    async def _send_group(self, calls: list[group.Call]) -> None:
+        """As the sync client's ``_send_group``, on a connection of the pool."""
+        if self._group is not None:
+            self._group.stats.sent(len(calls))
+        try:
+            async with self._using(None) as conn:
+                if len(calls) == 1:
+                    calls[0].id = await self._enqueue_one(conn, group.lone_params(calls[0]), calls[0].row)
+                    return
+                todo = group.in_key_order(calls)
+                ids: list[int | None] = [None] * len(todo)
+                try:
+                    await self._insert_many(conn, [c.row for c in todo], group.labels_json(todo), ids)
+                finally:
+                    group.take(todo, ids)
+        except JobqError as exc:
+            for call in group.alone_after(calls, exc):
+                await self._send_group([call])
+        group.lost_races(calls)
+
+    async def _insert_many(self, conn: AnyConnection, rows: Sequence[encode.TaskRow], labels: Sequence[str | None],
+                           ids: list[int | None]) -> None:
+        """As the sync client's ``_insert_many``."""
+        todo = list(range(len(rows)))
+        for _ in range(RACE_RETRIES):
+            found = await self._fetch(conn, self.q.enqueue_many,
+                                      encode.enqueue_many_params([rows[i] for i in todo], [labels[i] for i in todo]))
+            todo = encode.merge_batch_ids(ids, todo, found)
+            if not todo:
+                return
 
     async def enqueue_many(self, type: str, items: Iterable[Any], *, labels: Sequence[str] | None = None,
                            connection: Any = None) -> list[int]:
@@ -154,14 +208,8 @@ class AsyncClient(ClientBase):
         async with self._using(connection) as conn, _atomic(conn):
             if encode.has_dedupe_keys(rows):
                 ids: list[int | None] = [None] * len(rows)
-                todo = list(range(len(rows)))
-                for _ in range(RACE_RETRIES):
-                    found = await self._fetch(conn, self.q.enqueue_many,
-                                              encode.enqueue_many_params([rows[i] for i in todo], lab))
-                    todo = encode.merge_batch_ids(ids, todo, found)
-                    if not todo:
-                        return [i for i in ids if i is not None]
-                raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
+                await self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                return all_ids(ids, type)
             new: list[int] = await conn.fetchval(self.q.reserve_ids, len(rows))
             await conn.copy_records_to_table(
                 "tasks", schema_name=self.settings.schema_name, columns=list(encode.copy_columns(lab)),
@@ -310,6 +358,13 @@ class AsyncClient(ClientBase):
                     await asyncio.wait_for(waker.event.wait(), waits.sleep_for(feed, self.settings, deadline, watch))
         finally:
             waits.hub().leave(feed, watch, waker)
+
+
+async def _session_unchanged(conn: asyncpg.Connection) -> None:
+    """The pool's release hook, in place of asyncpg's reset query (``RESET ALL``, ``UNLISTEN *``,
+    ``CLOSE ALL``, advisory unlocks): one more round trip after every call, to undo what this
+    client's statements never do (no SET, LISTEN, cursor or session lock; the waiters' LISTEN has
+    a connection of its own). asyncpg still rolls back a transaction left open before this runs."""
 
 
 def _task(row: dict[str, Any]) -> Task:

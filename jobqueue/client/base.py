@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jobqueue.db.connect import normalize, resolve_url
 from jobqueue.db.queries import ClientSQL
-from jobqueue.errors import InvalidTransition, PermissionDenied, TaskNotFound
+from jobqueue.errors import DatabaseError, InvalidTransition, PermissionDenied, TaskNotFound
 from jobqueue.settings import Settings, get_settings
 from jobqueue.states import Status
 
@@ -30,6 +30,13 @@ class ClientBase:
         if self._url is None:
             self._url = resolve_url(self.settings)
         return self._url
+
+
+def all_ids(ids: Sequence[int | None], type: str) -> list[int]:
+    """enqueue_many's ids, or its error when some rows kept losing dedupe races."""
+    if None in ids:
+        raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
+    return [i for i in ids if i is not None]
 
 
 def id_statuses(rows: Iterable[Mapping[str, Any]]) -> dict[int, str]:

@@ -302,9 +302,16 @@ def enqueue_params(r: TaskRow, labels: list[str] | None, deps: list[int] | None,
             r.trace_context)
 
 
-def enqueue_many_params(rows: Sequence[TaskRow], labels: list[str] | None) -> tuple[Any, ...]:
-    """client.sql `enqueue_many`: one array per column ($1..$13), then the labels ($14)."""
-    return (*([getattr(r, f) for r in rows] for f in TaskRow._fields), labels)
+def enqueue_many_params(rows: Sequence[TaskRow], labels: Sequence[str | None]) -> tuple[Any, ...]:
+    """client.sql `enqueue_many`: one array per column ($1..$13), then each row's labels as JSON
+    ($14, see :func:`labels_json`)."""
+    return (*([getattr(r, f) for r in rows] for f in TaskRow._fields), list(labels))
+
+
+def labels_json(labels: list[str] | None) -> str | None:
+    """One row's labels for `enqueue_many`, whose rows each have their own (a ragged text[][] cannot be
+    sent: PostgreSQL's arrays are rectangular)."""
+    return None if labels is None else json.dumps(labels)
 
 
 def has_dedupe_keys(rows: Sequence[TaskRow]) -> bool:

@@ -19,14 +19,22 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from jobqueue.client import encode
+from jobqueue.client import encode, group
 from jobqueue.client import wait as waits
-from jobqueue.client.base import RACE_RETRIES, ClientBase, id_statuses, not_prioritized, not_retryable, status_of
+from jobqueue.client.base import (
+    RACE_RETRIES,
+    ClientBase,
+    all_ids,
+    id_statuses,
+    not_prioritized,
+    not_retryable,
+    status_of,
+)
 from jobqueue.client.encode import LIVE
 from jobqueue.client.wait import TaskEvent
 from jobqueue.db.connect import connect
 from jobqueue.db.errors import translate
-from jobqueue.errors import DatabaseError, JobqError, TaskNotFound
+from jobqueue.errors import JobqError, TaskNotFound
 from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
 
@@ -56,11 +64,25 @@ def psycopg_connection(conn: Any) -> psycopg.Connection[Any] | None:
 
 
 class Client(ClientBase):
-    """Sync producer on psycopg. One connection per thread, reused between calls."""
+    """Sync producer on psycopg. One connection per thread, reused between calls.
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+    ``group_commit`` (default on): ``enqueue()`` calls made by several threads at once share one
+    statement and one commit (jobqueue/client/group.py). It is on by default because it cannot be
+    seen: each call still returns its own id, once its task is committed, or raises its own error,
+    and a call that finds no other in flight goes at once, alone, as it would without grouping.
+    Off, each call is its own commit, so concurrent callers queue on the disk's flushes instead.
+    """
+
+    def __init__(self, url: str | None = None, *, settings: Settings | None = None,
+                 group_commit: bool = True) -> None:
         super().__init__(url, settings=settings)
         self._local = threading.local()
+        self._group = group.ThreadGroup() if group_commit else None
+
+    @property
+    def group_stats(self) -> group.GroupStats | None:
+        """How many enqueue() calls went through group commit, in how many statements (None: off)."""
+        return None if self._group is None else self._group.stats
 
     def _own(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
@@ -142,16 +164,53 @@ class Client(ClientBase):
         lab = encode.labels(labels)
         deps = encode.dependencies(depends_on)
         when = encode.run_on(run_on, deps)
+        if self._group is not None and connection is None and not deps:
+            return self._group.submit(group.Call(row, lab), self._send_group)
         with self._using(connection) as conn, (_atomic(conn) if deps else nullcontext()):
             plan = encode.NO_DEPENDENCIES
             if deps:
                 plan = encode.plan_dependencies(self._fetch(conn, self.q.lock_parents, (deps,)), deps, when)
-            params = encode.enqueue_params(row, lab, deps, plan, when)
-            for _ in range(RACE_RETRIES):
-                rows = self._fetch(conn, self.q.enqueue, params)
-                if rows:  # empty: the live duplicate finished between the conflict and the look-up
-                    return int(rows[0]["id"])
-        raise DatabaseError(f"enqueue of {type!r} kept losing a dedupe race on {dedupe_key!r}")
+            return self._enqueue_one(conn, encode.enqueue_params(row, lab, deps, plan, when), row)
+
+    def _enqueue_one(self, conn: psycopg.Connection[Any], params: tuple[Any, ...], row: encode.TaskRow) -> int:
+        for _ in range(RACE_RETRIES):
+            rows = self._fetch(conn, self.q.enqueue, params)
+            if rows:  # empty: the live duplicate finished between the conflict and the look-up
+                return int(rows[0]["id"])
+        raise group.lost_race(row)
+
+    def _send_group(self, calls: builtins.list[group.Call]) -> None:
+        """One statement for the waiting calls, on the leading thread's connection; settles each call."""
+        if self._group is not None:
+            self._group.stats.sent(len(calls))
+        try:
+            with self._using(None) as conn:
+                if len(calls) == 1:
+                    calls[0].id = self._enqueue_one(conn, group.lone_params(calls[0]), calls[0].row)
+                    return
+                todo = group.in_key_order(calls)
+                ids: builtins.list[int | None] = [None] * len(todo)
+                try:
+                    self._insert_many(conn, [c.row for c in todo], group.labels_json(todo), ids)
+                finally:
+                    group.take(todo, ids)
+        except JobqError as exc:
+            for call in group.alone_after(calls, exc):
+                self._send_group([call])
+        group.lost_races(calls)
+
+    def _insert_many(self, conn: psycopg.Connection[Any], rows: Sequence[encode.TaskRow],
+                     labels: Sequence[str | None], ids: builtins.list[int | None]) -> None:
+        """Fill `ids` by client.sql `enqueue_many`, re-run for the rows that lost a dedupe race (left None
+        after RACE_RETRIES runs). In place: outside a transaction each run commits, and a caller that
+        catches an error must know which rows already have."""
+        todo = builtins.list(range(len(rows)))
+        for _ in range(RACE_RETRIES):
+            found = self._fetch(conn, self.q.enqueue_many,
+                                encode.enqueue_many_params([rows[i] for i in todo], [labels[i] for i in todo]))
+            todo = encode.merge_batch_ids(ids, todo, found)
+            if not todo:
+                return
 
     def enqueue_many(
         self,
@@ -172,14 +231,8 @@ class Client(ClientBase):
         with self._using(connection) as conn, _atomic(conn):
             if encode.has_dedupe_keys(rows):
                 ids: builtins.list[int | None] = [None] * len(rows)
-                todo = builtins.list(range(len(rows)))
-                for _ in range(RACE_RETRIES):
-                    found = self._fetch(conn, self.q.enqueue_many,
-                                        encode.enqueue_many_params([rows[i] for i in todo], lab))
-                    todo = encode.merge_batch_ids(ids, todo, found)
-                    if not todo:
-                        return [i for i in ids if i is not None]
-                raise DatabaseError(f"enqueue_many of {type!r} kept losing dedupe races")
+                self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                return all_ids(ids, type)
             new: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(rows),))[0]["ids"]
             with conn.cursor() as cur, cur.copy(self.q.copy_tasks if lab else self.q.copy_tasks_unlabelled) as copy:
                 for record in encode.copy_records(new, rows, lab):

@@ -30,21 +30,24 @@ WHERE $6::text IS NOT NULL AND dedupe_key = $6 AND status IN ('waiting', 'queued
   AND NOT EXISTS (SELECT 1 FROM ins);
 
 -- name: enqueue_many
--- Many tasks in one statement (used when the batch has dedupe keys; plain batches use COPY).
--- Returns one row per input, in input order: the new id, or the live task's id on a dedupe conflict
--- (including a duplicate key earlier in the same batch).
+-- Many tasks in one statement: enqueue_many's batches with dedupe keys (plain batches use COPY), and
+-- concurrent enqueue() calls sharing one commit (jobqueue/client/group.py). $14 is each row's labels
+-- as a JSON array (NULL: none). Returns one row per input, in input order: the new id, or the live
+-- task's id on a dedupe conflict (including a duplicate key earlier in the same batch).
 WITH input AS (
     SELECT i.*, nextval('{schema}.tasks_id_seq') AS new_id
     FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[], $5::int[], $6::text[],
-                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[], $13::text[])
+                $7::bigint[], $8::bigint[], $9::int[], $10::int[], $11::text[], $12::text[], $13::text[],
+                $14::text[])
         WITH ORDINALITY AS i(type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
-                             from_page, to_page, owner, digest, trace_context, ord)
+                             from_page, to_page, owner, digest, trace_context, labels, ord)
 ), ins AS (
     INSERT INTO {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
                             from_page, to_page, owner, digest, trace_context, labels)
     OVERRIDING SYSTEM VALUE
     SELECT new_id, type, priority, payload::jsonb, COALESCE(run_at, now()), max_retries, dedupe_key, doc_id,
-           batch_id, from_page, to_page, owner, digest, trace_context::jsonb, COALESCE($14::text[], '{}')
+           batch_id, from_page, to_page, owner, digest, trace_context::jsonb,
+           ARRAY(SELECT jsonb_array_elements_text(labels::jsonb))
     FROM input ORDER BY ord
     ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL AND status IN ('waiting', 'queued', 'running')
     DO NOTHING
