@@ -252,7 +252,8 @@ def test_a_key_held_by_its_limit_starts_when_its_task_ends_on_another_worker(
         async def complete() -> None:  # the other worker's completer, as it commits
             c = await asyncpg.connect(db_url)
             try:
-                await c.fetch(RuntimeSQL.load(SCHEMA).complete_many, [first], [1], ["null"], ["done"], 4000, owner_id)
+                await c.fetch(RuntimeSQL.load(SCHEMA).complete_many, [first], [1], ["null"], ["done"], 4000, owner_id,
+                              False)
             finally:
                 await c.close()
 
