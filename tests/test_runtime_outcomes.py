@@ -95,6 +95,11 @@ def o_hung(ctx: Context, payload: Any) -> Any:
     hung_release.wait(30)  # ignores everything: returns when the test lets it
 
 
+@task("o_no_payload_param", max_retries=0)
+async def o_no_payload_param(ctx: Context) -> None:  # the wrong signature, on purpose
+    """Registered with a signature the worker cannot call (no payload parameter)."""
+
+
 def row(conn: psycopg.Connection[Any], task_id: int) -> dict[str, Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
     found = cur.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone()
@@ -191,6 +196,21 @@ def test_poison_payload_fails_alone(client: Client, conn: psycopg.Connection[Any
         assert "payload cannot be decoded" in one(conn, "SELECT last_error FROM tasks WHERE id = %s", bad)
         assert one(conn, "SELECT retry_count FROM tasks WHERE id = %s", bad) == 1  # failed at once
     assert all(client.get(i).status == "done" and client.get(i).retry_count == 0 for i in good)
+
+
+def test_a_handler_that_cannot_be_called_fails_its_task_and_the_worker_goes_on(
+        client: Client, reset: None) -> None:
+    """Calling the handler raises (TypeError: no payload parameter) before any of its code runs; the
+    inline path once let that escape into the claim's dispatch, leaving the task `running` and a
+    burst worker waiting for it forever."""
+    bad = client.enqueue("o_no_payload_param", {})
+    good = client.enqueue_many("o_result", [{}] * 3)
+    with BackgroundWorker(["o_no_payload_param", "o_result"], burst=True, concurrency=4) as w:
+        w.thread.join(30)
+        assert not w.thread.is_alive(), "the burst worker did not end"
+    failed = client.get(bad)
+    assert failed.status == "failed" and "TypeError" in (failed.last_error or "")
+    assert all(client.get(i).status == "done" for i in good)
 
 
 # ------------------------------------------------------------------ item 5: attempts, not ids

@@ -159,9 +159,11 @@ class Dispatcher:
             if ended is not None:
                 self._end(a, ended, payload)
                 return
-        coro = spec.handler(ctx, payload)
         context = contextvars.copy_context()
         try:
+            # Inside the try: a handler whose signature does not fit raises here, at the call, and that
+            # must fail its attempt like any error of the handler, not escape into the claim's dispatch.
+            coro = spec.handler(ctx, payload)
             waiting_on = context.run(coro.send, None)
         except StopIteration as stop:
             value = stop.value
