@@ -213,6 +213,30 @@ def test_a_handler_that_cannot_be_called_fails_its_task_and_the_worker_goes_on(
     assert all(client.get(i).status == "done" for i in good)
 
 
+def test_a_row_the_runtime_cannot_start_costs_only_that_row(client: Client, conn: psycopg.Connection[Any],
+                                                            reset: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while starting one claimed row (here: reading its row raises) once escaped the claim's
+    dispatch: the loop restarted, the row's slot was lost and a burst worker waited for it for ever. Now
+    the other rows of the claim run, the worker ends, and the row is left to its lease (the rescuer)."""
+    from jobqueue.runtime import dispatcher
+
+    make = dispatcher.ClaimedTask
+
+    def faulty(row: Any, payload: Any) -> Any:
+        if isinstance(payload, dict) and payload.get("boom"):
+            raise RuntimeError("a bug of the runtime")
+        return make(row, payload)
+
+    monkeypatch.setattr(dispatcher, "ClaimedTask", faulty)
+    bad = client.enqueue("o_result", {"boom": True})
+    good = client.enqueue_many("o_result", [{}] * 5)
+    with BackgroundWorker(["o_result"], burst=True, concurrency=2) as w:
+        w.thread.join(30)
+        assert not w.thread.is_alive(), "the burst worker did not end"
+    assert all(client.get(i).status == "done" for i in good)
+    assert one(conn, "SELECT status FROM tasks WHERE id = %s", bad) == "running"  # its lease will expire
+
+
 # ------------------------------------------------------------------ item 5: attempts, not ids
 
 

@@ -110,12 +110,27 @@ class Dispatcher:
         self._acks_meanwhile = acks = list[Ack]()
         try:
             for row in rows:
-                self.dispatch(row)
+                try:
+                    self.dispatch(row)
+                except Exception as exc:  # a bug of the runtime must cost this row, not the claim's others
+                    self._not_started(row, exc)
         finally:
             self._freed_meanwhile = self._acks_meanwhile = None
             self.completer.add_many(acks)
             for task_type in freed:
                 self._freed(task_type)
+
+    def _not_started(self, row: asyncpg.Record, exc: Exception) -> None:
+        """Starting a claimed row raised. Left alone, its attempt would stay `running` here for ever
+        (a burst worker waits for it) and its slot be lost: an attempt already registered ends as its
+        error says (retried within its budget); one that was not is dropped here, its slot freed, and
+        its lease, no longer renewed, lets the rescuer requeue it."""
+        log.exception("task %d: the runtime could not start it", row["id"])
+        a = self.running.get(row["id"])
+        if a is not None:
+            self._end(a, *self.executor.outcome_of(a, exc))
+        else:
+            self.by_type[row["type"]] -= 1
 
     def dispatch(self, row: asyncpg.Record) -> None:
         """Start a claimed row. Its payload is decoded here, row by row: one that Python cannot decode
