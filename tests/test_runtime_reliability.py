@@ -198,6 +198,37 @@ def test_real_cancel_still_stops_the_handler(client: Client, conn: psycopg.Conne
         assert time.monotonic() - t0 < 10, "the NOTIFY (confirmed), not the 60 s heartbeat, stopped it"
 
 
+
+def test_cancel_between_claim_and_dispatch_is_not_lost(client: Client, conn: psycopg.Connection[Any], reset: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task is `running` in the table as soon as the claim commits; the worker knows it only once
+    it has dispatched the claim's rows. A cancel NOTIFY heard in between must still stop the handler
+    at once, not at the next beat (60 s here)."""
+    claimed = threading.Event()
+    real = Worker._dispatch
+    later: list[asyncio.Task[None]] = []
+
+    async def dispatch_later(self: Worker, rows: list[Any]) -> None:
+        await asyncio.sleep(1.0)  # the NOTIFY is heard meanwhile
+        real(self, rows)
+
+    def held(self: Worker, rows: list[Any]) -> None:
+        if claimed.is_set():
+            real(self, rows)
+            return
+        claimed.set()
+        later.append(asyncio.get_running_loop().create_task(dispatch_later(self, rows)))
+
+    monkeypatch.setattr(Worker, "_dispatch", held)
+    tid = client.enqueue("t_sleep", {"s": 30})
+    with BackgroundWorker(["t_sleep"], heartbeat_seconds=60):
+        assert claimed.wait(10)
+        assert status(conn, tid) == "running"
+        client.cancel(tid)
+        wait_for(lambda: status(conn, tid) == "cancelled", timeout=5)
+    assert one(conn, "SELECT count(*) FROM public.test_runs WHERE task_id = %s", tid) == 1, "the handler ran"
+
+
 # ------------------------------------------------------------------ busy loops (items 15, 16, 17)
 
 

@@ -9,7 +9,8 @@
   (`workers.abandoned`), so `jobq top` can say why a worker runs fewer tasks than its concurrency.
 - A cancel NOTIFY is a hint, never an order: any role can call pg_notify. The hinted attempts are
   checked in the table (`cancel_requested_at`, still ours) before a handler is cancelled; the beat's
-  own cancel flag is the fallback for a NOTIFY that never came.
+  own cancel flag is the fallback for a NOTIFY that never came. A hint for an id that is not running
+  here is kept a few seconds: it may be for a row this worker has claimed but not dispatched yet.
 - Maintenance (the rescuer every beat, the pruner on its own schedule) runs after the beat, each
   service taking its advisory lock so one worker of the cluster does the work. The scheduler of
   cron tasks runs every beat too; it needs no lock (maintenance/scheduler.py says why).
@@ -21,6 +22,8 @@ import asyncio
 import logging
 import os
 import random
+import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from jobqueue import __version__
@@ -37,6 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobq.worker")
 
+# How long, and how many, cancel hints for ids not running here are kept (Heartbeat._keep_early).
+_EARLY_SECONDS = 5.0
+_EARLY_MAX = 4096
+
 
 class Heartbeat:
     def __init__(self, worker: Worker) -> None:
@@ -47,7 +54,9 @@ class Heartbeat:
                                    every=worker.heartbeat_every, declare=worker.specs.values())
         self._hints: dict[int, int | None] = {}
         self._confirming: asyncio.Task[None] | None = None
-
+        # Hints for ids not running here, by arrival (monotonic seconds): the cancel may be for a task
+        # whose claim has committed but whose rows this worker has not dispatched yet.
+        self._early: dict[int, tuple[int | None, float]] = {}
 
     async def beat(self) -> None:
         w = self.w
@@ -120,10 +129,39 @@ class Heartbeat:
         except ValueError:
             return
         if tid not in self.w._running:
+            self._keep_early(tid, att)
             return
+        self._hint(tid, att)
+
+    def _hint(self, tid: int, att: int | None) -> None:
         self._hints[tid] = att
         if self._confirming is None or self._confirming.done():
             self._confirming = asyncio.create_task(self._confirm(), name="jobq-cancel-confirm")
+
+    def _keep_early(self, tid: int, att: int | None) -> None:
+        """Between a claim's commit and the dispatch of its rows, the task is `running` in the table
+        but not in this worker's map; a cancel NOTIFY in that window would be dropped and the cancel
+        wait for the next beat. It is kept a while instead: most are for other workers' tasks, so the
+        map is bounded by age and size."""
+        now = time.monotonic()
+        early = self._early
+        early.pop(tid, None)
+        early[tid] = (att, now)
+        while early:  # oldest first: a dict keeps insertion order
+            oldest = next(iter(early))
+            if len(early) <= _EARLY_MAX and now - early[oldest][1] <= _EARLY_SECONDS:
+                break
+            del early[oldest]
+
+    def claimed(self, rows: Iterable[Any]) -> None:
+        """The claim's rows were dispatched: a hint that came early for one of them is confirmed now."""
+        if not self._early:
+            return
+        horizon = time.monotonic() - _EARLY_SECONDS
+        for r in rows:
+            kept = self._early.pop(r["id"], None)
+            if kept is not None and kept[1] >= horizon and r["id"] in self.w._running:
+                self._hint(r["id"], kept[0])
 
     async def _confirm(self) -> None:
         w = self.w

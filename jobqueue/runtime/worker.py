@@ -303,6 +303,7 @@ class Worker:
 
     def _dispatch(self, rows: list[asyncpg.Record]) -> None:
         self.dispatcher.dispatch_many(rows)
+        self.heartbeat.claimed(rows)
 
     def _apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
         self.dispatcher.apply_flags(rows, asked)
