@@ -7,7 +7,6 @@ in README.md ("Configuration") and each one says here why it has the value it ha
 from __future__ import annotations
 
 import os
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+from jobqueue.location import IDENT
 
 
 def default_home() -> Path:
@@ -92,7 +91,7 @@ class Settings(BaseSettings):
     @field_validator("schema_name")
     @classmethod
     def _valid_schema(cls, v: str) -> str:
-        if not _IDENT.match(v):
+        if not IDENT.match(v):
             raise ValueError(f"JOBQ_SCHEMA must be a lower-case SQL identifier, got {v!r}")
         return v
 

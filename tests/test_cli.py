@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,36 @@ def test_read_only_commands_import_no_migration_tool_or_runtime(db_url: str, con
                        cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout, r.stdout
+
+
+LS_IMPORTS = """
+import sys
+from jobqueue.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print("LOADED", sorted(m for m in ("pydantic", "pydantic_settings", "jobqueue.settings", "jobqueue.models",
+                                   "jobqueue.client.sync") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("how", ["environment", "option"])
+def test_ls_reads_plain_rows_without_pydantic_or_a_client(db_url: str, conn: psycopg.Connection[Any],
+                                                         how: str) -> None:
+    """`jobq ls` with a URL builds no settings and no client: pydantic was a third of its start-up.
+    It still says why a listed queued task will not move."""
+    conn.execute("INSERT INTO tasks (type) VALUES ('ls_nobody_serves')")
+    env = dict(os.environ)
+    args = ["ls", "--type", "ls_nobody_serves"]
+    if how == "option":
+        url = env.pop("JOBQ_DATABASE_URL")
+        args = ["--database-url", url, *args]
+    r = subprocess.run([sys.executable, "-c", LS_IMPORTS, *args], capture_output=True, text=True, cwd=REPO,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout, r.stdout
+    assert "ls_nobody_serves: no live worker serves it" in " ".join(r.stdout.split())
 
 
 def test_database_url_option_is_used_and_not_written_to_the_environment(db_url: str) -> None:

@@ -1,9 +1,9 @@
 """The base of the ``jobq`` command line: the Typer app, its consoles, the global options and the helpers
 every command module uses. It imports no command module (cli/__init__.py registers them).
 
-Settings are built once per invocation, from the environment and the global options, by the app's
-callback; commands read them with :func:`settings` and pass them down to the library. Nothing is
-written to ``os.environ``.
+Settings are built once per invocation, from the environment and the global options, when a command
+first reads them with :func:`settings`, and passed down to the library; a read-only command that
+has a URL reads through :func:`reading` and never builds them. Nothing is written to ``os.environ``.
 
 Start-up time matters here (`jobq ls` in a shell loop, a worker in a container): the module imports
 typer and rich only, everything else is imported by the command that needs it.
@@ -12,15 +12,20 @@ typer and rich only, everything else is imported by the command that needs it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:
+    import psycopg
+
     from jobqueue.admin.revision import SchemaState
     from jobqueue.client.sync import Client
+    from jobqueue.db.queries import ClientSQL
     from jobqueue.settings import Settings
 
 app = typer.Typer(
@@ -33,7 +38,9 @@ app = typer.Typer(
 
 out = Console()
 err = Console(stderr=True)
-# The settings of the command being run (set by the callback; a list so no `global` is needed).
+# This invocation: the --database-url option (set by the callback; a list so no `global` is needed)
+# and the settings built from it on first use. A read-only command may never build them.
+_option: list[str | None] = []
 _invocation: list[Settings] = []
 
 
@@ -56,14 +63,8 @@ def _global(
         help="PostgreSQL URL; without one, the embedded server is used.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
 ) -> None:
-    from jobqueue.settings import get_settings
-
-    get_settings.cache_clear()  # main() may run several times in one process (the fuzz tests do)
-    built = get_settings()
-    if database_url:
-        built = built.model_copy(update={"database_url": database_url})
-    _invocation.clear()
-    _invocation.append(built)
+    _option[:] = [database_url]
+    _invocation.clear()  # main() may run several times in one process (the fuzz tests do)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -71,10 +72,49 @@ def _global(
 
 
 def settings() -> Settings:
-    """This invocation's settings (environment + global options); outside a command, the environment's."""
+    """This invocation's settings (environment + global options), built on first use; outside a
+    command, the environment's. Built lazily: pydantic-settings is a third of `jobq ls`'s start-up."""
     from jobqueue.settings import get_settings
 
-    return _invocation[-1] if _invocation else get_settings()
+    if _invocation:
+        return _invocation[-1]
+    if not _option:
+        return get_settings()
+    get_settings.cache_clear()
+    built = get_settings()
+    if _option[0]:
+        built = built.model_copy(update={"database_url": _option[0]})
+    _invocation.append(built)
+    return built
+
+
+@contextmanager
+def reading() -> Iterator[tuple[psycopg.Connection[Any], ClientSQL]]:
+    """One autocommit connection for a read-only command, the schema checked on it, and the client's
+    statements. With a URL in the environment or the options, neither the settings nor a client
+    (with its pydantic models) is built and one connection does the check and the reads; without
+    one, the embedded server is found (and migrated) through the settings as by every command."""
+    import psycopg
+
+    from jobqueue.admin.revision import SchemaState, schema_state
+    from jobqueue.db.connect import connect
+    from jobqueue.db.errors import translate
+    from jobqueue.db.queries import ClientSQL
+    from jobqueue.location import quick
+
+    found = quick(_option[0] if _option else None)
+    if found is None:
+        s = settings()
+        url, schema = ensure_schema(s), s.schema_name
+    else:
+        url, schema = found.url, found.schema
+    with connect(url, autocommit=True) as conn:
+        try:
+            if found is not None and (state := schema_state(conn, schema)) is not SchemaState.CURRENT:
+                state.raise_for(schema)
+            yield conn, ClientSQL.load(schema)
+        except (psycopg.Error, OSError) as exc:
+            raise translate(exc) from None
 
 
 def database_url(s: Settings | None = None) -> str:

@@ -7,8 +7,8 @@ superuser) may write it; the jobq_* roles are refused (docs/roles.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.text import Text
@@ -39,16 +39,17 @@ def flags(q: QueueState) -> list[str]:
     return words
 
 
-def notes(queues: Iterable[QueueState], types: set[str]) -> list[str]:
-    """One line per type of `types` whose queued tasks will not start as things are."""
+def notes(queues: Iterable[Mapping[str, Any]], types: set[str]) -> list[str]:
+    """One line per type of `types` whose queued tasks will not start as things are. `queues` are rows
+    of client.sql's `queues` (`jobq ls` reads them without building QueueState models)."""
     lines = []
     for q in queues:
-        if q.type not in types:
+        if q["type"] not in types:
             continue
-        if q.paused:
-            lines.append(f"note: queue {q.type} is paused (jobq queue resume {q.type})")
-        if q.queued and not q.served:
-            lines.append(f"note: {q.queued} queued task(s) of type {q.type}: no live worker serves it")
+        if q["paused"]:
+            lines.append(f"note: queue {q['type']} is paused (jobq queue resume {q['type']})")
+        if q["queued"] and not q["workers"]:
+            lines.append(f"note: {q['queued']} queued task(s) of type {q['type']}: no live worker serves it")
     return lines
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jobqueue.cli.app import client, err, fail, import_task_modules, out
+from jobqueue.cli.app import client, err, fail, import_task_modules, out, reading
 from jobqueue.states import Status
 
 STATUS_STYLES: dict[str, str] = {
@@ -164,25 +164,33 @@ def ls(
     from rich.table import Table
     from rich.text import Text
 
+    from jobqueue.client.fields import list_params
+    from jobqueue.db.fetch import fetch
+
     for s in status or []:
         if s not in {x.value for x in Status}:
             fail(f"unknown status {s!r} (one of: {', '.join(Status)})")
-    c = client()
-    tasks = c.list(status=status, type=type, owner=owner, doc_id=doc, label=label, limit=limit)
+    params = list_params(status, type, owner, doc, label, None, limit)
+    # Plain rows on one connection, not Client.list: no client and no pydantic models to import, which
+    # were most of this command's start-up (python -m bench startup).
+    with reading() as (conn, q):
+        tasks = fetch(conn, q.list, params)
+        waiting_on = {t["type"] for t in tasks if t["status"] == Status.QUEUED}
+        queues = fetch(conn, q.queues, ()) if waiting_on else []
     table = Table(title=f"{len(tasks)} task(s)")
     for col in ("id", "type", "status", "prio", "progress", "tries", "age", "last message"):
         table.add_column(col, overflow="fold" if col == "last message" else "ellipsis")
     for t in tasks:
-        last = t.progress_msg.rsplit("\n", 1)[-1] if t.progress_msg else ""
-        table.add_row(str(t.id), Text(t.type), Text(t.status, style=STATUS_STYLES.get(t.status, "white")),
-                      str(t.priority), f"{t.progress:.0%}" if t.progress >= 0 else "error", str(t.retry_count),
-                      _age(t.created_at), Text(last[:80]))
+        last = t["progress_msg"].rsplit("\n", 1)[-1] if t["progress_msg"] else ""
+        table.add_row(str(t["id"]), Text(t["type"]),
+                      Text(t["status"], style=STATUS_STYLES.get(t["status"], "white")), str(t["priority"]),
+                      f"{t['progress']:.0%}" if t["progress"] >= 0 else "error", str(t["retry_count"]),
+                      _age(t["created_at"]), Text(last[:80]))
     out.print(table)
-    waiting_on = {t.type for t in tasks if t.status == Status.QUEUED}
     if waiting_on:  # why listed tasks may not move: a paused queue, or a type no live worker serves
         from jobqueue.cli.queues import notes
 
-        for line in notes(c.queues(), waiting_on):
+        for line in notes(queues, waiting_on):
             out.print(line)
 
 

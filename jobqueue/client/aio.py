@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from jobqueue.client import encode, group
+from jobqueue.client import encode, fields, group
 from jobqueue.client import wait as waits
 from jobqueue.client.base import (
     RACE_RETRIES,
@@ -237,7 +237,7 @@ class AsyncClient(ClientBase):
         connection: Any = None,
     ) -> list[Task]:
         """Newest first, filtered; see :meth:`jobqueue.Client.list`."""
-        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit, error)
+        params = fields.list_params(status, type, owner, doc_id, label, before_id, limit, error)
         async with self._using(connection) as conn:
             return [_task(r) for r in await self._fetch(conn, self.q.list, params)]
 

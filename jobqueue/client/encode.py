@@ -17,12 +17,12 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ValidationError
 
 from jobqueue import registry, tracing
+from jobqueue.client import fields
 from jobqueue.errors import InvalidPayload, PayloadTooLarge, TaskNotFound
 from jobqueue.models import TaskSpec
 from jobqueue.settings import Settings
 from jobqueue.states import RunOn, Status
 
-INT32 = 2**31 - 1
 MAX_DEPTH = 64
 LIVE = (Status.WAITING.value, Status.QUEUED.value, Status.RUNNING.value)
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -72,42 +72,6 @@ NO_DEPENDENCIES = Plan(Status.QUEUED.value, 0, "")
 # ---------------------------------------------------------------- scalar fields
 
 
-def _text(field: str, value: str | None, *, limit: int = 1000) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidPayload(f"{field} must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise InvalidPayload(f"{field} contains a NUL character, which PostgreSQL text cannot store")
-    if len(value) > limit:
-        raise InvalidPayload(f"{field} is longer than {limit} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPayload(f"{field} is not valid Unicode (lone surrogate)") from None
-    return value
-
-
-def _int32(field: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPayload(f"{field} must be an integer, got {type(value).__name__}")
-    if not -INT32 - 1 <= value <= INT32:
-        raise InvalidPayload(f"{field} {value} does not fit in 32 bits")
-    return value
-
-
-def _bigint(field: str, value: int | None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPayload(f"{field} must be an integer, got {type(value).__name__}")
-    if not -(2**63) <= value < 2**63:
-        raise InvalidPayload(f"{field} {value} does not fit in 64 bits")
-    return value
-
-
 def _run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
     if run_at is not None and delay is not None:
         raise InvalidPayload("give run_at or delay, not both")
@@ -137,7 +101,7 @@ def _run_at(run_at: datetime | None, delay: float | timedelta | None) -> datetim
 
 
 def _max_retries(t: registry.TaskType, value: int | None, settings: Settings) -> int:
-    v = _int32("max_retries", value if value is not None
+    v = fields.int32("max_retries", value if value is not None
                else (t.max_retries if t.max_retries is not None else settings.max_retries))
     if v is None or v < 0:
         raise InvalidPayload("max_retries must be >= 0")
@@ -218,15 +182,15 @@ def row(task_type: str, spec: TaskSpec, settings: Settings) -> TaskRow:
 
 
 def _row(t: registry.TaskType, spec: TaskSpec, settings: Settings, payload: str, trace: str | None) -> TaskRow:
-    priority = _int32("priority", spec.priority if spec.priority is not None else t.priority)
+    priority = fields.int32("priority", spec.priority if spec.priority is not None else t.priority)
     assert priority is not None
     # Positional, in TaskRow's field order: keywords cost a microsecond more per task.
     return TaskRow(t.name, priority, payload, _run_at(spec.run_at, spec.delay),
-                   _max_retries(t, spec.max_retries, settings), _text("dedupe_key", spec.dedupe_key),
-                   _bigint("doc_id", spec.doc_id),
-                   _bigint("batch_id", spec.batch_id), _int32("from_page", spec.from_page),
-                   _int32("to_page", spec.to_page), _text("owner", spec.owner, limit=200),
-                   _text("digest", spec.digest, limit=200), trace)
+                   _max_retries(t, spec.max_retries, settings), fields.text("dedupe_key", spec.dedupe_key),
+                   fields.bigint("doc_id", spec.doc_id),
+                   fields.bigint("batch_id", spec.batch_id), fields.int32("from_page", spec.from_page),
+                   fields.int32("to_page", spec.to_page), fields.text("owner", spec.owner, limit=200),
+                   fields.text("digest", spec.digest, limit=200), trace)
 
 
 def rows_for(task_type: str, items: Iterable[Any], settings: Settings) -> list[TaskRow]:
@@ -244,7 +208,7 @@ def labels(values: Sequence[str] | None) -> list[str] | None:
         return None
     if isinstance(values, str):
         raise InvalidPayload("labels must be a list of strings")
-    return [_text("label", v, limit=200) or "" for v in values]
+    return [fields.text("label", v, limit=200) or "" for v in values]
 
 
 def dependencies(depends_on: Sequence[int] | None) -> list[int] | None:
@@ -253,7 +217,7 @@ def dependencies(depends_on: Sequence[int] | None) -> list[int] | None:
         return None
     if isinstance(depends_on, int | str):
         raise InvalidPayload("depends_on must be a list of task ids")
-    ids = {_bigint("depends_on", p) for p in depends_on}
+    ids = {fields.bigint("depends_on", p) for p in depends_on}
     return sorted(i for i in ids if i is not None)
 
 
@@ -346,23 +310,6 @@ def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapp
     return [i for i in todo if ids[i] is None]
 
 
-def list_params(status: str | Sequence[str] | None, type: str | Sequence[str] | None, owner: str | None,
-                doc_id: int | None, label: str | None, before_id: int | None, limit: int,
-                error: str | None = None) -> tuple[Any, ...]:
-    """client.sql `list` ($1..$8); a None filter is off."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise InvalidPayload(f"limit must be a non-negative integer, got {limit!r}")
-    return (_many(status), _many(type), _text("owner", owner, limit=200), _bigint("doc_id", doc_id),
-            _text("label", label, limit=200), _bigint("before_id", before_id), limit,
-            _text("error", error, limit=200))
-
-
-def _many(value: str | Sequence[str] | None) -> list[str] | None:
-    if not value:
-        return None
-    return [value] if isinstance(value, str) else [str(v) for v in value]
-
-
 def cancel_params(ids: Sequence[int], doc_id: int | None, reason: str, settings: Settings) -> tuple[Any, ...]:
     """client.sql `cancel` ($1..$5)."""
     return (list(ids), doc_id, stamp(f"[Canceled] {reason}"), settings.progress_log_chars,
@@ -410,12 +357,13 @@ class Selector(NamedTuple):
 def selector(action: str, allowed: Sequence[str], type: str | None, owner: str | None, batch_id: int | None,
              label: str | None, doc_id: int | None, status: str | Sequence[str] | None) -> Selector:
     """Validated filters; `status` must be among `allowed` (what `action` can change)."""
-    statuses = _many(status)
+    statuses = fields.many(status)
     for s in statuses or []:
         if s not in allowed:
             raise InvalidPayload(f"cannot {action} {s!r} tasks: status must be among {', '.join(allowed)}")
-    return Selector(_text("type", type, limit=200), _text("owner", owner, limit=200), _bigint("batch_id", batch_id),
-                    _text("label", label, limit=200), _bigint("doc_id", doc_id), statuses)
+    return Selector(fields.text("type", type, limit=200), fields.text("owner", owner, limit=200),
+                    fields.bigint("batch_id", batch_id), fields.text("label", label, limit=200),
+                    fields.bigint("doc_id", doc_id), statuses)
 
 
 def required(action: str, sel: Selector) -> Selector:
@@ -440,10 +388,10 @@ def prioritize_params(ids: Sequence[int], sel: Selector, priority: int) -> tuple
     """client.sql `prioritize` ($1..$8): ids, or a selector, or both (the tasks both name)."""
     if not ids:
         required("prioritize", sel)
-    checked = _int32("priority", priority)
+    checked = fields.int32("priority", priority)
     if checked is None:
         raise InvalidPayload("priority is required")
-    return ([_bigint("task id", i) for i in ids] or None, *sel, checked)
+    return ([fields.bigint("task id", i) for i in ids] or None, *sel, checked)
 
 
 def queue_params(task_type: str, *, paused: bool | None = None, max_running: int | None = None,
@@ -451,7 +399,7 @@ def queue_params(task_type: str, *, paused: bool | None = None, max_running: int
     """client.sql `set_queue` ($1..$4): a type name as the tasks table accepts it, a cap of 0 or more."""
     if not isinstance(task_type, str) or not registry.TYPE_NAME.fullmatch(task_type):
         raise InvalidPayload(f"task type name {task_type!r} must be 1-48 characters among letters, digits and _ . : -")
-    cap = _int32("max_running", max_running)
+    cap = fields.int32("max_running", max_running)
     if cap is not None and cap < 0:
         raise InvalidPayload(f"max_running must be 0 or more, got {cap}")
     return (task_type, paused, cap, uncap)

@@ -17,9 +17,8 @@ from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from psycopg.rows import dict_row
 
-from jobqueue.client import encode, group
+from jobqueue.client import encode, fields, group
 from jobqueue.client import wait as waits
 from jobqueue.client.base import (
     RACE_RETRIES,
@@ -34,12 +33,10 @@ from jobqueue.client.encode import LIVE
 from jobqueue.client.wait import TaskEvent
 from jobqueue.db.connect import connect
 from jobqueue.db.errors import translate
+from jobqueue.db.fetch import Row, fetch
 from jobqueue.errors import JobqError, TaskNotFound
 from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
-
-Row = dict[str, Any]
-
 
 # ---------------------------------------------------------------- connections
 
@@ -126,9 +123,7 @@ class Client(ClientBase):
             raise translate(exc) from None
 
     def _fetch(self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> builtins.list[Row]:
-        with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
+        return fetch(conn, sql, params)
 
     # -- enqueue
 
@@ -264,7 +259,7 @@ class Client(ClientBase):
         """Newest first, filtered; every filter is optional. Pass the last id seen as `before_id` for the
         next page (keyset pagination: stable while tasks are added, no OFFSET scan). `error` finds text in
         the last error (case-insensitive)."""
-        params = encode.list_params(status, type, owner, doc_id, label, before_id, limit, error)
+        params = fields.list_params(status, type, owner, doc_id, label, before_id, limit, error)
         with self._using(connection) as conn:
             return [Task.model_validate(r) for r in self._fetch(conn, self.q.list, params)]
 

@@ -6,6 +6,9 @@ admin start the embedded server (:func:`jobqueue.admin.embedded.start_if_needed`
 call cannot fork a PostgreSQL server as a side effect. Connection errors become
 :class:`DatabaseUnavailable` with the password removed from the URL, so a URL never leaks into a
 log line or an error message.
+
+The settings and the embedded-server module are imported by the functions that need them: with a
+URL in hand, `connect` loads neither (the read-only CLI's start-up, bench/startup.py).
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from jobqueue.admin import embedded
 from jobqueue.errors import ConfigurationError, DatabaseUnavailable
-from jobqueue.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     import psycopg
+
+    from jobqueue.settings import Settings
 
 _DRIVER = re.compile(r"^postgres(?:ql)?(\+\w+)?://")
 
@@ -57,6 +60,9 @@ def sqlalchemy_url(url: str) -> str:
 
 def resolve_url(settings: Settings | None = None) -> str:
     """The libpq URL of the queue's database: the configured one, else the running embedded server's."""
+    from jobqueue.admin import embedded
+    from jobqueue.settings import get_settings
+
     settings = settings or get_settings()
     if settings.database_url:
         return normalize(settings.database_url)
@@ -70,6 +76,8 @@ def resolve_url(settings: Settings | None = None) -> str:
 
 
 def is_embedded(settings: Settings | None = None) -> bool:
+    from jobqueue.settings import get_settings
+
     return not (settings or get_settings()).database_url
 
 
