@@ -213,20 +213,42 @@ def test_cancel_between_claim_and_dispatch_is_not_lost(client: Client, conn: psy
         real(self, rows)
 
     def held(self: Worker, rows: list[Any]) -> None:
-        if claimed.is_set():
+        if not rows or claimed.is_set():
             real(self, rows)
             return
         claimed.set()
         later.append(asyncio.get_running_loop().create_task(dispatch_later(self, rows)))
 
     monkeypatch.setattr(Worker, "_dispatch", held)
-    tid = client.enqueue("t_sleep", {"s": 30})
-    with BackgroundWorker(["t_sleep"], heartbeat_seconds=60):
+    with BackgroundWorker(["t_sleep"], heartbeat_seconds=60) as w:
+        # Listening, and past the claim that follows the LISTEN's connect (whose rows are checked anyway).
+        wait_for(lambda: started(w) and w.worker is not None and not w.worker.heartbeat._unheard_claim)
+        tid = client.enqueue("t_sleep", {"s": 30})
         assert claimed.wait(10)
         assert status(conn, tid) == "running"
         client.cancel(tid)
         wait_for(lambda: status(conn, tid) == "cancelled", timeout=5)
-    assert one(conn, "SELECT count(*) FROM public.test_runs WHERE task_id = %s", tid) == 1, "the handler ran"
+
+
+def test_cancel_sent_before_the_listen_connects_is_not_lost(client: Client, conn: psycopg.Connection[Any],
+                                                            reset: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker claims from its start, before its LISTEN is up: a cancel sent then is heard by nobody.
+    When the LISTEN connects, the attempts running are checked, not left to the beat (60 s here)."""
+    from jobqueue.runtime.listener import Listener
+
+    real = Listener._connect
+
+    async def slow_connect(self: Listener) -> None:
+        await asyncio.sleep(2.0)
+        await real(self)
+
+    monkeypatch.setattr(Listener, "_connect", slow_connect)
+    tid = client.enqueue("t_sleep", {"s": 30})
+    with BackgroundWorker(["t_sleep"], heartbeat_seconds=60) as w:
+        wait_for(lambda: one(conn, "SELECT count(*) FROM public.test_runs WHERE task_id = %s", tid) == 1)
+        assert w.worker is not None and not w.worker.listener.connected.is_set()
+        client.cancel(tid)
+        wait_for(lambda: status(conn, tid) == "cancelled", timeout=8)
 
 
 # ------------------------------------------------------------------ busy loops (items 15, 16, 17)

@@ -11,6 +11,8 @@
   checked in the table (`cancel_requested_at`, still ours) before a handler is cancelled; the beat's
   own cancel flag is the fallback for a NOTIFY that never came. A hint for an id that is not running
   here is kept a few seconds: it may be for a row this worker has claimed but not dispatched yet.
+  When the LISTEN (re)connects, the attempts running here are checked at once: a cancel sent while
+  nothing listened (a worker claims before its LISTEN is up) does not wait for the beat.
 - Maintenance (the rescuer every beat, the pruner on its own schedule) runs after the beat, each
   service taking its advisory lock so one worker of the cluster does the work. The scheduler of
   cron tasks runs every beat too; it needs no lock (maintenance/scheduler.py says why).
@@ -57,6 +59,8 @@ class Heartbeat:
         # Hints for ids not running here, by arrival (monotonic seconds): the cancel may be for a task
         # whose claim has committed but whose rows this worker has not dispatched yet.
         self._early: dict[int, tuple[int | None, float]] = {}
+        # Set when the LISTEN (re)connects: the rows of the claim then in flight are checked once dispatched.
+        self._unheard_claim = False
 
     async def beat(self) -> None:
         w = self.w
@@ -154,14 +158,24 @@ class Heartbeat:
             del early[oldest]
 
     def claimed(self, rows: Iterable[Any]) -> None:
-        """The claim's rows were dispatched: a hint that came early for one of them is confirmed now."""
-        if not self._early:
+        """The claim's rows were dispatched: a hint that came early for one of them is confirmed now,
+        and every one of them if the claim may have committed while nothing was listening."""
+        unheard, self._unheard_claim = self._unheard_claim, False
+        if not self._early and not unheard:
             return
         horizon = time.monotonic() - _EARLY_SECONDS
         for r in rows:
             kept = self._early.pop(r["id"], None)
-            if kept is not None and kept[1] >= horizon and r["id"] in self.w._running:
-                self._hint(r["id"], kept[0])
+            if r["id"] in self.w._running and (unheard or (kept is not None and kept[1] >= horizon)):
+                self._hint(r["id"], None if kept is None else kept[0])
+
+    def listening(self) -> None:
+        """The LISTEN (re)connected. A worker claims from its start, before its LISTEN is up, and goes on
+        claiming through a reconnect: a cancel sent meanwhile was heard by nobody. Every attempt running
+        here is checked in the table now, and the rows of the claim in flight once they are dispatched."""
+        self._unheard_claim = True
+        for tid in list(self.w._running):
+            self._hint(tid, None)
 
     async def _confirm(self) -> None:
         w = self.w

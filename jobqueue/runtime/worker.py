@@ -294,6 +294,7 @@ class Worker:
     def _on_listen_connect(self) -> None:
         metrics.LISTEN_RECONNECTS.inc() if self.listener.reconnects else None
         self.fetcher.on_listen_connect()
+        self.heartbeat.listening()
 
     # ------------------------------------------------------------------ the running attempts
 
