@@ -205,12 +205,18 @@ class AsyncClient(ClientBase):
         lab = encode.labels(labels)
         if not rows:
             return []
-        async with self._using(connection) as conn, _atomic(conn):
+        async with self._using(connection) as conn:
             if encode.has_dedupe_keys(rows):
                 ids: list[int | None] = [None] * len(rows)
-                await self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                async with _atomic(conn):
+                    await self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
                 return all_ids(ids, type)
             new: list[int] = await conn.fetchval(self.q.reserve_ids, len(rows))
+            if encode.is_bare(rows, lab):
+                await conn.copy_to_table(
+                    "tasks", schema_name=self.settings.schema_name, columns=list(encode.BARE_COLUMNS),
+                    source=_chunks(new, rows), format="text")
+                return new
             await conn.copy_records_to_table(
                 "tasks", schema_name=self.settings.schema_name, columns=list(encode.copy_columns(lab)),
                 records=encode.copy_records(new, rows, lab))
@@ -373,6 +379,14 @@ def _task(row: dict[str, Any]) -> Task:
         if isinstance(row.get(column), str):
             row[column] = json.loads(row[column])
     return Task.model_validate(row)
+
+
+async def _chunks(ids: Sequence[int], rows: Sequence[encode.TaskRow]) -> AsyncIterator[bytes]:
+    """asyncpg's COPY source, formatted a chunk at a time so the server parses one while the next is
+    made. Nothing here can fail half-way: rows_for validated every row, and asyncpg's client_encoding
+    is UTF-8, which holds any string rows_for lets through (lone surrogates are refused there)."""
+    for k in range(0, len(rows), encode.COPY_CHUNK_ROWS):
+        yield encode.bare_copy_text(ids[k:k + encode.COPY_CHUNK_ROWS], rows[k:k + encode.COPY_CHUNK_ROWS]).encode()
 
 
 def _atomic(conn: AnyConnection) -> AbstractAsyncContextManager[Any]:

@@ -56,6 +56,13 @@ class TaskRow(NamedTuple):
 # encoding one per row cost about 2 µs of client CPU a task, a sixth of a COPY batch's Python.
 COPY_COLUMNS = ("id", *TaskRow._fields, "labels")
 UNLABELLED_COLUMNS = COPY_COLUMNS[:-1]
+# A batch of bare payloads (no labels, no run_at, none of the optional columns) copies only these
+# (client.sql copy_tasks_bare): every other column takes its default, run_at the server's now(), so
+# the server parses 6 fields a row instead of 14 (bench/enqueue_cost.py).
+BARE_COLUMNS = ("id", "type", "priority", "payload", "max_retries", "trace_context")
+# Rows of a bare COPY per chunk the async client sends while it formats the next.
+COPY_CHUNK_ROWS = 256
+_UNSET = (None,) * 7  # TaskRow's dedupe_key .. digest of a bare row
 
 
 class Plan(NamedTuple):
@@ -331,6 +338,37 @@ def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] 
     if labels:
         return [(i, *r[:3], r[3] or now, *r[4:], labels) for i, r in zip(ids, rows, strict=True)]
     return [(i, *r[:3], r[3] or now, *r[4:]) for i, r in zip(ids, rows, strict=True)]
+
+
+def is_bare(rows: Sequence[TaskRow], labels: list[str] | None) -> bool:
+    """Whether the batch fits BARE_COLUMNS: no labels, and no row with a run_at or an optional column."""
+    return not labels and all(r[3] is None and r[5:12] == _UNSET for r in rows)
+
+
+def bare_copy_text(ids: Sequence[int], rows: Sequence[TaskRow]) -> str:
+    """COPY text-format lines of BARE_COLUMNS. The JSON encoder escapes every control character, and a
+    type is [A-Za-z0-9_.:-]: a backslash is all COPY's text format needs escaped."""
+    return "".join(
+        f"{i}\t{r[0]}\t{r[1]}\t{_copy_field(r[2])}\t{r[4]}\t{_copy_field(r[12])}\n"
+        for i, r in zip(ids, rows, strict=True))
+
+
+def bare_copy_chunks(ids: Sequence[int], rows: Sequence[TaskRow], encoding: str = "utf-8") -> list[bytes]:
+    """bare_copy_text in chunks of COPY_CHUNK_ROWS rows, encoded for the connection's client_encoding.
+    All of it is made before the COPY starts: a payload the encoding cannot hold is refused with
+    nothing written."""
+    try:
+        return [bare_copy_text(ids[k:k + COPY_CHUNK_ROWS], rows[k:k + COPY_CHUNK_ROWS]).encode(encoding)
+                for k in range(0, len(rows), COPY_CHUNK_ROWS)]
+    except UnicodeEncodeError as exc:
+        raise InvalidPayload(f"payload has a character the connection's encoding ({encoding}) cannot hold: "
+                             f"{exc.reason}") from None
+
+
+def _copy_field(text: str | None) -> str:
+    if text is None:
+        return "\\N"
+    return text.replace("\\", "\\\\") if "\\" in text else text
 
 
 def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapping[str, Any]]) -> list[int]:

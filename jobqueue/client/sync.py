@@ -222,18 +222,26 @@ class Client(ClientBase):
     ) -> builtins.list[int]:
         """Enqueue many tasks of one type in one transaction and return their ids in order.
 
-        Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY.
+        Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY: one
+        statement, atomic without BEGIN/COMMIT (the ids reserved before it are only sequence values).
         """
         rows = encode.rows_for(type, items, self.settings)
         lab = encode.labels(labels)
         if not rows:
             return []
-        with self._using(connection) as conn, _atomic(conn):
+        with self._using(connection) as conn:
             if encode.has_dedupe_keys(rows):
                 ids: builtins.list[int | None] = [None] * len(rows)
-                self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                with _atomic(conn):
+                    self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
                 return all_ids(ids, type)
             new: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(rows),))[0]["ids"]
+            if encode.is_bare(rows, lab):
+                chunks = encode.bare_copy_chunks(new, rows, conn.info.encoding)
+                with conn.cursor() as cur, cur.copy(self.q.copy_tasks_bare) as copy:
+                    for chunk in chunks:
+                        copy.write(chunk)
+                return new
             with conn.cursor() as cur, cur.copy(self.q.copy_tasks if lab else self.q.copy_tasks_unlabelled) as copy:
                 for record in encode.copy_records(new, rows, lab):
                     copy.write_row(record)
