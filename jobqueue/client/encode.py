@@ -62,7 +62,6 @@ UNLABELLED_COLUMNS = COPY_COLUMNS[:-1]
 BARE_COLUMNS = ("id", "type", "priority", "payload", "max_retries", "trace_context")
 # Rows of a bare COPY per chunk the async client sends while it formats the next.
 COPY_CHUNK_ROWS = 256
-_UNSET = (None,) * 7  # TaskRow's dedupe_key .. digest of a bare row
 
 
 class Plan(NamedTuple):
@@ -340,29 +339,45 @@ def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] 
     return [(i, *r[:3], r[3] or now, *r[4:]) for i, r in zip(ids, rows, strict=True)]
 
 
-def is_bare(rows: Sequence[TaskRow], labels: list[str] | None) -> bool:
-    """Whether the batch fits BARE_COLUMNS: no labels, and no row with a run_at or an optional column."""
-    return not labels and all(r[3] is None and r[5:12] == _UNSET for r in rows)
+def bare_batch(items: Sequence[Any], labels: list[str] | None) -> bool:
+    """Whether the batch fits BARE_COLUMNS: no labels, and payloads only (a TaskSpec goes the wide way)."""
+    return not labels and not any(isinstance(item, TaskSpec) for item in items)
 
 
-def bare_copy_text(ids: Sequence[int], rows: Sequence[TaskRow]) -> str:
-    """COPY text-format lines of BARE_COLUMNS. The JSON encoder escapes every control character, and a
-    type is [A-Za-z0-9_.:-]: a backslash is all COPY's text format needs escaped."""
-    return "".join(
-        f"{i}\t{r[0]}\t{r[1]}\t{_copy_field(r[2])}\t{r[4]}\t{_copy_field(r[12])}\n"
-        for i, r in zip(ids, rows, strict=True))
+class BareCopy:
+    """COPY text lines of BARE_COLUMNS for one enqueue_many call: the type's defaults are looked up once.
+
+    A chunk at a time, so a caller can send one while it makes the next: :meth:`payloads` validates and
+    encodes (everything a user can get wrong), :meth:`lines` only formats.
+    """
+
+    def __init__(self, task_type: str, settings: Settings, encoding: str = "utf-8") -> None:
+        self._type = registry.for_enqueue(task_type, settings.schema_name)
+        self._settings = settings
+        self._encoding = encoding
+        d = _row(self._type, TaskSpec(), settings, "", tracing.current_context())
+        self._head = f"\t{d.type}\t{d.priority}\t"
+        self._tail = f"\t{d.max_retries}\t{_copy_field(d.trace_context)}\n"
+
+    def payloads(self, items: Sequence[Any]) -> list[str]:
+        """Each payload as COPY field text. The JSON encoder escapes every control character, and a type
+        is [A-Za-z0-9_.:-]: a backslash is all COPY's text format needs escaped."""
+        return [_copy_field(_encode(self._type, item, self._settings)) for item in items]
+
+    def lines(self, ids: Sequence[int], payloads: Sequence[str]) -> bytes:
+        """The lines of these rows, in the connection's client_encoding."""
+        head, tail = self._head, self._tail
+        text = "".join([f"{i}{head}{p}{tail}" for i, p in zip(ids, payloads, strict=True)])
+        try:
+            return text.encode(self._encoding)
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(f"payload has a character the connection's encoding ({self._encoding}) "
+                                 f"cannot hold: {exc.reason}") from None
 
 
-def bare_copy_chunks(ids: Sequence[int], rows: Sequence[TaskRow], encoding: str = "utf-8") -> list[bytes]:
-    """bare_copy_text in chunks of COPY_CHUNK_ROWS rows, encoded for the connection's client_encoding.
-    All of it is made before the COPY starts: a payload the encoding cannot hold is refused with
-    nothing written."""
-    try:
-        return [bare_copy_text(ids[k:k + COPY_CHUNK_ROWS], rows[k:k + COPY_CHUNK_ROWS]).encode(encoding)
-                for k in range(0, len(rows), COPY_CHUNK_ROWS)]
-    except UnicodeEncodeError as exc:
-        raise InvalidPayload(f"payload has a character the connection's encoding ({encoding}) cannot hold: "
-                             f"{exc.reason}") from None
+def chunks(n: int) -> list[slice]:
+    """The slices of a batch of n rows that a COPY sends one at a time (COPY_CHUNK_ROWS each)."""
+    return [slice(k, k + COPY_CHUNK_ROWS) for k in range(0, n, COPY_CHUNK_ROWS)]
 
 
 def _copy_field(text: str | None) -> str:
