@@ -97,6 +97,7 @@ def main(dsn: str, n: int, rounds: int) -> int:
         with psycopg.connect(url, autocommit=True) as conn:
             found = variants(conn)
             clock = backend_clock(conn)
+            conn.execute("VACUUM jobq.tasks")
             times: dict[str, list[float]] = {name: [] for name in found}
             saves: dict[str, list[float]] = {name: [] for name in found}
             for _ in range(rounds):
@@ -104,6 +105,9 @@ def main(dsn: str, n: int, rounds: int) -> int:
                     # Paired with a run of the full table just before it: the load of a shared machine
                     # drifts by more than most of these cost.
                     base = copy_seconds(conn, clock, [], data)
+                    # Each COPY starts from an empty heap and indexes: a rolled-back one leaves dead rows
+                    # and index entries that make the next one slower.
+                    conn.execute("VACUUM jobq.tasks")
                     times[name].append(copy_seconds(conn, clock, ddl, data))
                     saves[name].append(base - times[name][-1])
                     conn.execute("VACUUM jobq.tasks")
