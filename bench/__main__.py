@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
         help="admin URL on the target server; each peer gets its own bench_<peer> database there",
     )
     run.add_argument("--out", type=Path, default=Path("bench/results"))
+    run.add_argument("--cases", help="comma-separated case keys to run (default: all), e.g. enqueue_batch")
     startup = sub.add_parser(
         "startup", help="median wall time of the read-only CLI commands and a worker's first claim")
     startup.add_argument("--dsn", default=DEFAULT_DSN, help="admin URL; a fresh database is made and dropped there")
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> int:
 
         return startup_main(args.dsn, args.runs, args.against)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    Runner(args.profile, peers, args.dsn, args.out, argv).run()
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    Runner(args.profile, peers, args.dsn, args.out, argv, cases).run()
     try:
         from .plots import draw
     except ImportError:  # matplotlib is in the [bench] extra

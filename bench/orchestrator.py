@@ -104,7 +104,8 @@ def _medians(metrics: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, profile: str, peers: list[str], dsn: str, out: Path, argv: list[str]) -> None:
+    def __init__(self, profile: str, peers: list[str], dsn: str, out: Path, argv: list[str],
+                 cases: list[str] | None = None) -> None:
         self.profile = profile
         self.n = PROFILES[profile]["n"]
         self.runs = PROFILES[profile]["runs"]
@@ -112,6 +113,11 @@ class Runner:
         self.server = Server(dsn)
         self.out = out
         self.argv = argv
+        unknown = set(cases or ()) - {c.key for c in CASES}
+        if unknown:
+            raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
+        # A subset of the cases: one scenario measured side by side without the whole run.
+        self.cases = [c for c in CASES if cases is None or c.key in cases]
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -123,7 +129,7 @@ class Runner:
             "runs_per_case": self.runs,
             "machine": machine(),
             "server": self.server.settings(),
-            "cases": [c.key for c in CASES],
+            "cases": [c.key for c in self.cases],
             "peers": {},
             "notes": [],
         }
@@ -144,7 +150,7 @@ class Runner:
                 return {"skipped": True}
             return self.run_cases(
                 peer,
-                [c for c in CASES if c.key in PGBENCH_KEYS],
+                [c for c in self.cases if c.key in PGBENCH_KEYS],
                 lambda case, dsn: pgbench_peer.run_case(binary, dsn, case.scenario, self.n, case.processes),
             )
         if not driver_path(peer).exists():
@@ -157,7 +163,7 @@ class Runner:
         except subprocess.CalledProcessError as exc:
             notes.append(f"{peer}: skipped, virtualenv setup failed ({exc})")
             return {"skipped": True}
-        return self.run_cases(peer, list(CASES), lambda case, dsn: run_driver(python, peer, case, self.n, dsn))
+        return self.run_cases(peer, self.cases, lambda case, dsn: run_driver(python, peer, case, self.n, dsn))
 
     def run_cases(self, peer: str, cases: list[Case], invoke: Callable[[Case, str], dict[str, Any]]) -> dict[str, Any]:
         database = f"bench_{peer}"

@@ -195,3 +195,63 @@ def test_0013_flow_control_and_failures_read_by_index_and_go_down_and_up(server_
             assert conn.execute("SELECT type, error, failed FROM failures").fetchall() == failures
     finally:
         drop_database(server_url, url)
+
+
+def test_0014_type_and_payload_checks_refuse_what_they_refused_and_go_down_and_up(server_url: str) -> None:
+    """0014 rewrote tasks_type_check without a bounded repetition and moved tasks_payload_check to a
+    trigger: the same types are accepted at 0013 and at head, an oversized payload is refused on insert
+    and on update with the same SQLSTATE and constraint name, and an update of other columns of a row
+    whose payload is over the limit (written while the check was off) is no longer re-checked."""
+    from alembic import command
+
+    from jobqueue.admin.migrate import alembic_config
+
+    types = ["a", "x" * 48, "x" * 49, "", "a.b:c-d_E9", "a b", "é", "a\n", "a$", "\uff21", "a/b"]
+    big = '{"k": "' + "x" * 2097152 + '"}'
+
+    def accepted(conn: psycopg.Connection[Any]) -> list[bool]:
+        out = []
+        for t in types:
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute("INSERT INTO tasks (type) VALUES (%s)", (t,))
+                out.append(True)
+            except psycopg.errors.CheckViolation as exc:
+                assert exc.diag.constraint_name == "tasks_type_check"
+                out.append(False)
+        return out
+
+    def refused_payload(conn: psycopg.Connection[Any], sql: str) -> tuple[str | None, str | None]:
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute(sql, (big,))
+        except psycopg.errors.CheckViolation as exc:
+            return exc.diag.constraint_name, str(exc).splitlines()[0]
+        return None, None
+
+    url = create_database(server_url)
+    try:
+        migrate(url, revision="0013")
+        with psycopg.connect(url, autocommit=True) as conn:
+            before = accepted(conn)
+            assert before == [True, True, False, False, True, False, False, False, False, False, False]
+            insert_before = refused_payload(conn, "INSERT INTO tasks (type, payload) VALUES ('m', %s::jsonb)")
+            migrate(url)
+            assert accepted(conn) == before
+            assert refused_payload(conn, "INSERT INTO tasks (type, payload) VALUES ('m', %s::jsonb)") == insert_before
+            assert insert_before[0] == "tasks_payload_check"
+            tid = conn.execute("INSERT INTO tasks (type) VALUES ('m') RETURNING id").fetchone()[0]  # type: ignore[index]
+            assert refused_payload(conn, f"UPDATE tasks SET payload = %s::jsonb WHERE id = {tid}") == insert_before
+            with conn.transaction():
+                conn.execute("ALTER TABLE tasks DISABLE TRIGGER tasks_payload_check")
+                conn.execute("UPDATE tasks SET payload = %s::jsonb WHERE id = %s", (big, tid))
+                conn.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_payload_check")
+            conn.execute("UPDATE tasks SET priority = 5 WHERE id = %s", (tid,))  # not re-checked
+            conn.execute("DELETE FROM tasks WHERE id = %s", (tid,))
+            command.downgrade(alembic_config(url), "0013")
+            assert accepted(conn) == before
+            assert refused_payload(conn, "INSERT INTO tasks (type, payload) VALUES ('m', %s::jsonb)") == insert_before
+            migrate(url)
+            assert current(url) == _head() and accepted(conn) == before
+    finally:
+        drop_database(server_url, url)

@@ -91,6 +91,57 @@ def test_async_enqueue_many_copy(db_url: str, conn: psycopg.Connection[Any], cle
     assert len(ids) == 1000 and count(conn) == 1000
 
 
+BAD_AT = 700  # in the third chunk a COPY of bare payloads sends (encode.COPY_CHUNK_ROWS = 256)
+
+
+def _with_a_bad_payload() -> list[Any]:
+    return [{"i": i} if i != BAD_AT else {"x": float("nan")} for i in range(1000)]
+
+
+def test_a_bad_payload_late_in_a_copy_writes_nothing_on_either_client(db_url: str, client: Client,
+                                                                      conn: psycopg.Connection[Any],
+                                                                      clean: None) -> None:
+    """Bare batches are validated chunk by chunk as the COPY goes: a refusal after chunks were sent must
+    abort the COPY (nothing written) and leave the connection usable."""
+    with pytest.raises(InvalidPayload, match="JSON"):
+        client.enqueue_many("t_plain", _with_a_bad_payload())
+    assert count(conn) == 0
+    assert len(client.enqueue_many("t_plain", [{"i": 1}])) == 1
+
+    async def go() -> None:
+        async with AsyncClient(db_url) as ac:
+            with pytest.raises(InvalidPayload, match="JSON"):
+                await ac.enqueue_many("t_plain", _with_a_bad_payload())
+            assert len(await ac.enqueue_many("t_plain", [{"i": 2}])) == 1
+
+    asyncio.run(go())
+    assert count(conn) == 2
+
+
+def test_a_bad_payload_in_a_copy_leaves_the_callers_transaction_usable(db_url: str, client: Client,
+                                                                       conn: psycopg.Connection[Any],
+                                                                       clean: None) -> None:
+    """On the caller's connection the batch is refused before the COPY starts: their transaction goes on."""
+    with psycopg.connect(db_url) as mine:
+        with pytest.raises(InvalidPayload, match="JSON"):
+            client.enqueue_many("t_plain", _with_a_bad_payload(), connection=mine)
+        client.enqueue_many("t_plain", [{"i": 1}], connection=mine)
+        mine.commit()
+
+    async def go() -> None:
+        theirs = await asyncpg.connect(db_url)
+        try:
+            async with theirs.transaction(), AsyncClient(db_url) as ac:
+                with pytest.raises(InvalidPayload, match="JSON"):
+                    await ac.enqueue_many("t_plain", _with_a_bad_payload(), connection=theirs)
+                await ac.enqueue_many("t_plain", [{"i": 2}], connection=theirs)
+        finally:
+            await theirs.close()
+
+    asyncio.run(go())
+    assert count(conn) == 2
+
+
 def _listen(db_url: str, channel: str) -> psycopg.Connection[Any]:
     listener = psycopg.connect(db_url, autocommit=True)
     listener.execute(f'LISTEN "{channel}"')

@@ -171,7 +171,7 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
             for start in range(0, args.n, BATCH_SIZE):
                 await ac.enqueue_many("noop", [{"i": i} for i in range(start, min(args.n, start + BATCH_SIZE))])
             result["metric"] = throughput(args.n, time.perf_counter() - t0)
-        result["settings"] = {"api": f"AsyncClient.enqueue_many (binary COPY), {BATCH_SIZE} tasks per call"}
+        result["settings"] = {"api": f"AsyncClient.enqueue_many (text COPY of 6 columns), {BATCH_SIZE} tasks per call"}
 
     elif args.scenario == "enqueue_concurrent":
         result["metric"], result["settings"] = await enqueue_concurrent(args, client)

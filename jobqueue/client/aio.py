@@ -201,20 +201,36 @@ class AsyncClient(ClientBase):
     async def enqueue_many(self, type: str, items: Iterable[Any], *, labels: Sequence[str] | None = None,
                            connection: Any = None) -> list[int]:
         """Enqueue many tasks of one type in one transaction; see :meth:`jobqueue.Client.enqueue_many`."""
-        rows = encode.rows_for(type, items, self.settings)
+        items = list(items)
         lab = encode.labels(labels)
+        if encode.bare_batch(items, lab):
+            return await self._copy_bare(type, items, connection)
+        rows = encode.rows_for(type, items, self.settings)
         if not rows:
             return []
-        async with self._using(connection) as conn, _atomic(conn):
+        async with self._using(connection) as conn:
             if encode.has_dedupe_keys(rows):
                 ids: list[int | None] = [None] * len(rows)
-                await self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                async with _atomic(conn):
+                    await self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
                 return all_ids(ids, type)
             new: list[int] = await conn.fetchval(self.q.reserve_ids, len(rows))
             await conn.copy_records_to_table(
                 "tasks", schema_name=self.settings.schema_name, columns=list(encode.copy_columns(lab)),
                 records=encode.copy_records(new, rows, lab))
             return new
+
+    async def _copy_bare(self, type: str, items: list[Any], connection: Any) -> list[int]:
+        """As the sync client's ``_copy_bare``, on a connection of the pool (asyncpg speaks UTF-8)."""
+        bare = encode.BareCopy(type, self.settings)
+        if not items:
+            return []
+        payloads = None if connection is None else bare.payloads(items)
+        async with self._using(connection) as conn:
+            ids: list[int] = await conn.fetchval(self.q.reserve_ids, len(items))
+            await conn.copy_to_table("tasks", schema_name=self.settings.schema_name, columns=list(encode.BARE_COLUMNS),
+                                     source=_lines(bare, ids, items, payloads), format="text")
+            return ids
 
     async def get(self, task_id: int, *, connection: Any = None) -> Task:
         async with self._using(connection) as conn:
@@ -373,6 +389,14 @@ def _task(row: dict[str, Any]) -> Task:
         if isinstance(row.get(column), str):
             row[column] = json.loads(row[column])
     return Task.model_validate(row)
+
+
+async def _lines(bare: encode.BareCopy, ids: list[int], items: list[Any],
+                 payloads: list[str] | None) -> AsyncIterator[bytes]:
+    """asyncpg's COPY source, a chunk at a time: each is validated as it is made unless `payloads`
+    (validated before the COPY) are given; see the sync client's ``_copy_bare``."""
+    for part in encode.chunks(len(items)):
+        yield bare.lines(ids[part], bare.payloads(items[part]) if payloads is None else payloads[part])
 
 
 def _atomic(conn: AnyConnection) -> AbstractAsyncContextManager[Any]:

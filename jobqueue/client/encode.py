@@ -56,6 +56,12 @@ class TaskRow(NamedTuple):
 # encoding one per row cost about 2 µs of client CPU a task, a sixth of a COPY batch's Python.
 COPY_COLUMNS = ("id", *TaskRow._fields, "labels")
 UNLABELLED_COLUMNS = COPY_COLUMNS[:-1]
+# A batch of bare payloads (no labels, no run_at, none of the optional columns) copies only these
+# (client.sql copy_tasks_bare): every other column takes its default, run_at the server's now(), so
+# the server parses 6 fields a row instead of 14 (bench/enqueue_cost.py).
+BARE_COLUMNS = ("id", "type", "priority", "payload", "max_retries", "trace_context")
+# Rows of a bare COPY per chunk the async client sends while it formats the next.
+COPY_CHUNK_ROWS = 256
 
 
 class Plan(NamedTuple):
@@ -295,6 +301,53 @@ def copy_records(ids: Sequence[int], rows: Sequence[TaskRow], labels: list[str] 
     if labels:
         return [(i, *r[:3], r[3] or now, *r[4:], labels) for i, r in zip(ids, rows, strict=True)]
     return [(i, *r[:3], r[3] or now, *r[4:]) for i, r in zip(ids, rows, strict=True)]
+
+
+def bare_batch(items: Sequence[Any], labels: list[str] | None) -> bool:
+    """Whether the batch fits BARE_COLUMNS: no labels, and payloads only (a TaskSpec goes the wide way)."""
+    return not labels and not any(isinstance(item, TaskSpec) for item in items)
+
+
+class BareCopy:
+    """COPY text lines of BARE_COLUMNS for one enqueue_many call: the type's defaults are looked up once.
+
+    A chunk at a time, so a caller can send one while it makes the next: :meth:`payloads` validates and
+    encodes (everything a user can get wrong), :meth:`lines` only formats.
+    """
+
+    def __init__(self, task_type: str, settings: Settings, encoding: str = "utf-8") -> None:
+        self._type = registry.for_enqueue(task_type, settings.schema_name)
+        self._settings = settings
+        self._encoding = encoding
+        d = _row(self._type, TaskSpec(), settings, "", tracing.current_context())
+        self._head = f"\t{d.type}\t{d.priority}\t"
+        self._tail = f"\t{d.max_retries}\t{_copy_field(d.trace_context)}\n"
+
+    def payloads(self, items: Sequence[Any]) -> list[str]:
+        """Each payload as COPY field text. The JSON encoder escapes every control character, and a type
+        is [A-Za-z0-9_.:-]: a backslash is all COPY's text format needs escaped."""
+        return [_copy_field(_encode(self._type, item, self._settings)) for item in items]
+
+    def lines(self, ids: Sequence[int], payloads: Sequence[str]) -> bytes:
+        """The lines of these rows, in the connection's client_encoding."""
+        head, tail = self._head, self._tail
+        text = "".join([f"{i}{head}{p}{tail}" for i, p in zip(ids, payloads, strict=True)])
+        try:
+            return text.encode(self._encoding)
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(f"payload has a character the connection's encoding ({self._encoding}) "
+                                 f"cannot hold: {exc.reason}") from None
+
+
+def chunks(n: int) -> list[slice]:
+    """The slices of a batch of n rows that a COPY sends one at a time (COPY_CHUNK_ROWS each)."""
+    return [slice(k, k + COPY_CHUNK_ROWS) for k in range(0, n, COPY_CHUNK_ROWS)]
+
+
+def _copy_field(text: str | None) -> str:
+    if text is None:
+        return "\\N"
+    return text.replace("\\", "\\\\") if "\\" in text else text
 
 
 def merge_batch_ids(ids: list[int | None], todo: list[int], found: Iterable[Mapping[str, Any]]) -> list[int]:

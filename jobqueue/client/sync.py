@@ -217,22 +217,48 @@ class Client(ClientBase):
     ) -> builtins.list[int]:
         """Enqueue many tasks of one type in one transaction and return their ids in order.
 
-        Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY.
+        Items are payloads or :class:`TaskSpec`. Batches without dedupe keys go through COPY: one
+        statement, atomic without BEGIN/COMMIT (the ids reserved before it are only sequence values).
         """
-        rows = encode.rows_for(type, items, self.settings)
+        items = builtins.list(items)
         lab = encode.labels(labels)
+        if encode.bare_batch(items, lab):
+            return self._copy_bare(type, items, connection)
+        rows = encode.rows_for(type, items, self.settings)
         if not rows:
             return []
-        with self._using(connection) as conn, _atomic(conn):
+        with self._using(connection) as conn:
             if encode.has_dedupe_keys(rows):
                 ids: builtins.list[int | None] = [None] * len(rows)
-                self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
+                with _atomic(conn):
+                    self._insert_many(conn, rows, [encode.labels_json(lab)] * len(rows), ids)
                 return all_ids(ids, type)
             new: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(rows),))[0]["ids"]
             with conn.cursor() as cur, cur.copy(self.q.copy_tasks if lab else self.q.copy_tasks_unlabelled) as copy:
                 for record in encode.copy_records(new, rows, lab):
                     copy.write_row(record)
             return new
+
+    def _copy_bare(self, type: str, items: builtins.list[Any], connection: Any) -> builtins.list[int]:
+        """A batch of payloads by one COPY of BARE_COLUMNS, sent a chunk at a time.
+
+        On our own connection the COPY is its own transaction, so each chunk is validated as it is
+        sent: a bad payload aborts the COPY and nothing is written, while the server parses one chunk
+        as the next is made. A caller's transaction would be aborted with it, so there every payload
+        is validated (and encoded) before the COPY starts.
+        """
+        with self._using(connection) as conn:
+            bare = encode.BareCopy(type, self.settings, conn.info.encoding)
+            if not items:
+                return []
+            parts = encode.chunks(len(items))
+            payloads = None if connection is None else bare.payloads(items)
+            ids: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(items),))[0]["ids"]
+            data = None if payloads is None else [bare.lines(ids[p], payloads[p]) for p in parts]
+            with conn.cursor() as cur, cur.copy(self.q.copy_tasks_bare) as copy:
+                for k, part in enumerate(parts):
+                    copy.write(bare.lines(ids[part], bare.payloads(items[part])) if data is None else data[k])
+            return ids
 
     # -- read
 

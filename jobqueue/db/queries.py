@@ -20,6 +20,7 @@ class ClientSQL(SQLFile, package=PACKAGE, filename="sql/client.sql"):
     reserve_ids: str
     copy_tasks: str
     copy_tasks_unlabelled: str
+    copy_tasks_bare: str
     lock_parents: str
     cancel: str
     retry: str

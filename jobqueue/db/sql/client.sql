@@ -77,6 +77,10 @@ COPY {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_ke
 COPY {schema}.tasks (id, type, priority, payload, run_at, max_retries, dedupe_key, doc_id, batch_id,
                      from_page, to_page, owner, digest, trace_context) FROM STDIN;
 
+-- name: copy_tasks_bare
+-- A batch of bare payloads (jobqueue.client.encode.BARE_COLUMNS): run_at and the rest take their defaults.
+COPY {schema}.tasks (id, type, priority, payload, max_retries, trace_context) FROM STDIN;
+
 -- name: lock_parents
 -- Marks the parents of a new dependent task, locking them in id order (like every statement that
 -- locks several task rows). The lock orders the insert that follows, in the same transaction,
