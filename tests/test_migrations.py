@@ -255,3 +255,38 @@ def test_0014_type_and_payload_checks_refuse_what_they_refused_and_go_down_and_u
             assert current(url) == _head() and accepted(conn) == before
     finally:
         drop_database(server_url, url)
+
+
+def test_append_log_inlined_same_results_and_goes_down_and_up(server_url: str) -> None:
+    """0001's append_log ran as a function call per row (its sub-SELECT kept the planner from inlining
+    it); the inlinable one is folded into the statement and gives the same logs; down and up again."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from jobqueue.admin.migrate import alembic_config
+
+    url = create_database(server_url)
+    # Found by file, not by id: the revision may be renumbered when branches are merged.
+    script = ScriptDirectory.from_config(alembic_config(url))
+    mine = next(r for r in script.walk_revisions() if (r.path or "").endswith("_append_log_inline.py"))
+    grid = ("SELECT l.log, n.lines, m, append_log(l.log, n.lines, m) FROM (VALUES (''), ('a'), ('abc'), "
+            "(E'ab\\ncd'), (E'one\\ntwo\\nthree'), (repeat('x', 30)), (E'\\n\\n')) l(log) "
+            "CROSS JOIN (VALUES (''), (NULL), ('z'), (E'y\\nz'), (repeat('q', 12)), (E'\\nw')) n(lines) "
+            "CROSS JOIN generate_series(0, 40) m ORDER BY 1, 2, 3")
+
+    def called(conn: psycopg.Connection[Any]) -> bool:
+        rows = conn.execute("EXPLAIN (VERBOSE) SELECT append_log(progress_msg, 'Done.', 4000) FROM tasks")
+        return "append_log" in " ".join(r[0] for r in rows)
+
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            now = conn.execute(grid).fetchall()
+            assert ("abc", "z", 3, "z") in now and (f"{'x' * 30}", "z", 40, f"{'x' * 30}\nz") in now
+            assert not called(conn)
+            command.downgrade(alembic_config(url), mine.down_revision)
+            assert called(conn) and conn.execute(grid).fetchall() == now
+            migrate(url)
+            assert current(url) == _head() and not called(conn) and conn.execute(grid).fetchall() == now
+    finally:
+        drop_database(server_url, url)

@@ -89,6 +89,41 @@ def test_local_and_global_type_concurrency(client: Client, conn: psycopg.Connect
     assert peak == 2
 
 
+def test_burst_worker_waiting_only_on_acks_is_woken_by_their_commit(
+    client: Client, conn: psycopg.Connection[Any], db_url: str, reset: None
+) -> None:
+    """A burst worker whose empty claim left only unwritten acks is woken by the commit that writes
+    them (it claims again, or exits, at once); before, it slept out its 50 ms tick. A worker that
+    is not in burst mode and saw an empty queue is not woken by a commit (nothing new to claim)."""
+    import asyncio
+
+    from jobqueue.runtime.executor import Ack, Outcome
+    from jobqueue.runtime.worker import Worker
+
+    ids = [client.enqueue("t_record", {}) for _ in range(2)]
+
+    async def commit_acks(burst: bool) -> bool:
+        w = Worker(["t_record"], url=db_url, concurrency=4, lease_seconds=60, burst=burst)
+        w._pool = await w._create_pool()
+        try:
+            await w.heartbeat.beat()
+            rows = await w._db(w.fetcher._claim, {"t_record": 1}, 1)
+            assert len(rows) == 1
+            w.fetcher.backlog = False  # as after the empty claim that found nothing more
+            w.fetcher.wake.clear()
+            w.completer.add(Ack(Outcome.DONE, rows[0]["id"], rows[0]["attempt"], "t_record", "Done."))
+            assert not w.fetcher.wake.is_set()
+            await w.completer.flush()
+            assert w.completer.unwritten == 0 and status(conn, rows[0]["id"]) == "done"
+            return w.fetcher.wake.is_set()
+        finally:
+            await w._pool.close()
+
+    assert asyncio.run(commit_acks(burst=True)) is True
+    assert asyncio.run(commit_acks(burst=False)) is False
+    assert sorted(status(conn, i) for i in ids) == ["done", "done"]
+
+
 # ------------------------------------------------------------------ outcomes
 
 

@@ -21,8 +21,7 @@ import json
 import os
 import sys
 import time
-from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _driverlib import (
     BATCH_SIZE,
@@ -45,11 +44,16 @@ from _driverlib import (
     wait_for_events,
 )
 
-from jobqueue import AsyncClient, Client, Context, get_settings, task
-from jobqueue.admin.migrate import migrate
+# A worker process imports only what runs its tasks: the clients, the migrations (alembic, SQLAlchemy)
+# and psycopg are the parent's, imported where it uses them. They were ~1 s of each worker's start
+# on this machine, all of it before the first claim, so the second process of a short two-process
+# drain joined late and the first did most of the work (issue 12).
+from jobqueue.registry import task
 from jobqueue.runtime.worker import Worker, new_event_loop
 
-VERSION = version("jobq")
+if TYPE_CHECKING:
+    from jobqueue import Client, Context
+
 TUNED_CONCURRENCY = 500
 EVENTS = EventLog()
 _first = False
@@ -79,6 +83,8 @@ async def sleeper(ctx: Context, payload: Any) -> None:
 
 
 def concurrency(tuned: bool) -> int:
+    from jobqueue import get_settings
+
     if os.environ.get("BENCH_JOBQ_CONCURRENCY"):
         return int(os.environ["BENCH_JOBQ_CONCURRENCY"])
     return TUNED_CONCURRENCY if tuned else get_settings().concurrency
@@ -125,6 +131,8 @@ async def enqueue_concurrent(args: Args, client: Client) -> tuple[dict[str, Any]
     CONCURRENT_THREADS threads on one Client; each call returns once its task is committed
     (group commit shares the commits). The metric is the coroutines' (jobs/s, call latency), with
     the threads' under ``threads``."""
+    from jobqueue import AsyncClient, Client
+
     grouped = os.environ.get("BENCH_JOBQ_GROUP_COMMIT", "1") != "0"
     before = client._own().execute("SELECT count(*) FROM jobq.tasks").fetchone()
     async with AsyncClient(args.dsn, group_commit=grouped) as ac:
@@ -146,6 +154,9 @@ async def enqueue_concurrent(args: Args, client: Client) -> tuple[dict[str, Any]
 
 
 async def main(args: Args) -> dict[str, Any]:
+    from jobqueue import Client
+    from jobqueue.admin.migrate import migrate
+
     migrate(args.dsn)
     client = Client(args.dsn)
     try:
@@ -155,7 +166,11 @@ async def main(args: Args) -> dict[str, Any]:
 
 
 async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
-    result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": VERSION}
+    from importlib.metadata import version
+
+    from jobqueue import AsyncClient
+
+    result: dict[str, Any] = {"ok": True, "scenario": args.scenario, "version": version("jobq")}
     conc = concurrency(args.tuned)
     if args.scenario == "enqueue_single":
         t0 = time.perf_counter()

@@ -98,10 +98,16 @@ class Fetcher:
     def room_freed(self) -> None:
         """The completer committed a batch: claims held back by its bound may go on, and a type held
         back by its cluster-wide cap or a per-key limit may have room now (its tasks count as running
-        until this commit)."""
+        until this commit).
+
+        A burst worker whose last empty claim left only acks to write waits for them before it claims
+        again or exits: the commit that writes the last of them wakes it, not the next tick of its
+        50 ms wait (most of a short drain's tail, issue 12). Nothing awaits between the completer
+        emptying ``unwritten`` and this call, so the fetcher either sees acks still unwritten and
+        then waits on an event this sets, or sees none and claims at once."""
         if self.held & self.capped or self.w.flow.held:
             self.backlog = True
-        if self.backlog:
+        if self.backlog or (self.w.burst and not self.w.completer.unwritten):
             self.wake.set()
 
     def room(self) -> int:

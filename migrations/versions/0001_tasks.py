@@ -15,6 +15,23 @@ branch_labels = None
 depends_on = None
 
 
+def append_log_sql(s: str, create: str = "CREATE FUNCTION") -> str:
+    """0001's append_log, also what 0015's downgrade puts back (one copy of its text)."""
+    return f"""-- Append lines to a bounded log, keeping the newest max_chars and cutting at a line boundary.
+{create} "{s}".append_log(log text, lines text, max_chars integer) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN lines IS NULL OR lines = '' THEN log
+        WHEN length(log) + length(lines) + 1 <= max_chars
+            THEN CASE WHEN log = '' THEN lines ELSE log || E'\\n' || lines END
+        ELSE (SELECT CASE WHEN strpos(t, E'\\n') > 0 THEN substr(t, strpos(t, E'\\n') + 1) ELSE t END
+              FROM (SELECT right(CASE WHEN log = '' THEN lines ELSE log || E'\\n' || lines END,
+                                 max_chars) AS t) cut)
+    END
+$$;
+"""
+
+
 def upgrade() -> None:
     s = migration_schema()
     op.execute(f"""
@@ -103,18 +120,7 @@ CREATE TABLE "{s}".queues (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- Append lines to a bounded log, keeping the newest max_chars and cutting at a line boundary.
-CREATE FUNCTION "{s}".append_log(log text, lines text, max_chars integer) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE
-        WHEN lines IS NULL OR lines = '' THEN log
-        WHEN length(log) + length(lines) + 1 <= max_chars
-            THEN CASE WHEN log = '' THEN lines ELSE log || E'\\n' || lines END
-        ELSE (SELECT CASE WHEN strpos(t, E'\\n') > 0 THEN substr(t, strpos(t, E'\\n') + 1) ELSE t END
-              FROM (SELECT right(CASE WHEN log = '' THEN lines ELSE log || E'\\n' || lines END,
-                                 max_chars) AS t) cut)
-    END
-$$;
+{append_log_sql(s)}
 
 -- One NOTIFY per task type per INSERT statement (a COPY of 10,000 rows sends one), fired on commit
 -- only, for rows written by jobq and by plain SQL alike. The payload is the earliest run_at as epoch
