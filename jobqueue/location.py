@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobqueue.db.connect import normalize
+
 # A schema name jobq accepts: a lower-case SQL identifier that needs no quoting (Settings checks it too).
 IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -26,8 +28,6 @@ class Location:
 
 def quick(database_url: str | None = None, environ: Mapping[str, str] | None = None) -> Location | None:
     """The URL (the --database-url option first) and schema, or None when only Settings can tell."""
-    from jobqueue.db.connect import normalize
-
     env = os.environ if environ is None else environ
     found = {k.upper(): v for k, v in env.items() if k[:5].upper() == "JOBQ_"}
     url = database_url or found.get("JOBQ_DATABASE_URL")

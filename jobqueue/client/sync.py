@@ -251,13 +251,16 @@ class Client(ClientBase):
             bare = encode.BareCopy(type, self.settings, conn.info.encoding)
             if not items:
                 return []
-            parts = encode.chunks(len(items))
             payloads = None if connection is None else bare.payloads(items)
             ids: builtins.list[int] = self._fetch(conn, self.q.reserve_ids, (len(items),))[0]["ids"]
-            data = None if payloads is None else [bare.lines(ids[p], payloads[p]) for p in parts]
+            parts = encode.chunks(len(items))
+            # Made as sent on our own connection; made whole (any encoding error raised) before it on a caller's.
+            data: Iterable[bytes] = (
+                (bare.lines(ids[p], bare.payloads(items[p])) for p in parts) if payloads is None
+                else [bare.lines(ids[p], payloads[p]) for p in parts])
             with conn.cursor() as cur, cur.copy(self.q.copy_tasks_bare) as copy:
-                for k, part in enumerate(parts):
-                    copy.write(bare.lines(ids[part], bare.payloads(items[part])) if data is None else data[k])
+                for chunk in data:
+                    copy.write(chunk)
             return ids
 
     # -- read
