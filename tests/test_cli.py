@@ -13,6 +13,8 @@ import psycopg
 import pytest
 from support import REPO, SCHEMA, create_database, drop_database, jobq_cli
 
+from jobqueue.errors import DatabaseUnavailable
+
 
 def one_line_error(r: Any) -> str:
     assert r.returncode != 0, r.stdout
@@ -145,24 +147,27 @@ def test_schema_not_at_this_jobqs_revision(db_url: str, conn: psycopg.Connection
 READ_ONLY_IMPORTS = """
 import sys
 from jobqueue.cli import main
+unused_driver = sys.argv.pop(1)
 try:
     main(sys.argv[1:])
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
-heavy = sorted(m for m in ("alembic", "sqlalchemy", "asyncpg", "jobq_workers", "jobqueue.runtime.worker",
+heavy = sorted(m for m in ("alembic", "sqlalchemy", unused_driver, "jobq_workers", "jobqueue.runtime.worker",
                            "prometheus_client") if m in sys.modules)
 print("HEAVY", heavy)
 """
 
 
-@pytest.mark.parametrize("args", [("ls",), ("status", "{id}"), ("stats", "--json")], ids=" ".join)
+@pytest.mark.parametrize(("args", "unused_driver"), [(("ls",), "psycopg"), (("status", "{id}"), "asyncpg"),
+                                                     (("stats", "--json"), "asyncpg")], ids=["ls", "status", "stats"])
 def test_read_only_commands_import_no_migration_tool_or_runtime(db_url: str, conn: psycopg.Connection[Any],
-                                                               args: tuple[str, ...]) -> None:
-    """What makes `jobq ls` start fast (measured by `python -m bench startup`, not timed here)."""
+                                                               args: tuple[str, ...], unused_driver: str) -> None:
+    """What makes `jobq ls` start fast (measured by `python -m bench startup`, not timed here): one
+    driver only (asyncpg for ls, whose import takes half of psycopg's), no migration tool, no runtime."""
     row = conn.execute("INSERT INTO tasks (type) VALUES ('dataflow') RETURNING id").fetchone()
     assert row is not None
     argv = [a.format(id=row[0]) for a in args]
-    r = subprocess.run([sys.executable, "-c", READ_ONLY_IMPORTS, *argv], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", READ_ONLY_IMPORTS, unused_driver, *argv], capture_output=True, text=True,
                        cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "HEAVY []" in r.stdout, r.stdout
@@ -176,15 +181,16 @@ try:
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
 print("LOADED", sorted(m for m in ("pydantic", "pydantic_settings", "jobqueue.settings", "jobqueue.models",
-                                   "jobqueue.client.sync") if m in sys.modules))
+                                   "jobqueue.client.sync", "psycopg") if m in sys.modules))
 """
 
 
 @pytest.mark.parametrize("how", ["environment", "option"])
 def test_ls_reads_plain_rows_without_pydantic_or_a_client(db_url: str, conn: psycopg.Connection[Any],
                                                          how: str) -> None:
-    """`jobq ls` with a URL builds no settings and no client: pydantic was a third of its start-up.
-    It still says why a listed queued task will not move."""
+    """`jobq ls` with a URL builds no settings and no client: pydantic was a third of its start-up. It
+    reads on asyncpg, never importing psycopg (twice asyncpg's import time). It still says why a listed
+    queued task will not move."""
     conn.execute("INSERT INTO tasks (type) VALUES ('ls_nobody_serves')")
     env = dict(os.environ)
     args = ["ls", "--type", "ls_nobody_serves"]
@@ -196,6 +202,18 @@ def test_ls_reads_plain_rows_without_pydantic_or_a_client(db_url: str, conn: psy
     assert r.returncode == 0, r.stderr
     assert "LOADED []" in r.stdout, r.stdout
     assert "ls_nobody_serves: no live worker serves it" in " ".join(r.stdout.split())
+
+
+def test_a_connection_broken_under_a_read_is_one_error(db_url: str, conn: psycopg.Connection[Any]) -> None:
+    """The read-only commands' connection killed under a read ends in one DatabaseUnavailable: leaving
+    the block with the broken connection raises nothing more (a traceback for the user otherwise)."""
+    from jobqueue.db.reader import reading
+
+    with pytest.raises(DatabaseUnavailable), reading(db_url) as r:
+        pid = r.run(r.conn.fetchval("SELECT pg_backend_pid()"))
+        conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+        r.fetch("SELECT 1")
+    assert r.conn.is_closed()
 
 
 def test_database_url_option_is_used_and_not_written_to_the_environment(db_url: str) -> None:

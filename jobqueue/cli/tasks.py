@@ -165,7 +165,6 @@ def ls(
     from rich.text import Text
 
     from jobqueue.client.fields import list_params
-    from jobqueue.db.fetch import fetch
 
     for s in status or []:
         if s not in {x.value for x in Status}:
@@ -173,10 +172,10 @@ def ls(
     params = list_params(status, type, owner, doc, label, None, limit)
     # Plain rows on one connection, not Client.list: no client and no pydantic models to import, which
     # were most of this command's start-up (python -m bench startup).
-    with reading() as (conn, q):
-        tasks = fetch(conn, q.list, params)
+    with reading() as (db, q):
+        tasks = db.fetch(q.list, params)
         waiting_on = {t["type"] for t in tasks if t["status"] == Status.QUEUED}
-        queues = fetch(conn, q.queues, ()) if waiting_on else []
+        queues = db.fetch(q.queues) if waiting_on else []
     table = Table(title=f"{len(tasks)} task(s)")
     for col in ("id", "type", "status", "prio", "progress", "tries", "age", "last message"):
         table.add_column(col, overflow="fold" if col == "last message" else "ellipsis")

@@ -1,8 +1,7 @@
 """One statement on a psycopg connection, its rows as dicts by column name.
 
-The sync client and the read-only CLI run their reads through this function: a row is read by
-column name everywhere, never re-sliced by position, and the CLI's `jobq ls` needs no client (nor
-the pydantic models a client builds) to read them.
+The sync client runs its reads through this function: a row is read by column name everywhere, never
+re-sliced by position. (The read-only CLI reads on asyncpg: db/reader.py.)
 """
 
 from __future__ import annotations
