@@ -134,6 +134,7 @@ def test_cancel_by_selector_reaches_queued_and_running_tasks(client: Client, con
         wait_for(lambda: status(conn, running) == "cancelled", timeout=5)
         assert status(conn, child) == "cancelled"  # a cancelled parent's waiting descendants, as cancel does
         assert status(conn, other) in ("queued", "running")  # bob's task is not touched (it may start now)
+        gate.set()  # bob's task ends, so the worker stops at once instead of after its drain timeout
     assert client.cancel_where(owner="acme") == {}  # nothing live matches any more
 
 
