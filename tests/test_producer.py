@@ -4,6 +4,7 @@ NOTIFY once per statement on commit only, validation that writes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import select
 from datetime import UTC, datetime, timedelta
@@ -91,31 +92,58 @@ def test_async_enqueue_many_copy(db_url: str, conn: psycopg.Connection[Any], cle
     assert len(ids) == 1000 and count(conn) == 1000
 
 
-BAD_AT = 700  # in the third chunk a COPY of bare payloads sends (encode.COPY_CHUNK_ROWS = 256)
+LATE = 700  # in a later chunk of the COPY of bare payloads, not the first (encode.chunks)
 
 
-def _with_a_bad_payload() -> list[Any]:
-    return [{"i": i} if i != BAD_AT else {"x": float("nan")} for i in range(1000)]
+def _with_a_bad_payload(at: int = LATE) -> list[Any]:
+    return [{"i": i} if i != at else {"x": float("nan")} for i in range(1000)]
 
 
-def test_a_bad_payload_late_in_a_copy_writes_nothing_on_either_client(db_url: str, client: Client,
-                                                                      conn: psycopg.Connection[Any],
-                                                                      clean: None) -> None:
-    """Bare batches are validated chunk by chunk as the COPY goes: a refusal after chunks were sent must
-    abort the COPY (nothing written) and leave the connection usable."""
+@pytest.mark.parametrize("at", [10, LATE], ids=["while the ids are reserved", "late in the COPY"])
+def test_a_bad_payload_in_a_copy_writes_nothing_on_either_client(db_url: str, client: Client,
+                                                                 conn: psycopg.Connection[Any],
+                                                                 clean: None, at: int) -> None:
+    """Bare batches are validated chunk by chunk as the COPY goes (the async client makes the first
+    chunks' payloads while the ids' statement runs): a refusal at either moment must write nothing and
+    leave the connection usable."""
     with pytest.raises(InvalidPayload, match="JSON"):
-        client.enqueue_many("t_plain", _with_a_bad_payload())
+        client.enqueue_many("t_plain", _with_a_bad_payload(at))
     assert count(conn) == 0
     assert len(client.enqueue_many("t_plain", [{"i": 1}])) == 1
 
     async def go() -> None:
         async with AsyncClient(db_url) as ac:
             with pytest.raises(InvalidPayload, match="JSON"):
-                await ac.enqueue_many("t_plain", _with_a_bad_payload())
+                await ac.enqueue_many("t_plain", _with_a_bad_payload(at))
             assert len(await ac.enqueue_many("t_plain", [{"i": 2}])) == 1
 
     asyncio.run(go())
     assert count(conn) == 2
+
+
+def test_a_bare_batch_cancelled_at_any_step_writes_all_or_nothing(db_url: str, conn: psycopg.Connection[Any],
+                                                                clean: None) -> None:
+    """A caller cancelled while its batch's ids are reserved or its COPY runs: the batch is written
+    whole or not at all, and the client's connection goes back to the pool usable."""
+    async def go() -> list[int]:
+        written = []
+        async with AsyncClient(db_url) as ac:
+            for steps, wait in [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (1, 0.001), (1, 0.003), (1, 0.01), (1, 2.0)]:
+                before = count(conn)
+                call = asyncio.ensure_future(ac.enqueue_many("t_plain", [{"i": i} for i in range(3000)]))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                if wait:
+                    await asyncio.wait([call], timeout=wait)
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+                written.append(count(conn) - before)
+                assert len(await ac.enqueue_many("t_plain", [{"i": -1}] * 2)) == 2  # the pool still works
+        return written
+
+    written = asyncio.run(go())
+    assert set(written) <= {0, 3000} and written[0] == 0 and written[-1] == 3000, written
 
 
 def test_a_bad_payload_in_a_copy_leaves_the_callers_transaction_usable(db_url: str, client: Client,

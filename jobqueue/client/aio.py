@@ -36,6 +36,9 @@ from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
 
 AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
+# Rows of a bare batch whose payloads are made while the ids' statement runs (~2.5 us of client work a
+# row against a round trip of ~0.7 ms on this machine); the others are made as the COPY sends them.
+EARLY_ROWS = 256
 JSONB_COLUMNS = ("payload", "result")  # the tasks table's jsonb columns (migrations/versions/0001_tasks.py)
 # Everything asyncpg raises: server errors, and its own when the connection breaks under a call
 # (InternalClientError "cannot switch to state ...", InterfaceError, a socket's OSError, timeouts).
@@ -221,15 +224,29 @@ class AsyncClient(ClientBase):
             return new
 
     async def _copy_bare(self, type: str, items: list[Any], connection: Any) -> list[int]:
-        """As the sync client's ``_copy_bare``, on a connection of the pool (asyncpg speaks UTF-8)."""
+        """As the sync client's ``_copy_bare``, on a connection of the pool (asyncpg speaks UTF-8).
+
+        The ids' statement is sent first and the payloads are made while it runs: those of the first
+        EARLY_ROWS on our own connection (the rest as the COPY sends them), every one on a caller's.
+        That round trip was a tenth of a 1,000-row batch's time."""
         bare = encode.BareCopy(type, self.settings)
         if not items:
             return []
-        payloads = None if connection is None else bare.payloads(items)
         async with self._using(connection) as conn:
-            ids: list[int] = await conn.fetchval(self.q.reserve_ids, len(items))
+            reserving = asyncio.ensure_future(conn.fetchval(self.q.reserve_ids, len(items)))
+            try:
+                await asyncio.sleep(0)  # the task writes the statement on its first step
+                early = bare.payloads(items if connection is not None else items[:EARLY_ROWS])
+                ids: list[int] = await reserving
+            except BaseException as exc:  # never hand back a connection with a statement still on it
+                if isinstance(exc, asyncio.CancelledError):
+                    reserving.cancel()  # else (a bad payload) the statement ends in a round trip
+                await asyncio.wait([reserving])
+                if not reserving.cancelled():
+                    reserving.exception()  # retrieved: the error raised is the caller's
+                raise
             await conn.copy_to_table("tasks", schema_name=self.settings.schema_name, columns=list(encode.BARE_COLUMNS),
-                                     source=_lines(bare, ids, items, payloads), format="text")
+                                     source=_lines(bare, ids, items, early), format="text")
             return ids
 
     async def get(self, task_id: int, *, connection: Any = None) -> Task:
@@ -391,12 +408,14 @@ def _task(row: dict[str, Any]) -> Task:
     return Task.model_validate(row)
 
 
-async def _lines(bare: encode.BareCopy, ids: list[int], items: list[Any],
-                 payloads: list[str] | None) -> AsyncIterator[bytes]:
-    """asyncpg's COPY source, a chunk at a time: each is validated as it is made unless `payloads`
-    (validated before the COPY) are given; see the sync client's ``_copy_bare``."""
+async def _lines(bare: encode.BareCopy, ids: list[int], items: list[Any], early: list[str]) -> AsyncIterator[bytes]:
+    """asyncpg's COPY source, a chunk at a time: the payloads of the first ``len(early)`` rows were made
+    (and validated) before the COPY, the others are made as their chunk is sent."""
     for part in encode.chunks(len(items)):
-        yield bare.lines(ids[part], bare.payloads(items[part]) if payloads is None else payloads[part])
+        made = early[part]
+        if len(made) < part.stop - part.start:
+            made += bare.payloads(items[part.start + len(made):part.stop])
+        yield bare.lines(ids[part], made)
 
 
 def _atomic(conn: AnyConnection) -> AbstractAsyncContextManager[Any]:

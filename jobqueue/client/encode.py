@@ -60,7 +60,10 @@ UNLABELLED_COLUMNS = COPY_COLUMNS[:-1]
 # (client.sql copy_tasks_bare): every other column takes its default, run_at the server's now(), so
 # the server parses 6 fields a row instead of 14 (bench/enqueue_cost.py).
 BARE_COLUMNS = ("id", "type", "priority", "payload", "max_retries", "trace_context")
-# Rows of a bare COPY per chunk the async client sends while it formats the next.
+# Rows of a bare COPY per chunk the client sends while it formats the next: the first chunk is small and
+# each next one twice the last, up to COPY_CHUNK_ROWS, so the server starts parsing after 32 rows' worth
+# of client work instead of 256 (about 0.1 ms instead of 0.6 ms of a 1,000-row batch's ~8 ms).
+FIRST_CHUNK_ROWS = 32
 COPY_CHUNK_ROWS = 256
 
 
@@ -340,8 +343,13 @@ class BareCopy:
 
 
 def chunks(n: int) -> list[slice]:
-    """The slices of a batch of n rows that a COPY sends one at a time (COPY_CHUNK_ROWS each)."""
-    return [slice(k, k + COPY_CHUNK_ROWS) for k in range(0, n, COPY_CHUNK_ROWS)]
+    """The slices of a batch of n rows that a COPY sends one at a time (FIRST_CHUNK_ROWS, then doubling
+    up to COPY_CHUNK_ROWS)."""
+    parts, start, size = [], 0, FIRST_CHUNK_ROWS
+    while start < n:
+        parts.append(slice(start, min(n, start + size)))
+        start, size = start + size, min(2 * size, COPY_CHUNK_ROWS)
+    return parts
 
 
 def _copy_field(text: str | None) -> str:

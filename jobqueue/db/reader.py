@@ -48,8 +48,7 @@ def reading(url: str) -> Iterator[Reader]:
     """A :class:`Reader` on `url`; driver errors inside the block leave it as JobqErrors."""
     import asyncpg
 
-    broken = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
-              asyncio.TimeoutError)
+    broken = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
     with asyncio.Runner() as runner:
         conn = runner.run(aconnect(url))
         try:
