@@ -29,6 +29,7 @@ from jobqueue.client.base import (
     status_of,
 )
 from jobqueue.client.wait import TaskEvent
+from jobqueue.db.asyncpg_errors import DRIVER_ERRORS
 from jobqueue.db.connect import first_line, redact
 from jobqueue.db.errors import translate
 from jobqueue.errors import DatabaseUnavailable, JobqError, TaskNotFound
@@ -40,10 +41,6 @@ AnyConnection = Any  # asyncpg.Connection or a pool's proxy of one
 # row against a round trip of ~0.7 ms on this machine); the others are made as the COPY sends them.
 EARLY_ROWS = 256
 JSONB_COLUMNS = ("payload", "result")  # the tasks table's jsonb columns (migrations/versions/0001_tasks.py)
-# Everything asyncpg raises: server errors, and its own when the connection breaks under a call
-# (InternalClientError "cannot switch to state ...", InterfaceError, a socket's OSError, timeouts).
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
-                  OSError, asyncio.TimeoutError)
 
 
 async def asyncpg_connection(conn: Any) -> AnyConnection | None:
@@ -87,7 +84,7 @@ class AsyncClient(ClientBase):
             url = self.url
             try:
                 self._pool = await asyncpg.create_pool(url, min_size=1, max_size=4, reset=_session_unchanged)
-            except _DRIVER_ERRORS as exc:
+            except DRIVER_ERRORS as exc:
                 raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(exc)}") from None
         return self._pool
 
@@ -117,7 +114,7 @@ class AsyncClient(ClientBase):
             pool = await self._get_pool()
             async with pool.acquire() as conn:
                 yield conn
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from None
 
     async def _fetch(self, conn: AnyConnection, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:

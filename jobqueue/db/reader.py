@@ -46,19 +46,19 @@ class Reader:
 @contextmanager
 def reading(url: str) -> Iterator[Reader]:
     """A :class:`Reader` on `url`; driver errors inside the block leave it as JobqErrors."""
-    import asyncpg
+    from jobqueue.db.asyncpg_errors import DRIVER_ERRORS
 
-    broken = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+    closing: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, asyncio.CancelledError)
     with asyncio.Runner() as runner:
         conn = runner.run(aconnect(url))
         try:
             yield Reader(runner, conn)
-        except broken as exc:
+        except DRIVER_ERRORS as exc:
             conn.terminate()
             raise translate(exc) from None
         finally:
             if not conn.is_closed():
                 try:
                     runner.run(conn.close(timeout=_CLOSE_TIMEOUT))
-                except (*broken, asyncio.CancelledError):
+                except closing:
                     conn.terminate()
