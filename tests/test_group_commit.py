@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -367,3 +368,83 @@ def test_group_commit_off_sends_each_call_alone(db_url: str, clean: None) -> Non
 
 def xmins_of(client: Client, ids: list[int]) -> int:
     return xmins(client._own(), ids)
+
+
+# ---------------------------------------------------------------- the sync client's loop thread
+
+
+def loop_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "jobq-enqueue" and t.is_alive()]
+
+
+def parked_group(side: Side, parked: Parked, n: int) -> list[int]:
+    """`n` calls queued behind a parked one, then sent: their ids (one statement of the loop thread)."""
+    first = parked.first("gc_plain", {"i": -1})
+    futures = [side.enqueue("gc_plain", {"i": i}) for i in range(n)]
+    parked.queue(n)
+    parked.locker.rollback()  # the lock goes, the connection stays for the next parking
+    first.result(30)
+    return [f.result(30) for f in futures]
+
+
+def test_the_sync_clients_loop_thread_runs_only_for_waiting_calls_and_stops_on_close(
+        db_url: str, conn: psycopg.Connection[Any], clean: None) -> None:
+    before = len(loop_threads())
+    s = Side("sync", db_url)
+    for i in range(3):  # one after the other: each goes alone, on its own thread's connection
+        s.enqueue("gc_plain", {"i": i}).result(30)
+    assert len(loop_threads()) == before and s.client._sender is None
+    p = Parked(db_url, conn, s)
+    try:
+        ids = parked_group(s, p, 4)
+        assert len(loop_threads()) == before + 1 and xmins(conn, ids) == 1
+        s.run(s.client.close)
+        assert len(loop_threads()) == before and s.client._sender is None
+        p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        again = parked_group(s, p, 4)  # closed, the client still works: a new loop when calls wait
+        assert len(loop_threads()) == before + 1 and xmins(conn, again) == 1
+    finally:
+        p.release()
+        s.close()
+    assert len(loop_threads()) == before
+
+
+def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: psycopg.Connection[Any],
+                                                              clean: None) -> None:
+    """The child has none of the parent's threads: calls that wait there must not be handed to the
+    parent's loop (they would wait forever), and the child must not close the parent's connections."""
+    import os
+
+    s = Side("sync", db_url)
+    p = Parked(db_url, conn, s)
+    try:
+        parked_group(s, p, 4)  # the parent's loop thread and pool exist
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: 8 threads at once on the inherited client, then report and leave
+            code = 1
+            try:
+                with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                    got = list(pool.map(lambda i: s.client.enqueue("gc_plain", {"i": 1000 + i}), range(80)))
+                os.write(write, f"{len(set(got))} {s.client.group_stats.largest}".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done == (0, 0):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's enqueues did not return")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        distinct, largest = map(int, os.read(read, 100).split())
+        os.close(read)
+        assert distinct == 80 and largest >= 1
+        p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        ids = parked_group(s, p, 4)  # the parent's loop and pool still work
+        assert xmins(conn, ids) == 1
+    finally:
+        p.release()
+        s.close()

@@ -168,9 +168,13 @@ class AsyncClient(ClientBase):
         raise group.lost_race(row)
 
     async def _send_group(self, calls: list[group.Call]) -> None:
-        """As the sync client's ``_send_group``, on a connection of the pool."""
         if self._group is not None:
-            self._group.stats.sent(len(calls))
+            await self._send_calls(calls, self._group.stats)
+
+    async def _send_calls(self, calls: list[group.Call], stats: group.GroupStats) -> None:
+        """One statement for waiting ``enqueue()`` calls, on a connection of the pool; settles each
+        call. Also where the sync client's loop thread sends its callers' calls (``stats`` are theirs)."""
+        stats.sent(len(calls))
         try:
             async with self._using(None) as conn:
                 if len(calls) == 1:
@@ -184,7 +188,7 @@ class AsyncClient(ClientBase):
                     group.take(todo, ids)
         except JobqError as exc:
             for call in group.alone_after(calls, exc):
-                await self._send_group([call])
+                await self._send_calls([call], stats)
         group.lost_races(calls)
 
     async def _insert_many(self, conn: AnyConnection, rows: Sequence[encode.TaskRow], labels: Sequence[str | None],

@@ -22,8 +22,10 @@ constraint, a trigger), nothing of it was written and every call of it is re-run
 calls at fault fail. When the connection is lost, every call of the statement gets the error: as
 for a lone call, the commit may or may not have happened, and no call is silently re-sent.
 
-The sync client's callers are threads: the first caller leads (runs the statement on its own
-thread's connection), the others sleep until their result is in, or until they are handed the lead.
+The sync client's callers are threads: a lone call runs on its own thread's connection; calls that
+wait are sent by one event-loop thread on asyncpg (jobqueue/client/loopthread.py) while their threads
+sleep until their result is in. Sixteen threads sending their own groups on psycopg spent most of
+their time under the GIL in the driver and in handing the lead on (docs/benchmarks.md).
 The async client's callers are coroutines: a lone call runs in its caller (cancelling it cancels its
 statement, as before); waiting calls are sent by a background task, so a caller cancelled while its
 call waits is dropped from the queue (nothing written), and one cancelled after its statement was
@@ -75,11 +77,14 @@ class GroupStats:
     calls: int = 0
     statements: int = 0
     largest: int = 0
+    # The sync client counts from its callers' threads and its loop thread at once.
+    _lock: LockType = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def sent(self, calls: int) -> None:
         """One statement for `calls` calls (a call re-run alone is a statement of its own)."""
-        self.statements += 1
-        self.largest = max(self.largest, calls)
+        with self._lock:
+            self.statements += 1
+            self.largest = max(self.largest, calls)
 
 
 # ---------------------------------------------------------------- statements
@@ -140,72 +145,96 @@ def lost_races(calls: Iterable[Call]) -> None:
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
-    """A thread's call in the queue; `wake` is held until the call is settled or handed the lead
-    (a bare lock: one futex to wake its thread, where an Event takes a condition and a loop)."""
+    """A thread's call in the queue; `wake` is held until the call is settled (a bare lock: one futex
+    to wake its thread, where an Event takes a condition and a loop)."""
 
     call: Call
-    wake: LockType | None = None
-    lead: bool = False
+    wake: LockType
 
 
 @dataclass(eq=False)
 class ThreadGroup:
-    """Leader and followers: the thread that finds nothing in flight sends every waiting call (its
-    own first) and hands the lead to the oldest waiter that arrived meanwhile, so no thread serves
-    others longer than one statement."""
+    """A call that finds nothing in flight runs at once on its own thread's connection; calls that
+    arrive meanwhile queue, and one event-loop thread (jobqueue/client/loopthread.py) sends them all
+    in each statement until none is left, while their threads sleep."""
 
     stats: GroupStats = field(default_factory=GroupStats)
     _lock: LockType = field(default_factory=threading.Lock)
     _queue: list[_Waiter] = field(default_factory=list)
-    _busy: bool = False
+    _alone: bool = False  # a call is running on its caller's connection
+    _flushing: bool = False  # the loop thread is sending the queue
 
     def waiting(self) -> int:
         """Calls queued behind the statement in flight."""
         return len(self._queue)
 
-    def submit(self, call: Call, send: Callable[[list[Call]], None]) -> int:
-        """Run `call` in the next statement and return its id; `send` runs one statement for a
-        batch on the calling thread's connection and settles every call of it."""
-        me = _Waiter(call)
+    def submit(self, call: Call, alone: Callable[[Call], None], flush_soon: Callable[[], None]) -> int:
+        """Run `call` and return its id: `alone` runs a call by itself on the calling thread's
+        connection; `flush_soon` has the loop thread run :meth:`flush` (asked for when a lone call
+        returns with calls queued behind it)."""
         with self._lock:
             self.stats.calls += 1
-            self._queue.append(me)
-            if self._busy:
-                me.wake = threading.Lock()
-                me.wake.acquire()
+            go_alone = not (self._alone or self._flushing)
+            if go_alone:
+                self._alone = True
             else:
-                self._busy = me.lead = True
-        if me.wake is not None:
-            me.wake.acquire()  # released by the leader of the statement that settles this call
-        if me.lead:
-            self._lead(send)
+                me = _Waiter(call, threading.Lock())
+                me.wake.acquire()
+                self._queue.append(me)
+        if not go_alone:
+            me.wake.acquire()  # released once the loop thread settled this call
+            return call.result()
+        try:
+            alone(call)
+        finally:
+            with self._lock:  # the calls that queued meanwhile go next, in one statement
+                self._alone = False
+                self._flushing = kick = bool(self._queue)
+            if kick:
+                try:
+                    flush_soon()
+                except BaseException as exc:  # no loop thread (cannot start one): nothing was sent
+                    self._abandon(exc)
+                    raise
         return call.result()
 
-    def _lead(self, send: Callable[[list[Call]], None]) -> None:
-        with self._lock:
-            batch = self._queue[:MAX_BATCH]
-            del self._queue[:MAX_BATCH]
-        calls = [w.call for w in batch]
+    async def flush(self, send: Callable[[list[Call]], Awaitable[None]]) -> None:
+        """On the loop thread: send the queue, every waiting call (up to MAX_BATCH) a statement."""
         try:
-            send(calls)
-        except Exception as exc:  # a bug: each caller raises it
-            _fail(calls, exc)
+            while True:
+                with self._lock:
+                    batch = self._queue[:MAX_BATCH]
+                    del self._queue[:MAX_BATCH]
+                    if not batch:
+                        self._flushing = False
+                        return
+                calls = [w.call for w in batch]
+                try:
+                    await send(calls)
+                except Exception as exc:  # a bug: each caller raises it, the queue goes on
+                    _fail(calls, exc)
+                finally:
+                    if not all(c.settled() for c in calls):  # the send was interrupted
+                        _fail(calls, _interrupted())
+                    for w in batch:
+                        w.wake.release()
+        except BaseException as exc:  # the loop is going away: nobody must sleep forever
+            self._abandon(exc)
             raise
-        except BaseException as exc:  # the leading thread interrupted: the others must not sleep forever
-            _fail(calls, DatabaseUnavailable(f"enqueue interrupted ({type(exc).__name__}) in the thread sending it; "
-                                             "the task may or may not have been committed"))
-            raise
-        finally:
-            with self._lock:
-                nxt = self._queue[0] if self._queue else None
-                self._busy = nxt is not None
-            if nxt is not None:  # first: the next statement need not wait for this one's wake-ups
-                nxt.lead = True
-                assert nxt.wake is not None
-                nxt.wake.release()
-            for w in batch:
-                if w.wake is not None and w.wake.locked():
-                    w.wake.release()
+
+    def _abandon(self, exc: BaseException) -> None:
+        """Fail every queued call (their statement will never be sent) and wake their threads."""
+        with self._lock:
+            batch, self._queue = self._queue, []
+            self._flushing = False
+        _fail([w.call for w in batch], exc if isinstance(exc, Exception) else _interrupted())
+        for w in batch:
+            w.wake.release()
+
+
+def _interrupted() -> DatabaseUnavailable:
+    return DatabaseUnavailable("enqueue interrupted while its statement was being sent; "
+                               "the task may or may not have been committed")
 
 
 # ---------------------------------------------------------------- coroutines (the async client)

@@ -9,16 +9,17 @@ Everything a user can get wrong is checked before the first write, so a bad call
 from __future__ import annotations
 
 import builtins
+import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from jobqueue.client import encode, fields, group
+from jobqueue.client import encode, fields, group, loopthread
 from jobqueue.client import wait as waits
 from jobqueue.client.base import (
     RACE_RETRIES,
@@ -37,6 +38,9 @@ from jobqueue.db.fetch import Row, fetch
 from jobqueue.errors import JobqError, TaskNotFound
 from jobqueue.models import QueueState, Task, TaskSpec
 from jobqueue.settings import Settings
+
+if TYPE_CHECKING:
+    from jobqueue.client.aio import AsyncClient
 
 # ---------------------------------------------------------------- connections
 
@@ -67,7 +71,9 @@ class Client(ClientBase):
     statement and one commit (jobqueue/client/group.py). It is on by default because it cannot be
     seen: each call still returns its own id, once its task is committed, or raises its own error,
     and a call that finds no other in flight goes at once, alone, as it would without grouping.
-    Off, each call is its own commit, so concurrent callers queue on the disk's flushes instead.
+    The calls that wait are sent by a thread of the client's own, on asyncpg (started at the first
+    call that waits; ``close()`` stops it). Off, each call is its own commit, so concurrent callers
+    queue on the disk's flushes instead.
     """
 
     def __init__(self, url: str | None = None, *, settings: Settings | None = None,
@@ -75,6 +81,9 @@ class Client(ClientBase):
         super().__init__(url, settings=settings)
         self._local = threading.local()
         self._group = group.ThreadGroup() if group_commit else None
+        self._loop = loopthread.LoopThread("jobq-enqueue")
+        self._sender: AsyncClient | None = None  # on the loop thread, for the calls that wait
+        self._pid = os.getpid()
 
     @property
     def group_stats(self) -> group.GroupStats | None:
@@ -89,10 +98,18 @@ class Client(ClientBase):
         return conn
 
     def close(self) -> None:
+        """Close this thread's connection, and the loop thread's pool once its waiting calls are sent."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+        if self._sender is not None:
+            self._loop.close(self._close_sender)
+
+    async def _close_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await sender.close()
 
     def __enter__(self) -> Client:
         return self
@@ -160,7 +177,7 @@ class Client(ClientBase):
         deps = encode.dependencies(depends_on)
         when = encode.run_on(run_on, deps)
         if self._group is not None and connection is None and not deps:
-            return self._group.submit(group.Call(row, lab), self._send_group)
+            return self._grouped(group.Call(row, lab))
         with self._using(connection) as conn, (_atomic(conn) if deps else nullcontext()):
             plan = encode.NO_DEPENDENCIES
             if deps:
@@ -174,25 +191,41 @@ class Client(ClientBase):
                 return int(rows[0]["id"])
         raise group.lost_race(row)
 
-    def _send_group(self, calls: builtins.list[group.Call]) -> None:
-        """One statement for the waiting calls, on the leading thread's connection; settles each call."""
-        if self._group is not None:
-            self._group.stats.sent(len(calls))
+    def _grouped(self, call: group.Call) -> int:
+        if self._pid != os.getpid():
+            self._forked()
+        assert self._group is not None
+        return self._group.submit(call, self._send_alone, self._flush_soon)
+
+    def _send_alone(self, call: group.Call) -> None:
+        """A call that found nothing in flight, on its own thread's connection; settles it."""
+        assert self._group is not None
+        self._group.stats.sent(1)
         try:
             with self._using(None) as conn:
-                if len(calls) == 1:
-                    calls[0].id = self._enqueue_one(conn, group.lone_params(calls[0]), calls[0].row)
-                    return
-                todo = group.in_key_order(calls)
-                ids: builtins.list[int | None] = [None] * len(todo)
-                try:
-                    self._insert_many(conn, [c.row for c in todo], group.labels_json(todo), ids)
-                finally:
-                    group.take(todo, ids)
+                call.id = self._enqueue_one(conn, group.lone_params(call), call.row)
         except JobqError as exc:
-            for call in group.alone_after(calls, exc):
-                self._send_group([call])
-        group.lost_races(calls)
+            call.error = exc
+
+    def _flush_soon(self) -> None:
+        """Have the loop thread send the waiting calls (on asyncpg: jobqueue/client/loopthread.py)."""
+        if self._sender is None:
+            from jobqueue.client.aio import AsyncClient
+
+            self._sender = AsyncClient(self.url, settings=self.settings, group_commit=False)
+        self._loop.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        sender, grouped = self._sender, self._group
+        assert sender is not None and grouped is not None
+        await grouped.flush(lambda calls: sender._send_calls(calls, grouped.stats))
+
+    def _forked(self) -> None:
+        """In a forked child: a group and a pool of its own; the parent's stay untouched (see loopthread)."""
+        loopthread.inherit(self._sender)
+        self._sender = None
+        self._group = group.ThreadGroup()
+        self._pid = os.getpid()
 
     def _insert_many(self, conn: psycopg.Connection[Any], rows: Sequence[encode.TaskRow],
                      labels: Sequence[str | None], ids: builtins.list[int | None]) -> None:
