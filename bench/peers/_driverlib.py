@@ -27,7 +27,7 @@ CONCURRENT_THREADS = 16  # threads each making one single enqueue at a time (enq
 CONCURRENT_NOTE = ("not driven for this peer yet (issue 12 added the scenario for jobq's group commit); its "
                    "single enqueue from concurrent callers is one commit per call")
 LATENCY_GAP_S = 0.020  # gap between two enqueues in the latency scenario
-LATENCY_TASKS = 200
+LATENCY_TASKS = 200  # samples in the latency scenario, at least: see latency_tasks()
 CANCEL_TASKS = 100
 EVENTS_ENV = "BENCH_EVENTS_DIR"
 
@@ -81,6 +81,12 @@ def percentiles_ms(samples_s: Iterable[float]) -> dict[str, float]:
         # every sample, for the latency CDF of bench/plots.py
         "raw_ms": [round(x * 1000, 3) for x in data],
     }
+
+
+def latency_tasks(n: int) -> int:
+    """Samples in the latency scenario: a twentieth of the run's N (1,000 in the full profile), at least
+    LATENCY_TASKS. With 200, p99 was the second-highest sample and moved by a millisecond between runs."""
+    return max(LATENCY_TASKS, n // 20)
 
 
 def throughput(n: int, elapsed_s: float) -> dict[str, float]:

@@ -27,12 +27,12 @@ from _driverlib import (
     CANCEL_TASKS,
     CONCURRENT_NOTE,
     LATENCY_GAP_S,
-    LATENCY_TASKS,
     Args,
     EventLog,
     WorkerGroup,
     emit,
     first_start,
+    latency_tasks,
     parse_args,
     percentiles_ms,
     throughput,
@@ -155,10 +155,11 @@ def main(args: Args) -> dict[str, Any]:
         with workers(commands) as group_:
             stamp.delay(-1, time.time())  # warm-up: the worker is consuming
             wait_for_events(group_.events_dir, "lat", 1, 60)
-            for i in range(LATENCY_TASKS):
+            samples = latency_tasks(args.n)
+            for i in range(samples):
                 stamp.delay(i, time.time())
                 time.sleep(LATENCY_GAP_S)
-            events = wait_for_events(group_.events_dir, "lat", LATENCY_TASKS + 1, 60)
+            events = wait_for_events(group_.events_dir, "lat", samples + 1, 60)
         result["metric"] = percentiles_ms(float(f[1]) for f in events if f[0] != "-1")
         result["settings"] = {"worker": settings}
 

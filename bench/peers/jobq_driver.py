@@ -29,13 +29,13 @@ from _driverlib import (
     CONCURRENT_CALLERS,
     CONCURRENT_THREADS,
     LATENCY_GAP_S,
-    LATENCY_TASKS,
     Args,
     EventLog,
     WorkerGroup,
     concurrent_calls,
     emit,
     first_start,
+    latency_tasks,
     parse_args,
     percentiles_ms,
     read_events,
@@ -207,10 +207,11 @@ async def run_scenario(args: Args, client: Client) -> dict[str, Any]:
         with workers(args, ["stamp"], burst=False, count=1, conc=conc) as group:
             client.enqueue("stamp", {"i": -1, "t": time.time()})  # warm-up
             await asyncio.to_thread(wait_for_events, group.events_dir, "lat", 1, 60)
-            for i in range(LATENCY_TASKS):
+            samples = latency_tasks(args.n)
+            for i in range(samples):
                 client.enqueue("stamp", {"i": i, "t": time.time()})
                 await asyncio.sleep(LATENCY_GAP_S)
-            events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", LATENCY_TASKS + 1, 60)
+            events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", samples + 1, 60)
         result["metric"] = percentiles_ms(float(f[1]) for f in events if f[0] != "-1")
         result["settings"] = {"worker": {"concurrency": conc}}
 

@@ -25,12 +25,12 @@ from _driverlib import (
     CANCEL_TASKS,
     CONCURRENT_NOTE,
     LATENCY_GAP_S,
-    LATENCY_TASKS,
     Args,
     EventLog,
     WorkerGroup,
     emit,
     first_start,
+    latency_tasks,
     parse_args,
     percentiles_ms,
     read_events,
@@ -153,10 +153,11 @@ async def run_scenario(args: Args, queries: Queries, pool: asyncpg.Pool) -> dict
         with workers(args, options, drain=False, count=1) as group:
             await queries.enqueue("stamp", f"-1 {time.time()}".encode())  # warm-up
             await asyncio.to_thread(wait_for_events, group.events_dir, "lat", 1, 60)
-            for i in range(LATENCY_TASKS):
+            samples = latency_tasks(args.n)
+            for i in range(samples):
                 await queries.enqueue("stamp", f"{i} {time.time()}".encode())
                 await asyncio.sleep(LATENCY_GAP_S)
-            events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", LATENCY_TASKS + 1, 60)
+            events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", samples + 1, 60)
         result["metric"] = percentiles_ms(float(f[1]) for f in events if f[0] != "-1")
         result["settings"] = {"run": options or "defaults"}
 

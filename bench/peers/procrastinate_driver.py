@@ -23,12 +23,12 @@ from _driverlib import (
     CANCEL_TASKS,
     CONCURRENT_NOTE,
     LATENCY_GAP_S,
-    LATENCY_TASKS,
     Args,
     EventLog,
     WorkerGroup,
     emit,
     first_start,
+    latency_tasks,
     parse_args,
     percentiles_ms,
     read_events,
@@ -136,10 +136,11 @@ async def main(args: Args) -> dict[str, Any]:
             with workers(args, options, wait=True, count=1) as group:
                 await app.tasks["stamp"].defer_async(i=-1, t=time.time())  # warm-up: worker is listening
                 await asyncio.to_thread(wait_for_events, group.events_dir, "lat", 1, 60)
-                for i in range(LATENCY_TASKS):
+                samples = latency_tasks(args.n)
+                for i in range(samples):
                     await app.tasks["stamp"].defer_async(i=i, t=time.time())
                     await asyncio.sleep(LATENCY_GAP_S)
-                events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", LATENCY_TASKS + 1, 60)
+                events = await asyncio.to_thread(wait_for_events, group.events_dir, "lat", samples + 1, 60)
             result["metric"] = percentiles_ms(float(f[1]) for f in events if f[0] != "-1")
             result["settings"] = {"worker": options or "defaults"}
 
