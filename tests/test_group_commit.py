@@ -419,6 +419,8 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
     p = Parked(db_url, conn, s)
     try:
         parked_group(s, p, 4)  # the parent's loop thread and pool exist
+        s.client.enqueue("gc_plain")  # and a connection of this (the forking) thread
+        mine = s.client._own().info.backend_pid
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: 8 threads at once on the inherited client, then report and leave
@@ -426,7 +428,9 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
             try:
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     got = list(pool.map(lambda i: s.client.enqueue("gc_plain", {"i": 1000 + i}), range(80)))
-                os.write(write, f"{len(set(got))} {s.client.group_stats.largest}".encode())
+                s.client.enqueue("gc_plain")
+                child = s.client._own().info.backend_pid
+                os.write(write, f"{len(set(got))} {s.client.group_stats.largest} {child}".encode())
                 code = 0
             finally:
                 os._exit(code)
@@ -439,9 +443,12 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
             os.waitpid(pid, 0)
             pytest.fail("the forked child's enqueues did not return")
         assert os.waitstatus_to_exitcode(done[1]) == 0
-        distinct, largest = map(int, os.read(read, 100).split())
+        distinct, largest, child = map(int, os.read(read, 100).split())
         os.close(read)
         assert distinct == 80 and largest >= 1
+        assert child != mine  # the child's calls went on a connection of its own
+        s.client.enqueue("gc_plain")
+        assert s.client._own().info.backend_pid == mine  # and the parent's is still fine
         p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         ids = parked_group(s, p, 4)  # the parent's loop and pool still work
         assert xmins(conn, ids) == 1

@@ -91,6 +91,8 @@ class Client(ClientBase):
         return None if self._group is None else self._group.stats
 
     def _own(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():
+            self._forked()
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = connect(self.url, autocommit=True)
@@ -221,10 +223,14 @@ class Client(ClientBase):
         await grouped.flush(lambda calls: sender._send_calls(calls, grouped.stats))
 
     def _forked(self) -> None:
-        """In a forked child: a group and a pool of its own; the parent's stay untouched (see loopthread)."""
+        """In a forked child: connections, a group and a pool of its own. The parent's stay untouched:
+        a child that sent on the parent's sockets would mix two sessions' messages (see loopthread)."""
+        loopthread.inherit(self._local)
         loopthread.inherit(self._sender)
+        self._local = threading.local()
         self._sender = None
-        self._group = group.ThreadGroup()
+        if self._group is not None:
+            self._group = group.ThreadGroup()
         self._pid = os.getpid()
 
     def _insert_many(self, conn: psycopg.Connection[Any], rows: Sequence[encode.TaskRow],
