@@ -426,6 +426,7 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
         if pid == 0:  # the child: 8 threads at once on the inherited client, then report and leave
             code = 1
             try:
+                s.client.close()  # what it holds is the parent's: closing it must not end the parent's session
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     got = list(pool.map(lambda i: s.client.enqueue("gc_plain", {"i": 1000 + i}), range(80)))
                 s.client.enqueue("gc_plain")

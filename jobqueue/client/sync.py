@@ -91,8 +91,7 @@ class Client(ClientBase):
         return None if self._group is None else self._group.stats
 
     def _own(self) -> psycopg.Connection[Any]:
-        if self._pid != os.getpid():
-            self._forked()
+        self._check_fork()
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = connect(self.url, autocommit=True)
@@ -101,6 +100,7 @@ class Client(ClientBase):
 
     def close(self) -> None:
         """Close this thread's connection, and the loop thread's pool once its waiting calls are sent."""
+        self._check_fork()  # a forked child closing the parent's connection would end the parent's session
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -194,8 +194,7 @@ class Client(ClientBase):
         raise group.lost_race(row)
 
     def _grouped(self, call: group.Call) -> int:
-        if self._pid != os.getpid():
-            self._forked()
+        self._check_fork()
         assert self._group is not None
         return self._group.submit(call, self._send_alone, self._flush_soon)
 
@@ -221,6 +220,10 @@ class Client(ClientBase):
         sender, grouped = self._sender, self._group
         assert sender is not None and grouped is not None
         await grouped.flush(lambda calls: sender._send_calls(calls, grouped.stats))
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._forked()
 
     def _forked(self) -> None:
         """In a forked child: connections, a group and a pool of its own. The parent's stay untouched:
