@@ -456,3 +456,31 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
     finally:
         p.release()
         s.close()
+
+
+def test_waiting_calls_fail_rather_than_sleep_when_no_loop_thread_can_start(
+        db_url: str, conn: psycopg.Connection[Any], clean: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobqueue.client import loopthread
+
+    def refuse(self: Any, fn: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    s = Side("sync", db_url)
+    p = Parked(db_url, conn, s)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(loopthread.LoopThread, "start_soon", refuse)
+            first = p.first("gc_plain", {"i": -1})
+            futures = [s.enqueue("gc_plain", {"i": i}) for i in range(3)]
+            p.queue(3)
+            p.locker.rollback()
+            first_id = first.result(30)  # the lone call committed: its id, not the others' error
+            for f in futures:
+                with pytest.raises(RuntimeError, match="can't start new thread"):
+                    f.result(30)
+        assert conn.execute("SELECT array_agg(id) FROM tasks").fetchone() == ([first_id],)
+        p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        assert len(set(parked_group(s, p, 3))) == 3  # the group is not left waiting on a flush
+    finally:
+        p.release()
+        s.close()

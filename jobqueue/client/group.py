@@ -193,7 +193,9 @@ class ThreadGroup:
             if kick:
                 try:
                     flush_soon()
-                except BaseException as exc:  # no loop thread (cannot start one): nothing was sent
+                except Exception as exc:  # no loop thread (none could start): the waiting calls fail
+                    self._abandon(exc)  # with the reason; this call's own result stands
+                except BaseException as exc:
                     self._abandon(exc)
                     raise
         return call.result()
