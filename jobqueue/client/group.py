@@ -229,7 +229,10 @@ class ThreadGroup:
         with self._lock:
             batch, self._queue = self._queue, []
             self._flushing = False
-        _fail([w.call for w in batch], exc if isinstance(exc, Exception) else _interrupted())
+        if not isinstance(exc, Exception):
+            exc = JobqError(f"enqueue not sent: the client's loop thread stopped ({type(exc).__name__}); "
+                            "nothing of it was written")
+        _fail([w.call for w in batch], exc)
         for w in batch:
             w.wake.release()
 
