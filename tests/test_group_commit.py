@@ -409,33 +409,22 @@ def test_the_sync_clients_loop_thread_runs_only_for_waiting_calls_and_stops_on_c
     assert len(loop_threads()) == before
 
 
-def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: psycopg.Connection[Any],
-                                                              clean: None) -> None:
-    """The child has none of the parent's threads: calls that wait there must not be handed to the
-    parent's loop (they would wait forever), and the child must not close the parent's connections."""
+def forked(fn: Callable[[], str]) -> Callable[[], str]:
+    """Run fn() in a forked child now; the returned function waits for the child and gives fn's text."""
     import os
 
-    s = Side("sync", db_url)
-    p = Parked(db_url, conn, s)
-    try:
-        parked_group(s, p, 4)  # the parent's loop thread and pool exist
-        s.client.enqueue("gc_plain")  # and a connection of this (the forking) thread
-        mine = s.client._own().info.backend_pid
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: 8 threads at once on the inherited client, then report and leave
-            code = 1
-            try:
-                s.client.close()  # what it holds is the parent's: closing it must not end the parent's session
-                with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                    got = list(pool.map(lambda i: s.client.enqueue("gc_plain", {"i": 1000 + i}), range(80)))
-                s.client.enqueue("gc_plain")
-                child = s.client._own().info.backend_pid
-                os.write(write, f"{len(set(got))} {s.client.group_stats.largest} {child}".encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write, fn().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+
+    def result() -> str:
         deadline = time.monotonic() + 60
         while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -444,12 +433,43 @@ def test_a_forked_child_groups_on_a_loop_and_pool_of_its_own(db_url: str, conn: 
             os.waitpid(pid, 0)
             pytest.fail("the forked child's enqueues did not return")
         assert os.waitstatus_to_exitcode(done[1]) == 0
-        distinct, largest, child = map(int, os.read(read, 100).split())
+        text = os.read(read, 100).decode()
         os.close(read)
-        assert distinct == 80 and largest >= 1
-        assert child != mine  # the child's calls went on a connection of its own
+        return text
+    return result
+
+
+def test_a_forked_child_enqueues_on_connections_a_loop_and_a_pool_of_its_own(
+        db_url: str, conn: psycopg.Connection[Any], clean: None) -> None:
+    """The child has none of the parent's threads, and the parent's sockets are not its own: it must
+    not close them (that ends the parent's sessions), send on them, or wait on the parent's group."""
+    s = Side("sync", db_url)
+    p = Parked(db_url, conn, s)
+    try:
+        parked_group(s, p, 4)  # the parent's loop thread and pool exist
+        s.client.enqueue("gc_plain")  # and a connection of this (the forking) thread
+        mine = s.client._own().info.backend_pid
+
+        def close_then_enqueue() -> str:
+            s.client.close()  # what it holds is the parent's
+            s.client.enqueue("gc_plain")
+            return str(s.client._own().info.backend_pid)
+
+        assert int(forked(close_then_enqueue)()) != mine
         s.client.enqueue("gc_plain")
-        assert s.client._own().info.backend_pid == mine  # and the parent's is still fine
+        assert s.client._own().info.backend_pid == mine  # the parent's session was not ended
+
+        def threads_at_once() -> str:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda i: s.client.enqueue("gc_plain", {"i": 1000 + i}), range(80)))
+            return str(len(set(got)))
+
+        p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        first = p.first("gc_plain", {"i": -1})  # forked while a lone call is in flight in the parent
+        child = forked(threads_at_once)
+        p.locker.rollback()
+        first.result(30)
+        assert child() == "80"
         p.locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
         ids = parked_group(s, p, 4)  # the parent's loop and pool still work
         assert xmins(conn, ids) == 1

@@ -5,24 +5,18 @@ spend most of their time under the one GIL adapting parameters and handing the G
 (docs/benchmarks.md, "Where a thread's call goes"). One thread that sends every waiting call on
 asyncpg, whose protocol and array encoding are compiled, does that work once a statement while the
 callers sleep on a lock. The loop starts at the first call that has to wait, so a process that never
-enqueues from two threads at once never starts it (nor imports asyncpg).
-
-A forked child has none of its parent's threads: the first use in a child starts a loop of its own
-and leaves the parent's objects alone (closing them would close the parent's sockets' sessions).
+enqueues from two threads at once never starts it (nor imports asyncpg). A forked child has none of
+its parent's threads: the client gives it a LoopThread of its own (jobqueue/client/sync.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 CLOSE_TIMEOUT_S = 30.0  # how long close() waits for the loop's last statements
-
-# Objects a forked child inherited and must never finalise (their sockets are the parent's).
-_inherited: list[object] = []
 
 
 class LoopThread:
@@ -33,11 +27,10 @@ class LoopThread:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to its tasks
 
     def start_soon(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``fn()`` as a task on the loop, starting the loop if it is not running in this process."""
+        """Run ``fn()`` as a task on the loop, starting the loop if it is not running."""
         self._running().call_soon_threadsafe(self._spawn, fn)
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -47,14 +40,11 @@ class LoopThread:
 
     def _running(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is not None and self._pid != os.getpid():
-                _inherited.append((self._loop, self._thread))
-                self._loop = None
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
                 thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                self._loop, self._thread = loop, thread
                 self._tasks = set()
             return self._loop
 
@@ -62,7 +52,7 @@ class LoopThread:
         """Wait for the tasks started, run ``last()`` (closing what lives on the loop), stop the loop."""
         with self._lock:
             loop, thread = self._loop, self._thread
-            if loop is None or thread is None or self._pid != os.getpid():
+            if loop is None or thread is None:
                 return
             self._loop = self._thread = None
         try:
@@ -78,7 +68,3 @@ class LoopThread:
             await asyncio.wait(set(self._tasks))
         await last()
 
-
-def inherit(obj: object) -> None:
-    """Keep `obj` (a forked child's copy of a parent's connection) from being finalised in the child."""
-    _inherited.append(obj)

@@ -44,6 +44,19 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------- connections
 
+# Forks of this process so far, counted in the child (no system call per enqueue to notice one); and
+# what a forked child inherited from its parent and must never finalise or send on (the parent's sockets).
+_forks = 0
+_inherited: list[object] = []
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 def psycopg_connection(conn: Any) -> psycopg.Connection[Any] | None:
     """The psycopg connection behind a psycopg / SQLAlchemy Connection / Session, else None."""
@@ -83,7 +96,7 @@ class Client(ClientBase):
         self._group = group.ThreadGroup() if group_commit else None
         self._loop = loopthread.LoopThread("jobq-enqueue")
         self._sender: AsyncClient | None = None  # on the loop thread, for the calls that wait
-        self._pid = os.getpid()
+        self._forks = _forks
 
     @property
     def group_stats(self) -> group.GroupStats | None:
@@ -222,19 +235,20 @@ class Client(ClientBase):
         await grouped.flush(lambda calls: sender._send_calls(calls, grouped.stats))
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             self._forked()
 
     def _forked(self) -> None:
         """In a forked child: connections, a group and a pool of its own. The parent's stay untouched:
-        a child that sent on the parent's sockets would mix two sessions' messages (see loopthread)."""
-        loopthread.inherit(self._local)
-        loopthread.inherit(self._sender)
+        a child that sent on the parent's sockets would mix two sessions' messages, and one that closed
+        them would end the parent's sessions. The parent's loop thread does not exist here."""
+        _inherited.extend((self._local, self._sender, self._loop))
         self._local = threading.local()
         self._sender = None
+        self._loop = loopthread.LoopThread("jobq-enqueue")
         if self._group is not None:
             self._group = group.ThreadGroup()
-        self._pid = os.getpid()
+        self._forks = _forks
 
     def _insert_many(self, conn: psycopg.Connection[Any], rows: Sequence[encode.TaskRow],
                      labels: Sequence[str | None], ids: builtins.list[int | None]) -> None:
