@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
 def worker(
     types: Annotated[str, typer.Option("--types", "-t", help="Comma-separated task types to run.")],
     concurrency: Annotated[int | None, typer.Option(help="Tasks run at once by this process.")] = None,
+    prefetch: Annotated[int | None, typer.Option(
+        help="Most tasks claimed ahead of free slots, for handlers shorter than a claim (0: none).")] = None,
     burst: Annotated[bool, typer.Option(help="Exit 0 once no task of these types is runnable.")] = False,
     name: Annotated[str | None, typer.Option(help="Worker id (default host:pid:random).")] = None,
     grace: Annotated[float | None, typer.Option(help="Seconds running tasks get after SIGTERM.")] = None,
@@ -53,6 +55,8 @@ def worker(
         fail("--isolation must be thread or process")
     if concurrency is not None and concurrency < 1:
         fail("--concurrency must be at least 1")
+    if prefetch is not None and prefetch < 0:
+        fail("--prefetch must be 0 or more")
     # An unreachable database at start is one error line, not a retry loop; checked on asyncpg like the
     # runtime, so the worker does not import psycopg.
     url = ensure_schema(s, asyncpg=True)
@@ -67,8 +71,9 @@ def worker(
         if st.event == "abandoning":  # the process exits right after this returns
             say(summary(st.stats, time.monotonic() - started))
 
-    code, stats = run_worker(wanted, concurrency=concurrency, burst=burst, name=name, grace_seconds=grace,
-                             poll_seconds=poll, isolation=isolation, url=url, settings=s, on_status=on_status)
+    code, stats = run_worker(wanted, concurrency=concurrency, prefetch=prefetch, burst=burst, name=name,
+                             grace_seconds=grace, poll_seconds=poll, isolation=isolation, url=url, settings=s,
+                             on_status=on_status)
     say(summary(stats, time.monotonic() - started))
     raise typer.Exit(code)
 

@@ -30,6 +30,7 @@ from jobqueue.observe import metrics
 from jobqueue.runtime.completer import Completer
 from jobqueue.runtime.context import ClaimedTask, Context, clock
 from jobqueue.runtime.executor import Ack, Attempt, Executor
+from jobqueue.runtime.prefetch import Ahead
 from jobqueue.runtime.progress import ProgressWriter
 from jobqueue.states import CancelReason, Outcome
 
@@ -64,6 +65,9 @@ class Dispatcher:
         connection: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
         freed: Callable[[str], None],
         stopping: Callable[[], bool],
+        concurrency: int,
+        limits: dict[str, int],
+        prefetch: int = 0,
     ) -> None:
         self.specs = specs
         self.executor = executor
@@ -80,6 +84,11 @@ class Dispatcher:
         self.by_type = dict.fromkeys(specs, 0)
         self.deferred: dict[int, asyncpg.Record] = {}
         self.abandoned: set[Attempt] = set()
+        # Tasks claimed ahead of a free slot (prefetch.py), started by _pump as slots free.
+        self.concurrency = concurrency
+        self.limits = limits
+        self.ahead = Ahead(prefetch)
+        self._pumping = False
         # The types whose handler the dispatcher runs itself until it first waits (Executor.inline).
         # While a claim's rows are started: the types whose slots were freed meanwhile, and the acks
         # of the handlers that ended (dispatch_many).
@@ -94,31 +103,92 @@ class Dispatcher:
 
     def running_pairs(self) -> list[tuple[int, int]]:
         """The (id, attempt) pairs this worker owns, the ones the heartbeat renews: attempts running,
-        re-claims waiting for their older attempt, and acks not written yet."""
+        re-claims waiting for their older attempt, tasks claimed ahead, and acks not written yet."""
         pairs = [a.key for a in self.running.values()]
         pairs += [(row["id"], row["attempt"]) for row in self.deferred.values()]
+        pairs += self.ahead.pairs()
         pairs += [(ack.id, ack.attempt) for ack in self.completer.pending + self.completer.in_flight]
         return pairs
 
     def dispatch_many(self, rows: list[asyncpg.Record]) -> None:
-        """Start a claim's rows, in the claim's order. The fetcher calls this and claims again right
-        after, so the slots that handlers ending inline free meanwhile need not wake it one by one (it
-        hears once per type, at the end), and their acks reach the completer together."""
+        """Start a claim's rows, in the claim's order; the rows claimed ahead of a free slot wait for
+        one. The fetcher calls this and claims again right after, so the slots that handlers ending
+        inline free meanwhile need not wake it one by one (it hears once per type, at the end), and
+        their acks reach the completer together."""
         self.stats.claimed += len(rows)
-        metrics.started_many(rows)
         self._freed_meanwhile = freed = set[str]()
         self._acks_meanwhile = acks = list[Ack]()
         try:
-            for row in rows:
-                try:
-                    self.dispatch(row)
-                except Exception as exc:  # a bug of the runtime must cost this row, not the claim's others
-                    self._not_started(row, exc)
+            if not self.ahead.prefetch:
+                metrics.started_many(rows)
+                for row in rows:
+                    self._dispatch_one(row)
+            else:
+                for row in rows:
+                    if self._startable(row["type"]):
+                        metrics.started_many((row,))
+                        self._dispatch_one(row)
+                    else:
+                        self.ahead.put(row)
         finally:
             self._freed_meanwhile = self._acks_meanwhile = None
             self.completer.add_many(acks)
             for task_type in freed:
                 self._freed(task_type)
+
+    def _dispatch_one(self, row: asyncpg.Record) -> None:
+        try:
+            self.dispatch(row)
+        except Exception as exc:  # a bug of the runtime must cost this row, not the claim's others
+            self._not_started(row, exc)
+
+    def _startable(self, task_type: str) -> bool:
+        """A slot of this type is free now and no task of it claimed earlier waits for one."""
+        return (len(self.running) + len(self.abandoned) < self.concurrency
+                and self.by_type[task_type] < self.limits[task_type] and not self.ahead.has(task_type))
+
+    def _pump(self) -> None:
+        """Start the tasks claimed ahead while their types have free slots, earliest claim first. A
+        handler that ends inline frees its slot inside the start, which comes back here: the loop below
+        goes on instead, so a run of short handlers costs no recursion."""
+        if self._pumping or not self.ahead or self._stopping():
+            return
+        self._pumping = True
+        try:
+            while len(self.running) + len(self.abandoned) < self.concurrency:
+                by_type, limits = self.by_type, self.limits
+                row = self.ahead.pop({t: by_type[t] < limits[t] for t in by_type})
+                if row is None:
+                    return
+                metrics.started_many((row,))
+                self._dispatch_one(row)
+        finally:
+            self._pumping = False
+
+    def owns(self, task_id: int) -> int | None:
+        """The attempt of `task_id` running here or claimed ahead (None: neither)."""
+        a = self.running.get(task_id)
+        return a.attempt if a is not None else self.ahead.attempt_of(task_id)
+
+    def cancel_ahead(self, task_id: int, attempt: int) -> None:
+        """A confirmed cancel of a task claimed ahead: it ends cancelled without running its handler."""
+        if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
+            self.by_type[row["type"]] += 1
+            metrics.started_many((row,))
+            self._start(row, row["id"], row["type"], cancelled=True)
+
+    def drop_ahead(self, task_id: int, attempt: int) -> None:
+        """A task claimed ahead that the heartbeat found no longer ours: nothing of it is written."""
+        if self.ahead.attempt_of(task_id) == attempt:
+            self.ahead.take(task_id)
+
+    def release_ahead(self, waited: float = 0.0) -> int:
+        """Give the tasks claimed ahead back to the queue (all, or those that waited `waited` seconds)."""
+        rows = self.ahead.take_all(waited)
+        why = "by worker shutdown" if not waited else f"unstarted: waited over {waited:g}s for a free slot"
+        for row in rows:
+            self._release(row, why)
+        return len(rows)
 
     def _not_started(self, row: asyncpg.Record, exc: Exception) -> None:
         """Starting a claimed row raised. Left alone, its attempt would stay `running` here for ever
@@ -145,7 +215,7 @@ class Dispatcher:
             return
         self._start(row, task_id, task_type)
 
-    def _start(self, row: asyncpg.Record, task_id: int, task_type: str) -> None:
+    def _start(self, row: asyncpg.Record, task_id: int, task_type: str, *, cancelled: bool = False) -> None:
         spec = self.specs[task_type]
         try:
             payload, bad = _loads(row["payload"]), None
@@ -159,7 +229,7 @@ class Dispatcher:
             self._add(self.executor.ack(a, Outcome.FAILED, bad))
             return
         self.running[task_id] = a
-        if row["cancel_requested"]:
+        if cancelled or row["cancel_requested"]:
             ctx.request_cancel(CancelReason.USER)
         if not self._inline[task_type] or tracing.enabled():
             self._start_executing(a)
@@ -184,8 +254,9 @@ class Dispatcher:
             value = stop.value
             if value is None and ctx.result is None and not ctx._dirty and ctx.cancel_reason is None:
                 # The hot path: a success with nothing to store that reported nothing.
-                self._forget(a)
                 seconds = time.monotonic() - a.started
+                self.ahead.ended(task_type, seconds)
+                self._forget(a)
                 metrics.finished(task_type, Outcome.DONE, seconds)
                 self._add(self.executor.done_ack(a, seconds))
                 return
@@ -249,12 +320,14 @@ class Dispatcher:
         self._record(a, ack)
 
     def _record(self, a: Attempt, ack: Ack | None) -> None:
+        seconds = time.monotonic() - a.started
+        self.ahead.ended(a.type, seconds)
         if ack is not None:
             if ack.outcome is not Outcome.RELEASED:
-                metrics.finished(a.type, ack.outcome, time.monotonic() - a.started)
+                metrics.finished(a.type, ack.outcome, seconds)
             self._add(ack)
         elif a.completed_in_transaction:
-            metrics.finished(a.type, Outcome.DONE, time.monotonic() - a.started)
+            metrics.finished(a.type, Outcome.DONE, seconds)
 
     def _transaction(self, ctx: Context) -> contextlib.AbstractAsyncContextManager[Any]:
         a = self.running.get(ctx.id)
@@ -294,9 +367,12 @@ class Dispatcher:
                 self.by_type[a.type] -= 1
             row = self.deferred.pop(task_id, None)
             if row is not None and self._stopping():
-                self._release_deferred(row)
+                self.by_type[row["type"]] -= 1
+                self._release(row, "by worker shutdown")
             elif row is not None:
                 self._start(row, task_id, row["type"])
+        if self.ahead:
+            self._pump()
         if self._freed_meanwhile is not None:
             self._freed_meanwhile.add(a.type)
         else:
@@ -306,12 +382,13 @@ class Dispatcher:
         """An abandoned sync handler's thread has returned at last: its slot is free."""
         self.abandoned.discard(a)
         self.by_type[a.type] -= 1
+        self._pump()
         self._freed(a.type)
 
-    def _release_deferred(self, row: asyncpg.Record) -> None:
-        self.by_type[row["type"]] -= 1
+    def _release(self, row: asyncpg.Record, why: str) -> None:
+        """Back to the queue, never started here (a deferred re-claim, a task claimed ahead)."""
         self.completer.add(Ack(Outcome.RELEASED, row["id"], row["attempt"], row["type"],
-                               f"{clock()} [INFO] released by worker shutdown"))
+                               f"{clock()} [INFO] released {why}"))
 
     def apply_flags(self, rows: list[asyncpg.Record], asked: list[tuple[int, int]]) -> None:
         """Cancel handlers whose task was cancelled, or that are no longer ours (the zombie case):
@@ -331,6 +408,7 @@ class Dispatcher:
         """Shutdown: the running attempts get the grace period; then they are asked to stop and
         released. A sync handler in a thread cannot be stopped: its task stays ours (the heartbeat
         goes on renewing it) until the handler returns, or the process exits (a second signal)."""
+        self.release_ahead()
         deadline = time.monotonic() + grace
         while self.owned() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

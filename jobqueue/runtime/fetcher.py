@@ -114,7 +114,8 @@ class Fetcher:
         """How many more attempts the completer's bound allows (running + unwritten <= bound)."""
         w = self.w
         c = w.completer
-        return c.bound - len(w._running) - len(w.dispatcher.deferred) - c.unwritten
+        d = w.dispatcher
+        return c.bound - len(w._running) - len(d.deferred) - len(d.ahead) - c.unwritten
 
     def db_now(self) -> float:
         return time.time() + self.clock_offset
@@ -153,7 +154,10 @@ class Fetcher:
         idle_claims = 0
         while not w.stopping:
             free = self.free_slots()
-            want = min(sum(free.values()), w.concurrency - len(w._running), self.room())
+            # Beyond the free slots, the tasks the slots would finish during a claim (prefetch.py).
+            ahead = w.dispatcher.ahead.room(free, w.limits, self.capped | w.flow.rules.keys())
+            want = min(min(sum(free.values()), w.concurrency - len(w._running)) + sum(ahead.values()),
+                       self.room())
             if want <= 0 or not self.backlog:
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=w.poll)
@@ -161,7 +165,8 @@ class Fetcher:
                     self.backlog = True
                 self.wake.clear()
                 continue
-            rows = await w._db(self._claim, free, want)
+            counts = {t: n + ahead[t] for t, n in free.items()} if any(ahead.values()) else free
+            rows = await w._db(self._claim, counts, want)
             w._dispatch(rows)
             if rows:
                 idle_claims = 0
@@ -174,7 +179,7 @@ class Fetcher:
             self.backlog = False
             await self._arm_timer(free)
             if w.burst:
-                if w._running or w.completer.unwritten:
+                if w._running or w.completer.unwritten or w.dispatcher.ahead:
                     idle_claims = 0  # what runs now may release dependents or fail into a retry
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=0.05)
@@ -217,7 +222,9 @@ class Fetcher:
                     counts[i] = max(0, min(counts[i], r["max_running"] - r["running"]))
                 rows += await conn.fetch(w.q.claim, types, counts, want, w.id, w.lease, capped)
         w.stats.claims += 1
-        metrics.observe_claim(len(rows), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        w.dispatcher.ahead.claimed(seconds)
+        metrics.observe_claim(len(rows), seconds)
         return rows
 
     async def _arm_timer(self, free: dict[str, int]) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from jobqueue import __version__
 from jobqueue.db.connect import redact_text
 from jobqueue.observe import metrics
+from jobqueue.runtime import prefetch
 from jobqueue.runtime.maintenance import rescuer
 from jobqueue.runtime.maintenance.pruner import PruneSchedule
 from jobqueue.runtime.maintenance.scheduler import Scheduler
@@ -79,6 +80,10 @@ class Heartbeat:
         for r in rows:
             run = w._running.get(r["id"])
             if run is None or run.ctx.attempt != r["attempt"]:
+                if not r["ours"]:  # claimed ahead and lost meanwhile: nothing of it to write
+                    w.dispatcher.drop_ahead(r["id"], r["attempt"])
+                elif r["cancel_requested"]:
+                    w.dispatcher.cancel_ahead(r["id"], r["attempt"])
                 continue  # finished (or re-claimed) meanwhile
             if not r["ours"]:
                 if not run.completed_in_transaction:
@@ -90,6 +95,10 @@ class Heartbeat:
         skipped = sum(1 for r in rows if r["ours"] and not r["renewed"])
         if skipped:
             log.info("%d lease(s) not renewed this beat (row locked by another transaction); next beat", skipped)
+        released = w.dispatcher.release_ahead(prefetch.MAX_WAIT)
+        if released:
+            log.info("released %d task(s) claimed ahead that waited over %gs for a slot (their handlers "
+                     "are no longer short)", released, prefetch.MAX_WAIT)
 
     async def loop(self) -> None:
         while True:
@@ -132,7 +141,7 @@ class Heartbeat:
             tid, att = int(task_id), int(attempt) if attempt else None
         except ValueError:
             return
-        if tid not in self.w._running:
+        if self.w.dispatcher.owns(tid) is None:
             self._keep_early(tid, att)
             return
         self._hint(tid, att)
@@ -166,7 +175,8 @@ class Heartbeat:
         horizon = time.monotonic() - _EARLY_SECONDS
         for r in rows:
             kept = self._early.pop(r["id"], None)
-            if r["id"] in self.w._running and (unheard or (kept is not None and kept[1] >= horizon)):
+            if (self.w.dispatcher.owns(r["id"]) is not None
+                    and (unheard or (kept is not None and kept[1] >= horizon))):
                 self._hint(r["id"], None if kept is None else kept[0])
 
     def listening(self) -> None:
@@ -174,15 +184,15 @@ class Heartbeat:
         claiming through a reconnect: a cancel sent meanwhile was heard by nobody. Every attempt running
         here is checked in the table now, and the rows of the claim in flight once they are dispatched."""
         self._unheard_claim = True
-        for tid in list(self.w._running):
+        for tid in [*self.w._running, *(tid for tid, _ in self.w.dispatcher.ahead.pairs())]:
             self._hint(tid, None)
 
     async def _confirm(self) -> None:
         w = self.w
         while self._hints:
             hints, self._hints = self._hints, {}
-            pairs = [(tid, run.ctx.attempt) for tid, att in hints.items()
-                     if (run := w._running.get(tid)) is not None and att in (None, run.ctx.attempt)]
+            pairs = [(tid, mine) for tid, att in hints.items()
+                     if (mine := w.dispatcher.owns(tid)) is not None and att in (None, mine)]
             if not pairs:
                 continue
             try:
@@ -194,6 +204,8 @@ class Heartbeat:
                 run = w._running.get(r["id"])
                 if run is not None and run.ctx.attempt == r["attempt"]:
                     w.executor.cancel(run, CancelReason.USER)
+                else:  # still waiting for a slot: it ends cancelled, its handler never runs
+                    w.dispatcher.cancel_ahead(r["id"], r["attempt"])
 
     async def _check(self, conn: Any, ids: list[int], attempts: list[int]) -> list[Any]:
         rows: list[Any] = await conn.fetch(self.w.q.confirm_cancel, self.w.id, ids, attempts)

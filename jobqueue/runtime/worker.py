@@ -5,6 +5,8 @@ One asyncio loop per process. The moving parts, each a coroutine:
 - the fetcher (fetcher.py) takes up to the free slots in one statement (priority order, SKIP LOCKED),
   woken by NOTIFY, by a timer for the next scheduled task (on the database's clock), by a freed slot
   while a backlog remains, or by the fallback poll;
+- a claim also takes, for short handlers, the tasks its slots would finish while the next claim
+  travels; they wait for a slot in the dispatcher (prefetch.py);
 - each claimed row is decoded on its own and runs as an Attempt (executor.py): an asyncio task for
   async handlers, a thread for sync ones, a child process with isolation; the executor returns an
   Ack and writes nothing;
@@ -115,6 +117,7 @@ class Worker:
         isolation: str | None = None,
         on_status: Callable[[WorkerStatus], None] | None = None,
         completion_batch: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.settings = s = settings or get_settings()
         self._on_status = on_status
@@ -146,7 +149,9 @@ class Worker:
                                        interval=s.progress_interval, db=self._db, on_rows=self._apply_flags)
         self.dispatcher = Dispatcher(self.specs, executor=self.executor, completer=self.completer,
                                      progress=self.progress, stats=self.stats, connection=self._handler_connection,
-                                     freed=self._slot_freed, stopping=lambda: self._stopping)
+                                     freed=self._slot_freed, stopping=lambda: self._stopping,
+                                     concurrency=self.concurrency, limits=self.limits,
+                                     prefetch=s.prefetch if prefetch is None else prefetch)
         # What the fetcher counts: attempts running (by id and by type) and abandoned threads.
         self._running = self.dispatcher.running
         self._running_by_type = self.dispatcher.by_type
