@@ -1,6 +1,8 @@
 """The fetcher: claims tasks into free slots, and decides when to try again.
 
-It claims up to the free slots in one statement (priority order, SKIP LOCKED) and is woken by:
+It claims up to the free slots in one statement (priority order, SKIP LOCKED), plus, for types whose
+handlers are shorter than a claim's round trip, what those slots finish meanwhile (prefetch.py), and
+is woken by:
 a NOTIFY on a type's channel (its payload is the task's run_at, read against the database's clock),
 a timer for the earliest scheduled task, a freed slot of a type that was held back, the LISTEN
 connection (re)connecting, or the fallback poll.
