@@ -14,7 +14,9 @@ It then reports, from PostgreSQL itself:
 - extra executions: ``sum(attempt - 1)`` (each claim is an attempt);
 - the workers' own log lines at WARNING and above.
 
-The ``short`` profile (tests/test_overlap.py) runs the same on 30,000 history rows and 1,000 tasks.
+The ``prefetch`` profile drains 50,000 near-instant tasks with 4 slots a worker, so most tasks a
+worker holds were claimed ahead of a free slot. The ``short`` profile (tests/test_overlap.py) runs
+the same on 30,000 history rows and 1,000 tasks.
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ class Profile:
     heartbeat: float = 0.2
     progress: float = 0.05
     lease: float = 2.0  # short, so a heartbeat that stopped shows up as rescues within the run
+    sleep: float = 0.05  # each of the handler's four steps sleeps up to this
     timeout: float = 900.0
 
 
 PROFILES = {
     "full": Profile(history=300_000, tasks=10_000, workers=4, concurrency=250),
+    # Handlers far shorter than a claim at low concurrency: each worker holds up to JOBQ_PREFETCH tasks
+    # claimed ahead of its 4 slots, renewed by the same 0.2 s heartbeats (runtime/prefetch.py).
+    "prefetch": Profile(history=300_000, tasks=50_000, workers=4, concurrency=4, sleep=0.0),
     "short": Profile(history=30_000, tasks=1_000, workers=2, concurrency=100, timeout=180.0),
 }
 
@@ -101,7 +107,7 @@ def run(url: str, profile: Profile, name: str, logdir: Path) -> Report:
         c.execute("VACUUM ANALYZE tasks")
         with c.cursor() as cur:
             cur.executemany("INSERT INTO tasks (type, payload) VALUES ('ov_work', %s)",
-                            [(json.dumps({"i": i}),) for i in range(profile.tasks)])
+                            [(json.dumps({"i": i, "sleep": profile.sleep}),) for i in range(profile.tasks)])
         c.execute("ANALYZE tasks")
         before = _deadlocks(c)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBQ_") or k == "JOBQ_SCHEMA"}
