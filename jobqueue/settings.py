@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     # Worker defaults (overridable per type with @task and per process on the CLI).
     concurrency: int = 100
     # The most tasks a worker claims ahead of its free slots, for handlers shorter than a claim's round
-    # trip (runtime/prefetch.py); 0: claim only into free slots.
-    prefetch: int = 100
+    # trip (runtime/prefetch.py); 0: claim only into free slots. The cap binds only for near-instant
+    # handlers: for longer ones the running means keep far fewer (what the slots finish during one claim).
+    prefetch: int = 1000
     # A lease is how long a task stays ours without a heartbeat; a crashed worker's task runs
     # again elsewhere within lease + one heartbeat. 30 s rides out GC pauses and slow disks.
     lease_seconds: float = 30.0

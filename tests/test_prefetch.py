@@ -16,6 +16,7 @@ import pytest
 from support import BackgroundWorker, one, status, wait_for
 
 from jobqueue import Client, Context, task
+from jobqueue.observe import metrics
 from jobqueue.runtime import prefetch
 from jobqueue.runtime.heartbeat import Heartbeat
 from jobqueue.runtime.prefetch import Ahead
@@ -38,6 +39,8 @@ def fresh(clean: None) -> Iterator[None]:
     RAN.clear()
     yield
     GATE.set()  # a failed test must not leave a handler holding its worker's thread
+    # Every task a worker held was started and finished, or left it unstarted: none counts as in flight.
+    assert metrics.TASKS.in_flight.get("t_ahead", 0) == 0
 
 
 def worker_of(bw: BackgroundWorker) -> Any:

@@ -72,7 +72,9 @@ class _TaskMetrics(Collector):
         for (task_type, outcome), n in sorted(self.finished.items()):
             fin.add_metric([task_type, outcome], n)
         yield fin
-        flight = GaugeMetricFamily("jobq_tasks_in_flight", "Tasks running in this worker", labels=["type"])
+        flight = GaugeMetricFamily("jobq_tasks_in_flight",
+                                   "Tasks this worker holds: running, or claimed ahead of a free slot",
+                                   labels=["type"])
         for task_type, n in sorted(self.in_flight.items()):
             flight.add_metric([task_type], n)
         yield flight
@@ -129,6 +131,11 @@ def started_many(rows: Sequence[Any]) -> None:
         in_flight[task_type] = in_flight.get(task_type, 0) + 1
         since = now - (run_at / 1e6 if type(run_at) is int else run_at.timestamp())
         observe(wait, task_type, WAIT_BUCKETS, since if since > 0.0 else 0.0)
+
+
+def unstarted(task_type: str) -> None:
+    """A task claimed ahead of a free slot left this worker without running (released, or lost)."""
+    TASKS.in_flight[task_type] -= 1
 
 
 def finished(task_type: str, outcome: str, seconds: float) -> None:

@@ -116,17 +116,16 @@ class Dispatcher:
         inline free meanwhile need not wake it one by one (it hears once per type, at the end), and
         their acks reach the completer together."""
         self.stats.claimed += len(rows)
+        metrics.started_many(rows)  # in flight from the claim on: running, or claimed ahead
         self._freed_meanwhile = freed = set[str]()
         self._acks_meanwhile = acks = list[Ack]()
         try:
             if not self.ahead.prefetch:
-                metrics.started_many(rows)
                 for row in rows:
                     self._dispatch_one(row)
             else:
                 for row in rows:
                     if self._startable(row["type"]):
-                        metrics.started_many((row,))
                         self._dispatch_one(row)
                     else:
                         self.ahead.put(row)
@@ -151,7 +150,7 @@ class Dispatcher:
         """Start the tasks claimed ahead while their types have free slots, earliest claim first. A
         handler that ends inline frees its slot inside the start, which comes back here: the loop below
         goes on instead, so a run of short handlers costs no recursion."""
-        if self._pumping or not self.ahead or self._stopping():
+        if self._pumping or not self.ahead.waiting or self._stopping():
             return
         self._pumping = True
         try:
@@ -160,7 +159,6 @@ class Dispatcher:
                 row = self.ahead.pop({t: by_type[t] < limits[t] for t in by_type})
                 if row is None:
                     return
-                metrics.started_many((row,))
                 self._dispatch_one(row)
         finally:
             self._pumping = False
@@ -174,19 +172,19 @@ class Dispatcher:
         """A confirmed cancel of a task claimed ahead: it ends cancelled without running its handler."""
         if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
             self.by_type[row["type"]] += 1
-            metrics.started_many((row,))
             self._start(row, row["id"], row["type"], cancelled=True)
 
     def drop_ahead(self, task_id: int, attempt: int) -> None:
         """A task claimed ahead that the heartbeat found no longer ours: nothing of it is written."""
-        if self.ahead.attempt_of(task_id) == attempt:
-            self.ahead.take(task_id)
+        if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
+            metrics.unstarted(row["type"])
 
     def release_ahead(self, waited: float = 0.0) -> int:
         """Give the tasks claimed ahead back to the queue (all, or those that waited `waited` seconds)."""
         rows = self.ahead.take_all(waited)
         why = "by worker shutdown" if not waited else f"unstarted: waited over {waited:g}s for a free slot"
         for row in rows:
+            metrics.unstarted(row["type"])
             self._release(row, why)
         return len(rows)
 
@@ -371,7 +369,7 @@ class Dispatcher:
                 self._release(row, "by worker shutdown")
             elif row is not None:
                 self._start(row, task_id, row["type"])
-        if self.ahead:
+        if self.ahead.waiting:
             self._pump()
         if self._freed_meanwhile is not None:
             self._freed_meanwhile.add(a.type)

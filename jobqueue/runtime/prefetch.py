@@ -43,19 +43,19 @@ class Ahead:
     def __init__(self, prefetch: int) -> None:
         self.prefetch = max(0, prefetch)
         self._rows: dict[str, deque[tuple[int, float, Any]]] = {}
-        self._ids: dict[int, int] = {}  # task id -> attempt
+        self.waiting: dict[int, int] = {}  # task id -> attempt, of every task waiting here
         self._seq = 0
         self.took: dict[str, float] = {}  # mean seconds of a handler, by type
         self.claim_seconds: float | None = None  # mean seconds of a claim round trip
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self.waiting)
 
     def attempt_of(self, task_id: int) -> int | None:
-        return self._ids.get(task_id)
+        return self.waiting.get(task_id)
 
     def pairs(self) -> Iterator[tuple[int, int]]:
-        return iter(self._ids.items())
+        return iter(self.waiting.items())
 
     # ------------------------------------------------------------------ how many
 
@@ -70,7 +70,7 @@ class Ahead:
     def room(self, free: dict[str, int], limits: dict[str, int], never: Iterable[str]) -> dict[str, int]:
         """How many tasks of each type the next claim may take beyond its free slots."""
         out = dict.fromkeys(free, 0)
-        left = self.prefetch - len(self._ids)
+        left = self.prefetch - len(self.waiting)
         c = self.claim_seconds
         if left <= 0 or c is None:
             return out
@@ -94,7 +94,7 @@ class Ahead:
     def put(self, row: Any) -> None:
         self._seq += 1
         self._rows.setdefault(row["type"], deque()).append((self._seq, time.monotonic(), row))
-        self._ids[row["id"]] = row["attempt"]
+        self.waiting[row["id"]] = row["attempt"]
 
     def pop(self, startable: dict[str, bool]) -> Any | None:
         """The earliest claimed task among the types that can start one now (None: none)."""
@@ -105,12 +105,12 @@ class Ahead:
         if best is None:
             return None
         row = best.popleft()[2]
-        del self._ids[row["id"]]
+        del self.waiting[row["id"]]
         return row
 
     def take(self, task_id: int) -> Any | None:
         """Remove one waiting task (cancelled, or no longer ours); None when it is not waiting here."""
-        if self._ids.pop(task_id, None) is None:
+        if self.waiting.pop(task_id, None) is None:
             return None
         for q in self._rows.values():
             for item in q:
@@ -129,6 +129,6 @@ class Ahead:
                 self.took[t] = max(self.took.get(t, 0.0), MAX_WAIT)
             while q and q[0][1] <= horizon:
                 row = q.popleft()[2]
-                del self._ids[row["id"]]
+                del self.waiting[row["id"]]
                 out.append(row)
         return out
