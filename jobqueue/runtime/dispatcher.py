@@ -169,7 +169,11 @@ class Dispatcher:
         return a.attempt if a is not None else self.ahead.attempt_of(task_id)
 
     def cancel_ahead(self, task_id: int, attempt: int) -> None:
-        """A confirmed cancel of a task claimed ahead: it ends cancelled without running its handler."""
+        """A confirmed cancel of a task claimed ahead: it ends cancelled without running its handler.
+        (A re-claim waiting behind its older attempt here stays: it starts as a deferred one, and the
+        beat's cancel flag stops it then.)"""
+        if task_id in self.running:
+            return
         if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
             self.by_type[row["type"]] += 1
             self._start(row, row["id"], row["type"], cancelled=True)
