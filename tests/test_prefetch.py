@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import BackgroundWorker, one, status, wait_for
+from support import BackgroundWorker, jobq_cli, one, status, wait_for
 
 from jobqueue import Client, Context, task
 from jobqueue.observe import metrics
@@ -174,3 +174,9 @@ def test_room_is_what_the_slots_finish_during_a_claim() -> None:
     a.ended("a", 10.0)  # one long attempt: 0.2 x 10 s
     assert a.room(free, limits, ())["a"] == 0
     assert Ahead(prefetch=0).room(free, limits, ()) == dict.fromkeys(free, 0)
+
+
+def test_a_negative_prefetch_is_one_error_line() -> None:
+    r = jobq_cli("worker", "--types", "greet", "--import", "examples.quickstart", "--prefetch", "-1")
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).strip() == "error: --prefetch must be 0 or more"

@@ -67,7 +67,7 @@ class Dispatcher:
         stopping: Callable[[], bool],
         concurrency: int,
         limits: dict[str, int],
-        prefetch: int = 0,
+        prefetch: int,
     ) -> None:
         self.specs = specs
         self.executor = executor
@@ -141,10 +141,16 @@ class Dispatcher:
         except Exception as exc:  # a bug of the runtime must cost this row, not the claim's others
             self._not_started(row, exc)
 
+    def _slot_free(self) -> bool:
+        """Abandoned threads (hard timeouts) hold their slot until they return."""
+        return len(self.running) + len(self.abandoned) < self.concurrency
+
+    def _type_free(self, task_type: str) -> bool:
+        return self.by_type[task_type] < self.limits[task_type]
+
     def _startable(self, task_type: str) -> bool:
         """A slot of this type is free now and no task of it claimed earlier waits for one."""
-        return (len(self.running) + len(self.abandoned) < self.concurrency
-                and self.by_type[task_type] < self.limits[task_type] and not self.ahead.has(task_type))
+        return self._slot_free() and self._type_free(task_type) and not self.ahead.has(task_type)
 
     def _pump(self) -> None:
         """Start the tasks claimed ahead while their types have free slots, earliest claim first. A
@@ -154,9 +160,8 @@ class Dispatcher:
             return
         self._pumping = True
         try:
-            while len(self.running) + len(self.abandoned) < self.concurrency:
-                by_type, limits = self.by_type, self.limits
-                row = self.ahead.pop({t: by_type[t] < limits[t] for t in by_type})
+            while self._slot_free():
+                row = self.ahead.pop(self._type_free)
                 if row is None:
                     return
                 self._dispatch_one(row)

@@ -184,7 +184,7 @@ class Heartbeat:
         claiming through a reconnect: a cancel sent meanwhile was heard by nobody. Every attempt running
         here is checked in the table now, and the rows of the claim in flight once they are dispatched."""
         self._unheard_claim = True
-        for tid in [*self.w._running, *(tid for tid, _ in self.w.dispatcher.ahead.pairs())]:
+        for tid in [*self.w._running, *self.w.dispatcher.ahead.waiting]:
             self._hint(tid, None)
 
     async def _confirm(self) -> None:

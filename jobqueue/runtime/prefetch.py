@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 # A task waiting here longer than this is released (checked at each heartbeat): its type's handlers
@@ -67,17 +67,16 @@ class Ahead:
         c = self.claim_seconds
         self.claim_seconds = seconds if c is None else c + _WEIGHT * (seconds - c)
 
-    def room(self, free: dict[str, int], limits: dict[str, int], never: Iterable[str]) -> dict[str, int]:
+    def room(self, free: dict[str, int], limits: dict[str, int], never: Container[str]) -> dict[str, int]:
         """How many tasks of each type the next claim may take beyond its free slots."""
         out = dict.fromkeys(free, 0)
         left = self.prefetch - len(self.waiting)
         c = self.claim_seconds
         if left <= 0 or c is None:
             return out
-        skip = set(never)
         for t, f in free.items():
             d = self.took.get(t)
-            if f <= 0 or d is None or t in skip:
+            if f <= 0 or d is None or t in never:
                 continue
             waiting = len(self._rows.get(t, ()))
             n = min(left, int(limits[t] * c / max(d, 1e-6)) - waiting)
@@ -96,11 +95,11 @@ class Ahead:
         self._rows.setdefault(row["type"], deque()).append((self._seq, time.monotonic(), row))
         self.waiting[row["id"]] = row["attempt"]
 
-    def pop(self, startable: dict[str, bool]) -> Any | None:
+    def pop(self, startable: Callable[[str], bool]) -> Any | None:
         """The earliest claimed task among the types that can start one now (None: none)."""
         best: deque[tuple[int, float, Any]] | None = None
         for t, q in self._rows.items():
-            if q and startable.get(t) and (best is None or q[0][0] < best[0][0]):
+            if q and startable(t) and (best is None or q[0][0] < best[0][0]):
                 best = q
         if best is None:
             return None
@@ -117,7 +116,7 @@ class Ahead:
                 if item[2]["id"] == task_id:
                     q.remove(item)
                     return item[2]
-        return None  # pragma: no cover - _ids and _rows are changed together
+        return None  # pragma: no cover - `waiting` and `_rows` are changed together
 
     def take_all(self, waited: float = 0.0) -> list[Any]:
         """Remove the tasks that have waited at least `waited` seconds (all of them by default); a type
@@ -126,7 +125,7 @@ class Ahead:
         out: list[Any] = []
         for t, q in self._rows.items():
             if q and q[0][1] <= horizon and waited:
-                self.took[t] = max(self.took.get(t, 0.0), MAX_WAIT)
+                self.took[t] = max(self.took.get(t, 0.0), waited)
             while q and q[0][1] <= horizon:
                 row = q.popleft()[2]
                 del self.waiting[row["id"]]
