@@ -70,7 +70,9 @@ def test_short_handlers_at_concurrency_1_are_claimed_ahead(client: Client, conn:
         bw.thread.join(60)
     w = worker_of(bw)
     assert one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 1000
-    assert w.stats.claims < 100, w.stats.claims
+    # Without prefetch: one claim per task (checked below). With it, ~10-60 tasks a claim; the bound is
+    # loose because one slow handler (a GC pause under a loaded suite) lowers the depth for a while.
+    assert w.stats.claims < 250, w.stats.claims
     assert sorted(RAN) == sorted(set(RAN)) and len(RAN) == 1000  # each ran once
 
     RAN.clear()
