@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import psycopg
-from support import spawn, status, wait_for
+from support import SCHEMA, spawn, status, wait_for
 
 from jobqueue import Client
 
@@ -79,6 +79,32 @@ def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Conne
     out.wait_for(r"worker stopped after [\d.]+s: 0 done")
     # Abandoned, not released: the tasks stay running until their lease expires.
     assert [status(conn, t) for t in ids] == ["running", "running"]
+
+
+def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psycopg.Connection[Any], reset: None,
+                                                     procs: list[Any], db_url: str) -> None:
+    """A claim commits its rows `running` a moment before the worker holds them; a Ctrl-C in that moment
+    (seen once in CI) said "no task running" and then ran them. The line waits for the claim to land.
+    Here the claim is held in flight: a capped type's claim first takes the cap's lock, which the test
+    holds."""
+    client.cap("t_sleep", 10)
+    p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
+    procs.append(p)
+    out = Lines(p)
+    out.wait_for("started")
+    time.sleep(0.5)  # the worker's first, empty claim tells it that t_sleep is capped
+    with psycopg.connect(db_url) as locker:
+        locker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{SCHEMA}.cap.t_sleep",))
+        ids = [client.enqueue("t_sleep", {"s": 60}) for _ in range(2)]
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                                      " AND pid <> pg_backend_pid()").fetchone() == (1,), timeout=10)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert not [line for line in out.lines if "draining" in line or "stopping" in line]
+    draining = out.wait_for("draining|stopping", timeout=5)
+    assert f"draining: 2 task(s) still running ({ids[0]}, {ids[1]})" in draining
+    p.send_signal(signal.SIGINT)
+    assert p.wait(10) == 1
 
 
 def test_idle_worker_stops_at_once(conn: psycopg.Connection[Any], clean: None, procs: list[Any]) -> None:

@@ -63,6 +63,10 @@ class Fetcher:
         self.clock_offset = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._rearms = 0
+        # Clear while a claim is in flight: its rows are committed `running` before they reach the
+        # dispatcher, so what the worker says it runs is true only once this is set again.
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     # ------------------------------------------------------------------ wake-ups
 
@@ -168,8 +172,12 @@ class Fetcher:
                 self.wake.clear()
                 continue
             counts = {t: n + ahead[t] for t, n in free.items()} if any(ahead.values()) else free
-            rows = await w._db(self._claim, counts, want)
-            w._dispatch(rows)
+            self.settled.clear()
+            try:
+                rows = await w._db(self._claim, counts, want)
+                w._dispatch(rows)
+            finally:
+                self.settled.set()
             if rows:
                 idle_claims = 0
                 self._rearms = 0
