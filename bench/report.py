@@ -53,7 +53,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         f"- Date: {doc['date']} (UTC); total wall time {doc.get('total_seconds', '?')} s",
         f"- Profile: `{doc['profile']}`: {doc['n']:,} jobs per throughput case, "
-        f"{doc['runs_per_case']} run(s) per case, median shown",
+        f"{doc['runs_per_case']} run(s) per case, median shown"
+        + (f"; a drain that took less than {doc['min_drain_s']} s is measured again with more jobs (see Notes)"
+           if doc.get("min_drain_s") else ""),
         f"- Command: `{doc['command']}`",
         f"- Machine: {m['cores']} cores, {m['memory_gib']} GiB, {m['platform']}, orchestrator Python {m['python']}",
         f"- PostgreSQL {server['server_version']}: fsync={server['fsync']}, "
@@ -84,6 +86,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
             if case.get("settings"):
                 lines.append(f"  - `{key}`: `{json.dumps(case['settings'], sort_keys=True)}`")
     notes = list(doc.get("notes") or [])
+    for peer, data in peers.items():
+        for key, case in (data.get("cases") or {}).items():
+            first = case.get("at_profile_n")
+            if first:
+                notes.append(f"{peer} `{key}`: {case['n']:,} jobs; {doc['n']:,} drained in under "
+                             f"{doc.get('min_drain_s')} s, at {first['metric']['jobs_per_s']:,.0f} jobs/s (one run)")
     for peer, data in peers.items():
         for key, case in (data.get("cases") or {}).items():
             for run in case.get("runs") or []:

@@ -30,6 +30,7 @@ LATENCY_GAP_S = 0.020  # gap between two enqueues in the latency scenario
 LATENCY_TASKS = 200  # samples in the latency scenario, at least: see latency_tasks()
 CANCEL_TASKS = 100
 EVENTS_ENV = "BENCH_EVENTS_DIR"
+GROUP_SIZE_ENV = "BENCH_GROUP_SIZE"
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class WorkerGroup:
     def __enter__(self) -> WorkerGroup:
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-events-")
         self.events_dir = self._tmp.name
-        env = {**os.environ, **self.env, EVENTS_ENV: self.events_dir}
+        env = {**os.environ, **self.env, EVENTS_ENV: self.events_dir, GROUP_SIZE_ENV: str(len(self.commands))}
         for cmd in self.commands:
             self.procs.append(subprocess.Popen(cmd, env=env, cwd=self.cwd, stdout=subprocess.DEVNULL))
         return self
@@ -247,6 +248,18 @@ class WorkerGroup:
                 p.wait()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def start_together(timeout_s: float = 120) -> None:
+    """Called by every worker process of a group once it has imported its code, before it takes a job:
+    returns when all of them have. A drain is timed from the first handler to the last, and a Python
+    process takes 0.3-1 s to start; without this the first process of a short two-process drain did
+    most of it before the second joined, which timed one process plus a start (issue 12)."""
+    directory = os.environ.get(EVENTS_ENV, "")
+    size = int(os.environ.get(GROUP_SIZE_ENV) or 1)
+    if directory and size > 1:
+        EventLog(directory).write("ready", os.getpid())
+        wait_for_events(directory, "ready", size, timeout_s)
 
 
 def first_start(events_dir: str) -> float:

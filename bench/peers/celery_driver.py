@@ -35,6 +35,7 @@ from _driverlib import (
     latency_tasks,
     parse_args,
     percentiles_ms,
+    start_together,
     throughput,
     unsupported,
     wait_for_events,
@@ -42,6 +43,7 @@ from _driverlib import (
 )
 from celery import Celery, group
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready
 
 VERSION = version("celery")
 BROKER = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -51,6 +53,12 @@ EVENTS = EventLog()
 _seen_first = False
 
 app = Celery("bench", broker=BROKER)
+
+
+@worker_ready.connect
+def _start_together(**_: Any) -> None:
+    """The tuned workers (one solo process each) take no job until all of them are up."""
+    start_together()
 
 
 @app.task(name="noop")

@@ -39,6 +39,7 @@ from _driverlib import (
     parse_args,
     percentiles_ms,
     read_events,
+    start_together,
     threaded_calls,
     throughput,
     wait_for_events,
@@ -92,6 +93,7 @@ def concurrency(tuned: bool) -> int:
 
 async def worker_main(cfg: dict[str, Any]) -> None:
     """Hidden mode: one worker process (``--worker JSON``)."""
+    start_together()
     worker = Worker(cfg["types"], url=cfg["dsn"], burst=cfg["burst"], concurrency=cfg["concurrency"],
                     grace_seconds=0)
     await worker.run()

@@ -34,6 +34,7 @@ from _driverlib import (
     parse_args,
     percentiles_ms,
     read_events,
+    start_together,
     throughput,
     unsupported,
     wait_for_events,
@@ -80,6 +81,7 @@ def run_options(tuned: bool) -> dict[str, Any]:
 
 async def worker_main(cfg: dict[str, Any]) -> None:
     """Hidden mode: one worker process (``--worker JSON``)."""
+    start_together()
     conn = await asyncpg.connect(cfg["dsn"])
     try:
         pgq = PgQueuer(AsyncpgDriver(conn))

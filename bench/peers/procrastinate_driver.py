@@ -32,6 +32,7 @@ from _driverlib import (
     parse_args,
     percentiles_ms,
     read_events,
+    start_together,
     throughput,
     unsupported,
     wait_for_events,
@@ -85,6 +86,7 @@ def worker_options(tuned: bool, concurrency: int | None = None) -> dict[str, Any
 
 async def worker_main(cfg: dict[str, Any]) -> None:
     """Hidden mode: one worker process (``--worker JSON``)."""
+    start_together()
     opts: dict[str, Any] = cfg["options"]
     app = build_app(cfg["dsn"], pool_size=max(4, opts.get("concurrency", 1) + 2))
     async with app.open_async():
