@@ -88,6 +88,11 @@ def run_driver(python: Path, peer: str, case: Case, n: int, dsn: str) -> dict[st
     return result
 
 
+def _loggable(metric: dict[str, Any]) -> dict[str, Any]:
+    """A metric without its raw samples (enqueue_concurrent nests the threads' metric, samples and all)."""
+    return {k: _loggable(v) if isinstance(v, dict) else v for k, v in metric.items() if k != "raw_ms"}
+
+
 def median_metric(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-key median over successful runs (throughput and each latency percentile)."""
     return _medians([r["metric"] for r in runs if r.get("ok")])
@@ -199,8 +204,7 @@ class Runner:
                         res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                     log(
                         f"[{peer}] {case.key} run {len(runs) + 1}/{self.runs} ({time.monotonic() - t0:.1f}s): "
-                        + json.dumps({k: v for k, v in (res.get("metric") or {}).items() if k != "raw_ms"}
-                                     or res.get("note") or res.get("error"))
+                        + json.dumps(_loggable(res.get("metric") or {}) or res.get("note") or res.get("error"))
                     )
                     if res.get("unsupported") or not res.get("ok"):
                         runs.append(res)
@@ -208,7 +212,7 @@ class Runner:
                     if not runs and (bigger := self.drain_n(case, n, res)) > n:
                         log(f"[{peer}] {case.key}: {n:,} tasks drained in under {self.min_drain_s}s; "
                             f"measuring with {bigger:,}")
-                        n, first = bigger, res
+                        n, first = bigger, first or res
                         continue
                     runs.append(res)
                 ok = [r for r in runs if r.get("ok")]
