@@ -9,12 +9,13 @@ import signal
 import subprocess
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from support import SCHEMA, spawn, status, wait_for
 
-from jobqueue import Client
+from jobqueue import Client, TaskSpec
 
 
 class Lines:
@@ -85,21 +86,22 @@ def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psyco
                                                      procs: list[Any], db_url: str) -> None:
     """A claim commits its rows `running` a moment before the worker holds them; a Ctrl-C in that moment
     (seen once in CI) said "no task running" and then ran them. The line waits for the claim to land.
-    Here the claim is held in flight: a capped type's claim first takes the cap's lock, which the test
-    holds."""
+    Here the claim is held in flight: a capped type is claimed only under the cap's lock (a claim that
+    did not take it gets none of the type's rows), and the test holds that lock."""
     client.cap("t_sleep", 10)
     p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
     procs.append(p)
     out = Lines(p)
     out.wait_for("started")
-    time.sleep(0.5)  # the worker's first, empty claim tells it that t_sleep is capped
     with psycopg.connect(db_url) as locker:
         locker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{SCHEMA}.cap.t_sleep",))
-        ids = [client.enqueue("t_sleep", {"s": 60}) for _ in range(2)]
+        # Runnable a minute ago: the claim's transaction may have begun (its now()) before this commits.
+        past = datetime.now(UTC) - timedelta(minutes=1)
+        ids = client.enqueue_many("t_sleep", [TaskSpec({"s": 60}, run_at=past) for _ in range(2)])
         wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                                      " AND pid <> pg_backend_pid()").fetchone() == (1,), timeout=10)
+                                      " AND datname = current_database()").fetchone() == (1,), timeout=10)
         p.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(0.2)  # without the fix the line came at once
         assert not [line for line in out.lines if "draining" in line or "stopping" in line]
     draining = out.wait_for("draining|stopping", timeout=5)
     assert f"draining: 2 task(s) still running ({ids[0]}, {ids[1]})" in draining

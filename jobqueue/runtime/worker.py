@@ -258,9 +258,9 @@ class Worker:
     async def _tell_draining(self) -> None:
         """Say what drains once a claim in flight has handed over its rows (they are ours and run in the
         grace period): said at once, they would be missing from the line. A claim stuck in an outage
-        delays the line by at most a second."""
+        delays the line by at most two seconds."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.fetcher.settled.wait(), timeout=1.0)
+            await asyncio.wait_for(self.fetcher.settled.wait(), timeout=2.0)
         self._tell("draining")
 
     def stop(self) -> None:
