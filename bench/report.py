@@ -92,8 +92,6 @@ def render_markdown(doc: dict[str, Any]) -> str:
             if first:
                 notes.append(f"{peer} `{key}`: {case['n']:,} jobs; {doc['n']:,} drained in under "
                              f"{doc.get('min_drain_s')} s, at {first['metric']['jobs_per_s']:,.0f} jobs/s (one run)")
-    for peer, data in peers.items():
-        for key, case in (data.get("cases") or {}).items():
             for run in case.get("runs") or []:
                 if run.get("unsupported"):
                     notes.append(f"{peer} `{key}`: n/a, {run.get('note')}")

@@ -58,7 +58,7 @@ def prime(client: Client, conn: psycopg.Connection[Any], bw: BackgroundWorker) -
     assert ahead.took.get("t_ahead") is not None and ahead.claim_seconds is not None
     ids = client.enqueue_many("t_ahead", [{"hold": True}] + [{} for _ in range(5)])
     hold, short = ids[0], ids[1:]
-    wait_for(lambda: hold in RAN and len(ahead) == 5)
+    wait_for(lambda: hold in RAN and len(ahead.waiting) == 5)
     assert [status(conn, t) for t in short] == ["running"] * 5
     return short
 
@@ -87,7 +87,7 @@ def test_unknown_handlers_are_not_claimed_ahead(client: Client, conn: psycopg.Co
     with BackgroundWorker(["t_ahead"], concurrency=1, maintenance=False) as bw:
         ids = client.enqueue_many("t_ahead", [{"hold": True}] + [{} for _ in range(5)])
         wait_for(lambda: ids[0] in RAN)
-        assert len(worker_of(bw).dispatcher.ahead) == 0
+        assert len(worker_of(bw).dispatcher.ahead.waiting) == 0
         assert [status(conn, t) for t in ids[1:]] == ["queued"] * 5
         GATE.set()
         wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 6)
@@ -124,7 +124,7 @@ def test_a_cancelled_task_claimed_ahead_never_runs(client: Client, conn: psycopg
         victim = short[2]
         client.cancel(victim)
         wait_for(lambda: status(conn, victim) == "cancelled", timeout=5)
-        assert victim not in RAN and len(worker_of(bw).dispatcher.ahead) == 4
+        assert victim not in RAN and len(worker_of(bw).dispatcher.ahead.waiting) == 4
         GATE.set()
         wait_for(lambda: one(conn, "SELECT count(*) FROM tasks WHERE status = 'done'") == 25)
     assert victim not in RAN
@@ -152,7 +152,7 @@ def test_tasks_that_wait_too_long_are_released(client: Client, conn: psycopg.Con
         short = prime(client, conn, bw)
         wait_for(lambda: [status(conn, t) for t in short] == ["queued"] * 5, timeout=5)
         w = worker_of(bw)
-        assert len(w.dispatcher.ahead) == 0 and w.dispatcher.ahead.took["t_ahead"] >= prefetch.MAX_WAIT
+        assert len(w.dispatcher.ahead.waiting) == 0 and w.dispatcher.ahead.took["t_ahead"] >= prefetch.MAX_WAIT
         msgs = [one(conn, "SELECT progress_msg FROM tasks WHERE id = %s", t) for t in short]
         assert all("released unstarted: waited over 1s for a free slot" in m for m in msgs), msgs
         GATE.set()

@@ -9,13 +9,16 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from support import SCHEMA, spawn, status, wait_for
+from support import SCHEMA, BackgroundWorker, spawn, status, wait_for
 
 from jobqueue import Client, TaskSpec
+from jobqueue.runtime.worker import WorkerStatus
 
 
 class Lines:
@@ -82,24 +85,31 @@ def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Conne
     assert [status(conn, t) for t in ids] == ["running", "running"]
 
 
+@contextmanager
+def claim_held(client: Client, conn: psycopg.Connection[Any], db_url: str) -> Iterator[list[int]]:
+    """Two t_sleep tasks a worker's claim is waiting for, released when the block ends. A capped type is
+    claimed only under the cap's lock (a claim that did not take it gets none of the type's rows), and
+    this holds that lock. The tasks were runnable a minute ago: the claim's transaction may have begun
+    (its now()) before they were committed. The caller starts the worker before entering."""
+    with psycopg.connect(db_url) as locker:
+        locker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{SCHEMA}.cap.t_sleep",))
+        past = datetime.now(UTC) - timedelta(minutes=1)
+        ids = client.enqueue_many("t_sleep", [TaskSpec({"s": 60}, run_at=past) for _ in range(2)])
+        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                                      " AND datname = current_database()").fetchone() == (1,), timeout=10)
+        yield ids
+
+
 def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psycopg.Connection[Any], reset: None,
                                                      procs: list[Any], db_url: str) -> None:
     """A claim commits its rows `running` a moment before the worker holds them; a Ctrl-C in that moment
-    (seen once in CI) said "no task running" and then ran them. The line waits for the claim to land.
-    Here the claim is held in flight: a capped type is claimed only under the cap's lock (a claim that
-    did not take it gets none of the type's rows), and the test holds that lock."""
+    (seen once in CI) said "no task running" and then ran them. The line waits for the claim to land."""
     client.cap("t_sleep", 10)
     p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
     procs.append(p)
     out = Lines(p)
     out.wait_for("started")
-    with psycopg.connect(db_url) as locker:
-        locker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{SCHEMA}.cap.t_sleep",))
-        # Runnable a minute ago: the claim's transaction may have begun (its now()) before this commits.
-        past = datetime.now(UTC) - timedelta(minutes=1)
-        ids = client.enqueue_many("t_sleep", [TaskSpec({"s": 60}, run_at=past) for _ in range(2)])
-        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                                      " AND datname = current_database()").fetchone() == (1,), timeout=10)
+    with claim_held(client, conn, db_url) as ids:
         p.send_signal(signal.SIGINT)
         time.sleep(0.2)  # without the fix the line came at once
         assert not [line for line in out.lines if "draining" in line or "stopping" in line]
@@ -107,6 +117,24 @@ def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psyco
     assert f"draining: 2 task(s) still running ({ids[0]}, {ids[1]})" in draining
     p.send_signal(signal.SIGINT)
     assert p.wait(10) == 1
+
+
+def test_a_failed_draining_report_does_not_stop_the_drain(client: Client, conn: psycopg.Connection[Any],
+                                                          reset: None, db_url: str) -> None:
+    """The shutdown waits for the draining line said after a claim in flight; a report that fails (the
+    operator's stdout closed) is logged, and the drain still releases the tasks after the grace."""
+    def on_status(st: WorkerStatus) -> None:
+        if st.event == "draining":
+            raise BrokenPipeError("stdout closed")
+
+    client.cap("t_sleep", 10)
+    bw = BackgroundWorker(["t_sleep"], concurrency=4, grace_seconds=0.5, on_status=on_status)
+    with bw, claim_held(client, conn, db_url) as ids:
+        assert bw.worker is not None and bw._loop is not None
+        bw._loop.call_soon_threadsafe(bw.worker._on_signal, signal.SIGINT)
+    bw.thread.join(30)
+    assert not bw.thread.is_alive() and bw.error is None
+    assert [status(conn, t) for t in ids] == ["queued", "queued"]  # both ran, then were released
 
 
 def test_idle_worker_stops_at_once(conn: psycopg.Connection[Any], clean: None, procs: list[Any]) -> None:

@@ -106,7 +106,7 @@ class Dispatcher:
         re-claims waiting for their older attempt, tasks claimed ahead, and acks not written yet."""
         pairs = [a.key for a in self.running.values()]
         pairs += [(row["id"], row["attempt"]) for row in self.deferred.values()]
-        pairs += self.ahead.pairs()
+        pairs += self.ahead.waiting.items()
         pairs += [(ack.id, ack.attempt) for ack in self.completer.pending + self.completer.in_flight]
         return pairs
 
@@ -171,7 +171,7 @@ class Dispatcher:
     def owns(self, task_id: int) -> int | None:
         """The attempt of `task_id` running here or claimed ahead (None: neither)."""
         a = self.running.get(task_id)
-        return a.attempt if a is not None else self.ahead.attempt_of(task_id)
+        return a.attempt if a is not None else self.ahead.waiting.get(task_id)
 
     def cancel_ahead(self, task_id: int, attempt: int) -> None:
         """A confirmed cancel of a task claimed ahead: it ends cancelled without running its handler.
@@ -179,13 +179,13 @@ class Dispatcher:
         beat's cancel flag stops it then.)"""
         if task_id in self.running:
             return
-        if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
+        if self.ahead.waiting.get(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
             self.by_type[row["type"]] += 1
             self._start(row, row["id"], row["type"], cancelled=True)
 
     def drop_ahead(self, task_id: int, attempt: int) -> None:
         """A task claimed ahead that the heartbeat found no longer ours: nothing of it is written."""
-        if self.ahead.attempt_of(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
+        if self.ahead.waiting.get(task_id) == attempt and (row := self.ahead.take(task_id)) is not None:
             metrics.unstarted(row["type"])
 
     def release_ahead(self, waited: float = 0.0) -> int:

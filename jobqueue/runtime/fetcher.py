@@ -121,7 +121,7 @@ class Fetcher:
         w = self.w
         c = w.completer
         d = w.dispatcher
-        return c.bound - len(w._running) - len(d.deferred) - len(d.ahead) - c.unwritten
+        return c.bound - len(w._running) - len(d.deferred) - len(d.ahead.waiting) - c.unwritten
 
     def db_now(self) -> float:
         return time.time() + self.clock_offset
@@ -189,7 +189,7 @@ class Fetcher:
             self.backlog = False
             await self._arm_timer(free)
             if w.burst:
-                if w._running or w.completer.unwritten or w.dispatcher.ahead:
+                if w._running or w.completer.unwritten or w.dispatcher.ahead.waiting:
                     idle_claims = 0  # what runs now may release dependents or fail into a retry
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=0.05)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from typing import Any
 
 # A task waiting here longer than this is released (checked at each heartbeat): its type's handlers
@@ -47,15 +47,6 @@ class Ahead:
         self._seq = 0
         self.took: dict[str, float] = {}  # mean seconds of a handler, by type
         self.claim_seconds: float | None = None  # mean seconds of a claim round trip
-
-    def __len__(self) -> int:
-        return len(self.waiting)
-
-    def attempt_of(self, task_id: int) -> int | None:
-        return self.waiting.get(task_id)
-
-    def pairs(self) -> Iterator[tuple[int, int]]:
-        return iter(self.waiting.items())
 
     # ------------------------------------------------------------------ how many
 

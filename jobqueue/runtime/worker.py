@@ -261,7 +261,10 @@ class Worker:
         delays the line by at most two seconds."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.fetcher.settled.wait(), timeout=2.0)
-        self._tell("draining")
+        try:
+            self._tell("draining")
+        except Exception:  # the shutdown awaits this: a failed report (a closed stdout) must not stop the drain
+            log.exception("worker %s: the draining report failed", self.id)
 
     def stop(self) -> None:
         """Stop claiming; running tasks get the grace period, then are released back to the queue."""
