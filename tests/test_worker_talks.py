@@ -11,13 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 from support import SCHEMA, BackgroundWorker, spawn, status, wait_for
 
-from jobqueue import Client, TaskSpec
+from jobqueue import Client
 from jobqueue.runtime.worker import WorkerStatus
 
 
@@ -86,18 +85,20 @@ def test_second_ctrl_c_says_what_it_abandons(client: Client, conn: psycopg.Conne
 
 
 @contextmanager
-def claim_held(client: Client, conn: psycopg.Connection[Any], db_url: str) -> Iterator[list[int]]:
-    """Two t_sleep tasks a worker's claim is waiting for, released when the block ends. A capped type is
-    claimed only under the cap's lock (a claim that did not take it gets none of the type's rows), and
-    this holds that lock. The tasks were runnable a minute ago: the claim's transaction may have begun
-    (its now()) before they were committed. The caller starts the worker before entering."""
+def cap_lock_held(db_url: str) -> Iterator[None]:
+    """A capped type is claimed only under its cap's lock (a claim that did not take it gets none of the
+    type's rows): while this holds t_sleep's, a worker's claim of it waits in flight."""
     with psycopg.connect(db_url) as locker:
         locker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{SCHEMA}.cap.t_sleep",))
-        past = datetime.now(UTC) - timedelta(minutes=1)
-        ids = client.enqueue_many("t_sleep", [TaskSpec({"s": 60}, run_at=past) for _ in range(2)])
-        wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                                      " AND datname = current_database()").fetchone() == (1,), timeout=10)
-        yield ids
+        yield
+
+
+def then_two_tasks(client: Client, conn: psycopg.Connection[Any]) -> list[int]:
+    """Once a claim waits for the lock (a worker's first claim, begun before these exist), two tasks it
+    must take when it gets the lock: the claim reads the time of its statement, not of its transaction."""
+    wait_for(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                                  " AND datname = current_database()").fetchone() == (1,), timeout=20)
+    return client.enqueue_many("t_sleep", [{"s": 60}, {"s": 60}])
 
 
 def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psycopg.Connection[Any], reset: None,
@@ -105,11 +106,11 @@ def test_first_ctrl_c_during_a_claim_counts_its_rows(client: Client, conn: psyco
     """A claim commits its rows `running` a moment before the worker holds them; a Ctrl-C in that moment
     (seen once in CI) said "no task running" and then ran them. The line waits for the claim to land."""
     client.cap("t_sleep", 10)
-    p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
-    procs.append(p)
-    out = Lines(p)
-    out.wait_for("started")
-    with claim_held(client, conn, db_url) as ids:
+    with cap_lock_held(db_url):
+        p = spawn("t_sleep", "--grace", "30", "--concurrency", "4")
+        procs.append(p)
+        out = Lines(p)
+        ids = then_two_tasks(client, conn)
         p.send_signal(signal.SIGINT)
         time.sleep(0.2)  # without the fix the line came at once
         assert not [line for line in out.lines if "draining" in line or "stopping" in line]
@@ -129,12 +130,17 @@ def test_a_failed_draining_report_does_not_stop_the_drain(client: Client, conn: 
 
     client.cap("t_sleep", 10)
     bw = BackgroundWorker(["t_sleep"], concurrency=4, grace_seconds=0.5, on_status=on_status)
-    with bw, claim_held(client, conn, db_url) as ids:
-        assert bw.worker is not None and bw._loop is not None
-        bw._loop.call_soon_threadsafe(bw.worker._on_signal, signal.SIGINT)
-    bw.thread.join(30)
-    assert not bw.thread.is_alive() and bw.error is None
-    assert [status(conn, t) for t in ids] == ["queued", "queued"]  # both ran, then were released
+    try:
+        with cap_lock_held(db_url):  # released before the worker is waited for: its claim needs it
+            bw.__enter__()
+            ids = then_two_tasks(client, conn)
+            assert bw.worker is not None and bw._loop is not None
+            bw._loop.call_soon_threadsafe(bw.worker._on_signal, signal.SIGINT)
+        bw.thread.join(30)
+        assert not bw.thread.is_alive()
+    finally:
+        bw.stop(timeout=5)  # raises what the worker raised
+    assert [status(conn, t) for t in ids] == ["queued", "queued"]  # both started, then were released
 
 
 def test_idle_worker_stops_at_once(conn: psycopg.Connection[Any], clean: None, procs: list[Any]) -> None:

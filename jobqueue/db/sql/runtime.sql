@@ -22,6 +22,9 @@
 -- created_at and run_at come back as microseconds since the epoch (int8): the worker makes a datetime
 -- of one only when a handler reads it (ClaimedTask), since asyncpg's decoding of the two timestamps
 -- was a quarter of the worker's CPU per no-op task (issue 12).
+-- The time is the statement's, not the transaction's (now()): a capped type's claim runs after it
+-- waited for cap_lock in the same transaction, and with now() it missed the tasks committed meanwhile
+-- and started its leases short by the wait. Alone in its transaction, the two are the same.
 WITH wanted AS (
     SELECT w.type, w.n
     FROM unnest($1::text[], $2::int[]) AS w(type, n),
@@ -35,7 +38,7 @@ WITH wanted AS (
     FROM wanted, LATERAL (
         SELECT t.id, t.priority, t.run_at
         FROM {schema}.tasks t
-        WHERE t.status = 'queued' AND t.type = wanted.type AND t.run_at <= now()
+        WHERE t.status = 'queued' AND t.type = wanted.type AND t.run_at <= statement_timestamp()
         ORDER BY t.priority DESC, t.run_at, t.id
         LIMIT wanted.n
         FOR UPDATE SKIP LOCKED
@@ -44,8 +47,8 @@ WITH wanted AS (
     LIMIT $3
 )
 UPDATE {schema}.tasks t
-SET status = 'running', worker_id = $4, attempt = t.attempt + 1, started_at = now(),
-    lease_expires_at = now() + make_interval(secs => $5)
+SET status = 'running', worker_id = $4, attempt = t.attempt + 1, started_at = statement_timestamp(),
+    lease_expires_at = statement_timestamp() + make_interval(secs => $5)
 FROM candidates c
 WHERE t.id = c.id
 RETURNING t.id, t.type, t.priority, t.payload::text AS payload, t.attempt, t.retry_count, t.max_retries,
